@@ -1,0 +1,61 @@
+"""``denuc`` command line: a thin layer over the Python API.
+
+Each subcommand lives in its own module exposing ``HELP: str``, ``configure(parser)`` and
+``main(args) -> int``; this file only maps names to modules, so ``denuc --help`` stays fast
+(heavy imports such as torch happen inside ``main``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from denuc import __version__
+from denuc.errors import DenucError
+
+#: subcommand -> module implementing it (in pipeline order).
+COMMANDS: dict[str, str] = {
+    "convert": "denuc.data.convert",
+    "train-detector": "denuc.train.detector_cli",
+    "detect": "denuc.detect.cli",
+    "train-head": "denuc.train.head_cli",
+    "predict": "denuc.pipeline_cli",
+    "evaluate": "denuc.evaluate.cli",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="denuc",
+        description="Find every nucleus in H&E images and classify it (DeNuC: tiny detector + frozen foundation model).",
+    )
+    parser.add_argument("--version", action="version", version=f"denuc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, modname in COMMANDS.items():
+        mod = importlib.import_module(modname)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.configure(p)
+        p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._main(args) or 0)
+    except DenucError as e:
+        print(f"denuc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""The one result type that flows through DeNuC: :class:`Nuclei`.
+
+Frame and units
+---------------
+* ``xy`` is an ``(N, 2)`` float64 array of **(x, y)** = (column, row) coordinates in
+  **level-0 pixels of the image they belong to**, origin at the top-left corner of the
+  top-left pixel. The centre of pixel ``(col=i, row=j)`` is ``(i + 0.5, j + 0.5)``.
+  Integer-valued labels such as BRCA-M2C's are taken as given (no half-pixel shift is
+  invented); the frame only matters when rescaling, see :meth:`Nuclei.rescale`.
+* ``mpp`` is the image's resolution in **µm per pixel** (never "20x/40x"); ``None`` when
+  unknown.
+* ``class_ids`` index into ``class_names``; ``-1`` means "no class" (e.g. a detection
+  that has not been classified).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from denuc.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+NO_CLASS = -1
+
+
+def _as_xy(xy: Any) -> np.ndarray:
+    arr = np.asarray(xy, dtype=np.float64)
+    if arr.size == 0:
+        return np.zeros((0, 2), dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise InputError(f"points must be an (N, 2) array of (x, y); got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise InputError("points contain NaN or infinite coordinates")
+    return arr
+
+
+@dataclass
+class Nuclei:
+    """Nucleus points of one image, with optional scores, classes and class probabilities.
+
+    Attributes:
+        xy: ``(N, 2)`` float64, (x, y) in level-0 pixels of the image.
+        scores: ``(N,)`` float32 detection/classification confidence in [0, 1], or None.
+        class_ids: ``(N,)`` int64 indices into ``class_names`` (``-1`` = no class), or None.
+        class_names: the class vocabulary, e.g. ``("lymphocyte", "tumor", "stromal")``.
+        probs: ``(N, len(class_names))`` float32 class probabilities, or None.
+        mpp: µm per pixel of the image the coordinates refer to, or None if unknown.
+        image_size: ``(height, width)`` in pixels of that image, or None.
+        name: an identifier such as the image stem.
+    """
+
+    xy: np.ndarray
+    scores: np.ndarray | None = None
+    class_ids: np.ndarray | None = None
+    class_names: tuple[str, ...] = ()
+    probs: np.ndarray | None = None
+    mpp: float | None = None
+    image_size: tuple[int, int] | None = None
+    name: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.xy = _as_xy(self.xy)
+        n = len(self.xy)
+        self.class_names = tuple(str(c) for c in self.class_names)
+        if self.scores is not None:
+            self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
+            if len(self.scores) != n:
+                raise InputError(f"{len(self.scores)} scores for {n} points")
+        if self.class_ids is not None:
+            self.class_ids = np.asarray(self.class_ids, dtype=np.int64).reshape(-1)
+            if len(self.class_ids) != n:
+                raise InputError(f"{len(self.class_ids)} class ids for {n} points")
+            if n and (self.class_ids.max() >= len(self.class_names) or self.class_ids.min() < NO_CLASS):
+                raise InputError(
+                    f"class ids must lie in [-1, {len(self.class_names) - 1}] for classes {self.class_names}"
+                )
+        if self.probs is not None:
+            self.probs = np.asarray(self.probs, dtype=np.float32)
+            if self.probs.size == 0:
+                self.probs = np.zeros((n, len(self.class_names)), dtype=np.float32)
+            if self.probs.shape != (n, len(self.class_names)):
+                raise InputError(f"probs must be ({n}, {len(self.class_names)}); got {self.probs.shape}")
+        if self.mpp is not None:
+            self.mpp = float(self.mpp)
+            if not (np.isfinite(self.mpp) and self.mpp > 0):
+                raise InputError(f"mpp must be a positive number of µm per pixel; got {self.mpp}")
+        if self.image_size is not None:
+            h, w = self.image_size
+            self.image_size = (int(h), int(w))
+
+    # ------------------------------------------------------------------ basics
+    def __len__(self) -> int:
+        return len(self.xy)
+
+    @property
+    def x(self) -> np.ndarray:
+        return self.xy[:, 0]
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.xy[:, 1]
+
+    @property
+    def classes(self) -> list[str]:
+        """Class name of each point (``""`` where there is none)."""
+        if self.class_ids is None:
+            return [""] * len(self)
+        return [self.class_names[i] if i >= 0 else "" for i in self.class_ids]
+
+    @classmethod
+    def empty(cls, class_names: Sequence[str] = (), **kw: Any) -> Nuclei:
+        return cls(np.zeros((0, 2)), class_names=tuple(class_names), **kw)
+
+    def select(self, index: np.ndarray | slice | Sequence[int]) -> Nuclei:
+        """A new :class:`Nuclei` with the points at ``index`` (boolean mask or integer index)."""
+
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[index]
+
+        return Nuclei(
+            self.xy[index],
+            pick(self.scores),
+            pick(self.class_ids),
+            self.class_names,
+            pick(self.probs),
+            self.mpp,
+            self.image_size,
+            self.name,
+            dict(self.meta),
+        )
+
+    def with_classes(self, class_names: Sequence[str]) -> Nuclei:
+        """Re-express the class ids in another vocabulary (names must exist in it)."""
+        class_names = tuple(class_names)
+        if self.class_ids is None:
+            return Nuclei(self.xy, self.scores, None, class_names, None, self.mpp, self.image_size, self.name)
+        lut = np.full(len(self.class_names) + 1, NO_CLASS, dtype=np.int64)
+        for i, c in enumerate(self.class_names):
+            if c not in class_names:
+                raise InputError(f"class {c!r} is not one of {class_names}")
+            lut[i] = class_names.index(c)
+        ids = lut[self.class_ids]  # -1 maps to the last entry, which is NO_CLASS
+        return Nuclei(self.xy, self.scores, ids, class_names, None, self.mpp, self.image_size, self.name)
+
+    @staticmethod
+    def concat(parts: Sequence[Nuclei]) -> Nuclei:
+        """Concatenate point sets of the same image (same classes and mpp)."""
+        if not parts:
+            return Nuclei.empty()
+        first = parts[0]
+        for p in parts[1:]:
+            if p.class_names != first.class_names:
+                raise InputError("cannot concatenate Nuclei with different class names")
+            if p.mpp != first.mpp:
+                raise InputError("cannot concatenate Nuclei at different mpp")
+
+        def cat(attr: str) -> np.ndarray | None:
+            vals = [getattr(p, attr) for p in parts]
+            if all(v is None for v in vals):
+                return None
+            if any(v is None for v in vals):
+                raise InputError(f"cannot concatenate Nuclei where only some have {attr}")
+            return np.concatenate(vals)
+
+        return Nuclei(
+            np.concatenate([p.xy for p in parts]),
+            cat("scores"),
+            cat("class_ids"),
+            first.class_names,
+            cat("probs"),
+            first.mpp,
+            first.image_size,
+            first.name,
+        )
+
+    # -------------------------------------------------------------- geometry
+    def rescale(self, mpp: float) -> Nuclei:
+        """The same nuclei expressed in pixels of the same image resampled to ``mpp``.
+
+        Pixel-edge frame: a point at physical position ``p`` µm from the image's top-left
+        edge sits at ``p / mpp`` pixels, so coordinates scale by exactly ``self.mpp / mpp``.
+        Round trips are exact up to float rounding. ``image_size`` is scaled and rounded.
+        """
+        if self.mpp is None:
+            from denuc.errors import ResolutionError
+
+            raise ResolutionError("cannot rescale points whose mpp is unknown; set mpp first")
+        f = self.mpp / float(mpp)
+        size = None
+        if self.image_size is not None:
+            size = (int(round(self.image_size[0] * f)), int(round(self.image_size[1] * f)))
+        return Nuclei(self.xy * f, self.scores, self.class_ids, self.class_names, self.probs, float(mpp), size,
+                      self.name, dict(self.meta))
+
+    def shift(self, dx: float, dy: float) -> Nuclei:
+        """Translate every point by ``(dx, dy)`` pixels (e.g. window -> image frame)."""
+        out = self.select(slice(None))
+        out.xy = self.xy + np.array([dx, dy], dtype=np.float64)
+        return out
+
+    def inside(self, height: int, width: int) -> np.ndarray:
+        """Boolean ``(N,)`` mask of points with ``0 <= x < width`` and ``0 <= y < height``."""
+        return (self.xy[:, 0] >= 0) & (self.xy[:, 0] < width) & (self.xy[:, 1] >= 0) & (self.xy[:, 1] < height)
+
+    # ------------------------------------------------------------ conversion
+    def numpy(self) -> dict[str, np.ndarray]:
+        """Plain arrays: ``xy``, and ``scores``/``class_ids``/``probs`` where present."""
+        out: dict[str, np.ndarray] = {"xy": self.xy}
+        for k in ("scores", "class_ids", "probs"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        return out
+
+    def to_pandas(self) -> pd.DataFrame:
+        """Columns ``x, y[, class][, score][, prob_<class>...]`` (``class`` holds names)."""
+        import pandas as pd
+
+        cols: dict[str, Any] = {"x": self.xy[:, 0], "y": self.xy[:, 1]}
+        if self.class_ids is not None:
+            cols["class"] = self.classes
+        if self.scores is not None:
+            cols["score"] = self.scores
+        if self.probs is not None:
+            for j, c in enumerate(self.class_names):
+                cols[f"prob_{c}"] = self.probs[:, j]
+        return pd.DataFrame(cols)
+
+    @classmethod
+    def from_pandas(
+        cls,
+        df: pd.DataFrame,
+        class_names: Sequence[str] | None = None,
+        mpp: float | None = None,
+        name: str = "",
+        source: str = "table",
+    ) -> Nuclei:
+        """Build from columns ``x, y[, class][, score][, prob_<class>...]``.
+
+        Args:
+            class_names: the vocabulary. If given, every ``class`` value must be in it
+                (unknown names raise :class:`InputError` naming ``source``). If None, the
+                sorted distinct names present are used.
+        """
+        missing = {"x", "y"} - set(df.columns)
+        if missing:
+            raise InputError(f"{source}: missing column(s) {sorted(missing)}; need a header x,y[,class][,score]")
+        try:
+            xy = np.stack([df["x"].to_numpy(np.float64), df["y"].to_numpy(np.float64)], axis=1)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{source}: x/y must be numbers ({e})") from None
+        if len(xy) and not np.all(np.isfinite(xy)):
+            raise InputError(f"{source}: x/y contain NaN or empty cells")
+        scores = df["score"].to_numpy(np.float32) if "score" in df.columns else None
+        ids = None
+        names = tuple(class_names) if class_names is not None else ()
+        if "class" in df.columns:
+            labels = df["class"].astype(str).str.strip().tolist()
+            if class_names is None:
+                names = tuple(sorted(set(labels) - {""}))
+            index = {c: i for i, c in enumerate(names)}
+            unknown = sorted({c for c in labels if c not in index and c != ""})
+            if unknown:
+                raise InputError(f"{source}: unknown class name(s) {unknown}; known: {list(names)}")
+            ids = np.array([index.get(c, NO_CLASS) for c in labels], dtype=np.int64)
+        probs = None
+        pcols = [f"prob_{c}" for c in names]
+        if names and all(c in df.columns for c in pcols):
+            probs = df[pcols].to_numpy(np.float32)
+        return cls(xy, scores, ids, names, probs, mpp, None, name)
+
+    # --------------------------------------------------------- persistence
+    def to_csv(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``x,y,class[,score][,prob_*]`` CSV atomically (temp file + rename)."""
+        df = self.to_pandas()
+        if "class" not in df.columns:
+            df.insert(2, "class", [""] * len(df))
+        return _atomic_write_text(Path(path), df.to_csv(index=False, float_format="%.6g"))
+
+    @classmethod
+    def read_csv(
+        cls, path: str | os.PathLike[str], class_names: Sequence[str] | None = None, mpp: float | None = None
+    ) -> Nuclei:
+        """Read a ``x,y,class[,score]`` CSV. An empty file or header-only file means zero nuclei."""
+        import pandas as pd
+
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"{p}: no such point file")
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{p}: cannot read ({e})") from None
+        if not text.strip():
+            return cls.empty(class_names or (), mpp=mpp, name=p.stem)
+        try:
+            df = pd.read_csv(p, keep_default_na=False, na_values=[""], dtype={"class": str})
+        except Exception as e:  # pandas raises several parser error types
+            raise InputError(f"{p}: not a valid CSV ({e})") from None
+        df.columns = [str(c).strip() for c in df.columns]
+        return cls.from_pandas(df, class_names, mpp=mpp, name=p.stem, source=str(p))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Save everything losslessly as ``.npz`` (atomic)."""
+        p = Path(path)
+        arrays = self.numpy()
+        header = {
+            "class_names": list(self.class_names),
+            "mpp": self.mpp,
+            "image_size": list(self.image_size) if self.image_size else None,
+            "name": self.name,
+        }
+        tmp = p.with_name(p.name + ".tmp.npz")
+        np.savez(tmp, header=np.array(json.dumps(header)), **arrays)
+        os.replace(tmp, p)
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Nuclei:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(str(z["header"]))
+            get = lambda k: z[k] if k in z.files else None  # noqa: E731
+            size = header.get("image_size")
+            return cls(get("xy"), get("scores"), get("class_ids"), tuple(header["class_names"]), get("probs"),
+                       header["mpp"], tuple(size) if size else None, header.get("name", ""))
+
+    def __repr__(self) -> str:
+        return (f"Nuclei(n={len(self)}, classes={list(self.class_names)}, mpp={self.mpp}, "
+                f"scores={'yes' if self.scores is not None else 'no'}, name={self.name!r})")
+
+
+def _atomic_write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
