@@ -1,0 +1,18 @@
+"""Shared fixtures. Real-data tests skip with a reason when ../shared/data is absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from denuc.data.paths import brca_m2c_dir
+
+
+@pytest.fixture(scope="session")
+def brca_dir() -> Path:
+    """The BRCA-M2C folder; skips the test when it is not present on this machine."""
+    d = brca_m2c_dir()
+    if not (d / "brca_ds_test.txt").is_file():
+        pytest.skip(f"real data not found at {d} (set DENUC_DATA to the folder holding brca-m2c/)")
+    return d
