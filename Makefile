@@ -8,7 +8,6 @@ BIN := $(VENV)/bin
 
 $(BIN)/.denuc-env: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
