@@ -1,0 +1,1 @@
+"""Shared network builders (backbones with pretrained weights) used by several stages."""
