@@ -86,7 +86,7 @@ class Nuclei:
                 )
         if self.probs is not None:
             self.probs = np.asarray(self.probs, dtype=np.float32)
-            if self.probs.size == 0:
+            if n == 0 and self.probs.size == 0:
                 self.probs = np.zeros((n, len(self.class_names)), dtype=np.float32)
             if self.probs.shape != (n, len(self.class_names)):
                 raise InputError(f"probs must be ({n}, {len(self.class_names)}); got {self.probs.shape}")
@@ -165,7 +165,8 @@ class Nuclei:
                 raise InputError("cannot concatenate Nuclei at different mpp")
 
         def cat(attr: str) -> np.ndarray | None:
-            vals = [getattr(p, attr) for p in parts]
+            # an empty part without the field (e.g. Nuclei.empty()) is compatible with any
+            vals = [getattr(p, attr) for p in parts if len(p) or getattr(p, attr) is not None]
             if all(v is None for v in vals):
                 return None
             if any(v is None for v in vals):
@@ -265,7 +266,8 @@ class Nuclei:
         ids = None
         names = tuple(class_names) if class_names is not None else ()
         if "class" in df.columns:
-            labels = df["class"].astype(str).str.strip().tolist()
+            # empty cells (read as NaN) mean "no class"
+            labels = df["class"].fillna("").astype(str).str.strip().tolist()
             if class_names is None:
                 names = tuple(sorted(set(labels) - {""}))
             index = {c: i for i, c in enumerate(names)}
@@ -281,11 +283,15 @@ class Nuclei:
 
     # --------------------------------------------------------- persistence
     def to_csv(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``x,y,class[,score][,prob_*]`` CSV atomically (temp file + rename)."""
+        """Write ``x,y,class[,score][,prob_*]`` CSV atomically (temp file + rename).
+
+        Numbers are written losslessly (shortest repr that reads back to the same float64
+        coordinates / float32 scores), so CSV round trips are exact.
+        """
         df = self.to_pandas()
         if "class" not in df.columns:
             df.insert(2, "class", [""] * len(df))
-        return _atomic_write_text(Path(path), df.to_csv(index=False, float_format="%.6g"))
+        return _atomic_write_text(Path(path), df.to_csv(index=False))
 
     @classmethod
     def read_csv(

@@ -25,7 +25,7 @@ def to_rgb_uint8(arr: np.ndarray, source: str = "array") -> np.ndarray:
     * uint16 -> divided by 257; float in [0, 1] -> x255; bool -> 0/255.
     """
     a = np.asarray(arr)
-    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 3, 4):
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 2, 3, 4):
         raise InputError(f"{source}: image looks channels-first {a.shape}; DeNuC wants (H, W, C)")
     if a.ndim == 2:
         a = a[:, :, None]

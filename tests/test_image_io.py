@@ -1,0 +1,127 @@
+"""read_image: every supported layout comes back as (H, W, 3) uint8 RGB; bad files raise InputError naming them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from denuc.data.image import image_size, read_image, to_rgb_uint8
+from denuc.errors import InputError
+
+
+def _rgb(h: int = 6, w: int = 7, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_rgb_png_exact(tmp_path: Path) -> None:
+    a = _rgb()
+    Image.fromarray(a).save(tmp_path / "a.png")
+    out = read_image(tmp_path / "a.png")
+    assert out.dtype == np.uint8 and out.shape == (6, 7, 3)
+    np.testing.assert_array_equal(out, a)
+    assert image_size(tmp_path / "a.png") == (6, 7)
+
+
+def test_jpeg_is_rgb(tmp_path: Path) -> None:
+    a = _rgb(16, 16)
+    Image.fromarray(a).save(tmp_path / "a.jpg", quality=95)
+    out = read_image(tmp_path / "a.jpg")
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+
+
+def test_rgba_png_is_composited_on_white(tmp_path: Path) -> None:
+    rgba = np.zeros((2, 3, 4), dtype=np.uint8)
+    rgba[..., :3] = [10, 20, 30]
+    rgba[0, :, 3] = 255  # opaque row keeps its colour
+    rgba[1, :, 3] = 0  # transparent row becomes white
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = read_image(tmp_path / "a.png")
+    assert out.shape == (2, 3, 3)
+    assert (out[0] == [10, 20, 30]).all() and (out[1] == 255).all()
+
+
+def test_gray_and_gray_alpha_png(tmp_path: Path) -> None:
+    g = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    Image.fromarray(g, "L").save(tmp_path / "g.png")
+    out = read_image(tmp_path / "g.png")
+    assert out.shape == (3, 4, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], g)
+    la = np.stack([g, np.full_like(g, 255)], axis=-1)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "la.png")[..., 1], g)
+
+
+def test_palette_png(tmp_path: Path) -> None:
+    a = _rgb(5, 5)
+    Image.fromarray(a).convert("P", palette=Image.Palette.ADAPTIVE, colors=8).save(tmp_path / "p.png")
+    out = read_image(tmp_path / "p.png")
+    expected = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_16bit_gray_png(tmp_path: Path) -> None:
+    g16 = np.array([[0, 257, 65535], [1000, 30000, 65280]], dtype=np.uint16)
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    out = read_image(tmp_path / "g16.png")
+    assert out.shape == (2, 3, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[..., 0], (g16.astype(np.uint32) // 257).astype(np.uint8))
+
+
+def test_tiff_8bit_16bit_rgba_and_float(tmp_path: Path) -> None:
+    a = _rgb()
+    tifffile.imwrite(tmp_path / "a.tif", a, photometric="rgb")
+    np.testing.assert_array_equal(read_image(tmp_path / "a.tif"), a)
+
+    a16 = a.astype(np.uint16) * 257
+    tifffile.imwrite(tmp_path / "a16.tiff", a16, photometric="rgb")
+    np.testing.assert_array_equal(read_image(tmp_path / "a16.tiff"), a)
+
+    rgba = np.concatenate([a, np.full(a.shape[:2] + (1,), 255, np.uint8)], axis=-1)
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["assocalpha"])
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.tif"), a)
+
+    f = a.astype(np.float32) / 255.0
+    tifffile.imwrite(tmp_path / "f.tif", f, photometric="rgb")
+    np.testing.assert_array_equal(read_image(tmp_path / "f.tif"), a)
+
+
+def test_to_rgb_uint8_rejects_odd_layouts() -> None:
+    with pytest.raises(InputError, match="channels-first"):
+        to_rgb_uint8(np.zeros((3, 20, 20), np.uint8), "arr")
+    with pytest.raises(InputError, match="empty"):
+        to_rgb_uint8(np.zeros((0, 5, 3), np.uint8), "arr")
+    with pytest.raises(InputError, match="shape"):
+        to_rgb_uint8(np.zeros((6, 4, 5), np.uint8), "arr")
+    with pytest.raises(InputError, match="NaN"):
+        to_rgb_uint8(np.full((2, 2), np.nan, np.float32), "arr")
+    with pytest.raises(InputError, match="unsupported pixel type"):
+        to_rgb_uint8(np.full((2, 2), -5, np.int32), "arr")
+
+
+def test_truncated_png_names_the_file(tmp_path: Path) -> None:
+    Image.fromarray(_rgb(64, 64)).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"cut\.png: corrupt or truncated"):
+        read_image(tmp_path / "cut.png")
+
+
+def test_zero_byte_missing_and_non_image_files(tmp_path: Path) -> None:
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(InputError, match=r"zero\.png: image file is empty"):
+        read_image(tmp_path / "zero.png")
+    (tmp_path / "notes.png").write_text("this is not an image\n")
+    with pytest.raises(InputError, match=r"notes\.png: not a readable image"):
+        read_image(tmp_path / "notes.png")
+    (tmp_path / "bad.tif").write_text("not a tiff either\n")
+    with pytest.raises(InputError, match=r"bad\.tif: cannot read TIFF"):
+        read_image(tmp_path / "bad.tif")
+    with pytest.raises(InputError, match=r"missing\.png: no such image file"):
+        read_image(tmp_path / "missing.png")
+    with pytest.raises(InputError, match="no such image file"):
+        read_image(tmp_path)  # a folder is not an image file
