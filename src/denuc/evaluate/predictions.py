@@ -1,0 +1,108 @@
+"""Reading prediction folders for evaluation, and converting third-party point files.
+
+Formats (registry :data:`PRED_FORMATS`), one file per image stem:
+
+* ``csv`` (default): ``<stem>.csv`` with header ``x,y,class[,score]`` (class = name),
+  read with :meth:`Nuclei.read_csv`; an empty or header-only file means zero predictions.
+* ``brca-m2c``: ``<stem>_pred_class_coords.txt`` with ``<row y> <col x> <class id>`` lines,
+  class ids 1-based into the GT vocabulary (the layout of BRCA-M2C labels and of the
+  published MCSpatNet predictions); no scores.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from denuc.core.result import Nuclei
+from denuc.data.readers.brca_m2c import BRCA_CLASSES, read_yxc_file
+from denuc.errors import InputError
+from denuc.registry import Registry
+
+#: What to do when an image of the GT has no prediction file: raise, or count zero predictions.
+MISSING_POLICIES = ("error", "empty")
+
+
+@dataclass(frozen=True)
+class PredFormat:
+    """A prediction file layout: file name of a stem, and a reader ``(path, class_names) -> Nuclei``."""
+
+    name: str
+    suffix: str
+    read: Callable[[Path, tuple[str, ...]], Nuclei]
+
+    def path(self, folder: Path, stem: str) -> Path:
+        return folder / f"{stem}{self.suffix}"
+
+
+PRED_FORMATS: Registry[PredFormat] = Registry("prediction format")
+PRED_FORMATS.register("csv", PredFormat("csv", ".csv", lambda p, names: Nuclei.read_csv(p, names)))
+PRED_FORMATS.register("brca-m2c", PredFormat("brca-m2c", "_pred_class_coords.txt", read_yxc_file))
+
+
+def read_predictions(
+    folder: str | os.PathLike[str],
+    stems: Sequence[str],
+    class_names: Sequence[str],
+    format: str = "csv",
+    missing: str = "error",
+) -> dict[str, Nuclei]:
+    """Read the prediction file of every stem in ``stems`` from ``folder``.
+
+    Args:
+        folder: the prediction folder.
+        stems: image stems of the ground truth (extra files in the folder are ignored).
+        class_names: the GT class vocabulary; prediction class names must belong to it.
+        format: a name in :data:`PRED_FORMATS`.
+        missing: ``"error"`` raises :class:`InputError` naming the missing file;
+            ``"empty"`` counts the image as having zero predictions.
+
+    Returns:
+        stem -> :class:`Nuclei` in the image's pixels, classes in ``class_names``.
+    """
+    if missing not in MISSING_POLICIES:
+        raise InputError(f"missing must be one of {MISSING_POLICIES}; got {missing!r}")
+    fmt = PRED_FORMATS.get(format)
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"{root}: prediction folder does not exist")
+    names = tuple(class_names)
+    out: dict[str, Nuclei] = {}
+    for stem in stems:
+        path = fmt.path(root, stem)
+        if not path.is_file():
+            if missing == "error":
+                raise InputError(f"{path}: prediction file missing for GT image {stem!r} "
+                                 f"(pass missing='empty' / --missing empty to count it as no predictions)")
+            out[stem] = Nuclei.empty(names, name=stem)
+            continue
+        pts = fmt.read(path, names)
+        pts.name = stem
+        out[stem] = pts
+    return out
+
+
+def convert_yxc_predictions(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    class_names: Sequence[str] = BRCA_CLASSES,
+    suffix: str = "_pred_class_coords.txt",
+) -> list[Path]:
+    """Convert every ``<stem><suffix>`` ``y x class_id`` file in ``src`` to ``dst/<stem>.csv``.
+
+    The CSVs have header ``x,y,class`` (class names from ``class_names``, ids 1-based) and
+    can be evaluated with the default ``csv`` prediction format. Coordinates are kept as
+    given (no half-pixel shift). Returns the written paths, sorted.
+    """
+    s = Path(src)
+    files = sorted(s.glob(f"*{suffix}"))
+    if not files:
+        raise InputError(f"{s}: no '*{suffix}' files to convert")
+    written = []
+    for f in files:
+        stem = f.name[: -len(suffix)]
+        pts = read_yxc_file(f, tuple(class_names))
+        written.append(pts.to_csv(Path(dst) / f"{stem}.csv"))
+    return written
