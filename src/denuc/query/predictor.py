@@ -1,0 +1,181 @@
+"""Encode an image once, answer any number of point-feature queries (SamPredictor-style).
+
+::
+
+    fp = PointFeaturizer(encoder)            # window 256 px at the encoder's working mpp
+    fp.set_image(image, mpp=0.5)             # (H, W, 3) uint8 RGB, µm per pixel
+    feats = fp.features_at(xy)               # (N, 2) (x, y) image pixels -> (N, C) float32
+
+Frames. ``xy`` are (x, y) in pixels of the image passed to :meth:`set_image` (pixel-edge
+frame). The image is resampled to the working mpp (``x_work = x * mpp / work_mpp``) and
+covered by square windows of ``window`` px every ``stride`` px (:func:`denuc.merge.tiling.window_grid`;
+an image smaller than a window is padded with white on the right/bottom). Each window is
+resized to the encoder input size and encoded lazily: only windows that own a query point
+are encoded, each at most once per image. A point lying in several windows takes its
+feature from the window where it lies most inside (largest distance to that window's
+edges). Points outside the image raise :class:`~denuc.errors.InputError` (documented
+policy: callers drop or clip them first).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from denuc.core.mpp import check_mpp
+from denuc.encode.encoder import Encoder
+from denuc.errors import InputError
+from denuc.merge.tiling import window_origins
+from denuc.query.sample import ALIGN_MODES, map_grid, sample_map
+
+
+def best_window(coord: np.ndarray, origins: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Along one axis: index of the window each coordinate lies most inside, and that depth.
+
+    Args:
+        coord: ``(N,)`` coordinates (pixels) along the axis.
+        origins: ``(K,)`` window starts; window ``k`` covers ``[origins[k], origins[k] + window)``.
+
+    Returns:
+        ``(N,)`` int64 window indices and ``(N,)`` float depths ``min(c - o, o + window - c)``.
+    """
+    d = np.minimum(coord[:, None] - origins[None, :], origins[None, :] + window - coord[:, None])
+    k = np.argmax(d, axis=1)
+    return k, d[np.arange(len(coord)), k]
+
+
+def assign_windows(xy: np.ndarray, xs: np.ndarray, ys: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per point the (column, row) index of the window of the grid ``xs`` x ``ys`` it lies most inside.
+
+    Maximising ``min(depth_x, depth_y)`` over the grid separates into the two axes.
+    """
+    kx, _ = best_window(xy[:, 0], xs, window)
+    ky, _ = best_window(xy[:, 1], ys, window)
+    return kx, ky
+
+
+class PointFeaturizer:
+    """Dense-feature point queries on one image at a time.
+
+    Args:
+        encoder: a frozen :class:`~denuc.encode.Encoder`.
+        mpp: working resolution, µm per pixel (default: the encoder's recommended mpp).
+        window: window side in pixels at the working mpp (default: the encoder's, 256).
+        stride: window step in pixels (default ``window - window // 4``).
+        align: ``center`` (right token-centre geometry) or ``corners`` (authors' code).
+        batch_size: windows per encoder call.
+        device: device of the encoder (default: where its parameters live).
+
+    Attributes:
+        n_encoded: windows encoded since construction (counts encoder work).
+        encode_ms: milliseconds spent resizing + encoding since construction.
+    """
+
+    def __init__(self, encoder: Encoder, *, mpp: float | None = None, window: int | None = None,
+                 stride: int | None = None, align: str = "center", batch_size: int = 16,
+                 device: str | torch.device | None = None) -> None:
+        if align not in ALIGN_MODES:
+            raise InputError(f"align must be one of {ALIGN_MODES}; got {align!r}")
+        self.encoder = encoder
+        self.mpp = float(mpp if mpp is not None else encoder.spec.mpp)
+        self.window = int(window if window is not None else encoder.spec.window)
+        self.stride = int(stride if stride is not None else self.window - self.window // 4)
+        if not 0 < self.stride <= self.window:
+            raise InputError(f"need 0 < stride <= window; got window={self.window}, stride={self.stride}")
+        self.align = align
+        self.batch_size = int(batch_size)
+        p = next(encoder.parameters(), None)
+        self.device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+        self.n_encoded = 0
+        self.encode_ms = 0.0
+        self._img: torch.Tensor | None = None
+        self._maps: dict[tuple[int, int], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ image
+    def geometry(self) -> dict[str, object]:
+        """Settings that determine the features (for cache keys and checkpoints)."""
+        return {"mpp": self.mpp, "window": self.window, "stride": self.stride, "align": self.align,
+                "input_size": self.encoder.input_size}
+
+    def set_image(self, image: np.ndarray, mpp: float | None) -> None:
+        """Take an ``(H, W, 3)`` RGB image (uint8, or float in [0, 255]) at ``mpp`` µm/px.
+
+        Nothing is encoded yet; windows are encoded on demand by :meth:`features_at`.
+        """
+        self.image_mpp = check_mpp(mpp, "image")
+        arr = np.asarray(image)
+        if arr.ndim != 3 or arr.shape[2] != 3:
+            raise InputError(f"image must be (H, W, 3) RGB; got shape {arr.shape}")
+        self.image_hw = (int(arr.shape[0]), int(arr.shape[1]))
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
+        f = self.image_mpp / self.mpp
+        if abs(f - 1.0) > 1e-6:  # same exact frame as denuc.data.resample: x_work = f * x
+            t = F.interpolate(t, scale_factor=f, mode="bilinear", align_corners=False,
+                              recompute_scale_factor=False, antialias=f < 1)
+        h, w = t.shape[-2:]
+        ph, pw = max(self.window - h, 0), max(self.window - w, 0)
+        if ph or pw:
+            t = F.pad(t, (0, pw, 0, ph), value=1.0)  # white, like slide background
+        self._img = t[0]
+        self.work_hw = (int(h), int(w))
+        self._xs = window_origins(max(w, self.window), self.window, self.stride)
+        self._ys = window_origins(max(h, self.window), self.window, self.stride)
+        self._maps = {}
+
+    # --------------------------------------------------------------- queries
+    def _encode(self, keys: list[tuple[int, int]]) -> None:
+        assert self._img is not None
+        s = self.encoder.input_size
+        t0 = time.perf_counter()
+        for i in range(0, len(keys), self.batch_size):
+            chunk = keys[i:i + self.batch_size]
+            crops = torch.stack([self._img[:, self._ys[ky]:self._ys[ky] + self.window,
+                                           self._xs[kx]:self._xs[kx] + self.window] for kx, ky in chunk])
+            if s != self.window:
+                crops = F.interpolate(crops, size=(s, s), mode="bilinear", align_corners=False,
+                                      antialias=s < self.window)
+            with torch.inference_mode():
+                maps = self.encoder(self.encoder.normalize(crops.to(self.device))).float()
+            for k, m in zip(chunk, maps):
+                self._maps[k] = m
+            self.n_encoded += len(chunk)
+        self.encode_ms += (time.perf_counter() - t0) * 1e3
+
+    def features_at(self, xy: np.ndarray) -> torch.Tensor:
+        """Features at points.
+
+        Args:
+            xy: ``(N, 2)`` (x, y) in pixels of the image given to :meth:`set_image`.
+
+        Returns:
+            ``(N, C)`` float32 tensor on the encoder's device.
+
+        Raises:
+            InputError: a point lies outside the image (``0 <= x < W``, ``0 <= y < H``).
+        """
+        if self._img is None:
+            raise InputError("call set_image(image, mpp) before features_at(points)")
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        h, w = self.image_hw
+        bad = ~((xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h))
+        if bad.any():
+            raise InputError(f"{int(bad.sum())} query point(s) lie outside the {w}x{h} image, "
+                             f"e.g. (x, y) = {tuple(np.round(xy[bad][0], 2))}")
+        out = torch.zeros((len(xy), self.encoder.dim), dtype=torch.float32, device=self.device)
+        if not len(xy):
+            return out
+        work = xy * (self.image_mpp / self.mpp)
+        kx, ky = assign_windows(work, self._xs, self._ys, self.window)
+        keys = sorted({(int(a), int(b)) for a, b in zip(kx, ky)})
+        self._encode([k for k in keys if k not in self._maps])
+        for k in keys:
+            sel = np.flatnonzero((kx == k[0]) & (ky == k[1]))
+            local = work[sel] - np.array([self._xs[k[0]], self._ys[k[1]]], dtype=np.float64)
+            m = self._maps[k]
+            grid = map_grid(torch.from_numpy(local).to(self.device), self.window, self.encoder.input_size,
+                            self.encoder.stride, (m.shape[-2], m.shape[-1]), self.align)
+            out[torch.from_numpy(sel).to(self.device)] = sample_map(m, grid, self.align)
+        return out

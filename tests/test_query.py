@@ -1,0 +1,108 @@
+"""Point-query geometry: a fake encoder whose map holds image coordinates must give them back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from denuc.encode.encoder import Encoder
+from denuc.encode.specs import EncoderSpec
+from denuc.encode.weights import WeightsSource
+from denuc.errors import InputError
+from denuc.query import PointFeaturizer, best_window, map_grid, sample_map
+
+
+class _Pool(torch.nn.Module):
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.w = torch.nn.Parameter(torch.zeros(1))  # gives the encoder a device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, self.k)
+
+
+class CoordEncoder(Encoder):
+    """Map cell = mean of its input block; with a ramp image this is the block centre's coordinate."""
+
+    calls = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        CoordEncoder.calls += 1
+        return self.body(images)
+
+
+def coord_encoder(input_size: int = 128, stride: int = 8, window: int = 64) -> CoordEncoder:
+    spec = EncoderSpec(name="coords", family="fake", dim=3, stride=stride, num_prefix_tokens=0, mean=(0, 0, 0),
+                       std=(1, 1, 1), input_size=input_size, mpp=0.25, window=window)
+    return CoordEncoder(spec, _Pool(stride), WeightsSource(None, "fake", "fake"))
+
+
+def ramp_image(h: int, w: int) -> np.ndarray:
+    """Float image whose R/G channels hold 255 * ... the pixel-centre x / y (so /255 gives coords)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return np.stack([xx + 0.5, yy + 0.5, np.zeros_like(xx)], axis=-1)
+
+
+@pytest.mark.parametrize("image_mpp", [0.25, 0.5])
+def test_center_mode_returns_point_coordinates(image_mpp: float) -> None:
+    enc = coord_encoder()
+    fp = PointFeaturizer(enc, window=64, stride=32)
+    h, w = 70, 90  # at 0.5 µm/px this becomes 140 x 180 working px -> several overlapping windows
+    fp.set_image(ramp_image(h, w), image_mpp)
+    rng = np.random.default_rng(0)
+    margin = 10 * 0.25 / image_mpp
+    xy = np.stack([rng.uniform(margin, w - margin, 300), rng.uniform(margin, h - margin, 300)], axis=1)
+    got = fp.features_at(xy).numpy()[:, :2] * 255.0
+    np.testing.assert_allclose(got, xy, atol=2e-3 * max(h, w))
+    assert fp.n_encoded == len(fp._xs) * len(fp._ys) > 1
+
+
+def test_corners_mode_matches_authors_formula() -> None:
+    enc = coord_encoder()
+    fp = PointFeaturizer(enc, window=64, stride=64, align="corners")
+    fp.set_image(ramp_image(64, 64), 0.25)
+    xy = np.array([[10.0, 20.0], [40.0, 33.0]])
+    got = fp.features_at(xy).numpy()[:, :2] * 255.0
+    w_map = 128 // 8
+    u = xy / 64 * (w_map - 1)  # map-cell units, the authors' align_corners=True mapping
+    expected = (u + 0.5) * 8 * 64 / 128  # cell centre -> input px -> window px (= image px here)
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    assert np.abs(got - xy).max() > 0.5  # the shift the right geometry removes
+
+
+def test_only_windows_with_points_are_encoded_once() -> None:
+    enc = coord_encoder()
+    fp = PointFeaturizer(enc, window=64, stride=64)
+    fp.set_image(ramp_image(128, 192), 0.25)  # 2 x 3 windows
+    fp.features_at(np.array([[10.0, 10.0]]))
+    assert fp.n_encoded == 1
+    fp.features_at(np.array([[12.0, 11.0], [100.0, 100.0]]))
+    assert fp.n_encoded == 2  # the first window is reused
+    assert fp.features_at(np.zeros((0, 2))).shape == (0, 3)
+
+
+def test_point_in_overlap_takes_the_deepest_window() -> None:
+    origins = np.array([0, 48, 96])
+    k, depth = best_window(np.array([5.0, 60.0, 100.0, 140.0]), origins, 64)
+    assert k.tolist() == [0, 1, 1, 2]  # 60: depths 4 / 12 / - ; 100: 4 / 12 / 4 -> middle window
+    assert depth.tolist() == [5.0, 12.0, 12.0, 20.0]
+
+
+def test_small_image_is_padded_and_outside_points_raise() -> None:
+    fp = PointFeaturizer(coord_encoder(), window=64, stride=48)
+    fp.set_image(ramp_image(30, 40), 0.25)
+    got = fp.features_at(np.array([[20.0, 15.0]])).numpy()[0, :2] * 255
+    np.testing.assert_allclose(got, [20.0, 15.0], atol=0.05)
+    with pytest.raises(InputError, match="outside"):
+        fp.features_at(np.array([[41.0, 5.0]]))
+
+
+def test_sample_map_hits_cell_centres() -> None:
+    fmap = torch.arange(4.0).view(1, 1, 4).expand(1, 4, 4).clone()  # value = column index
+    centres = (torch.arange(4.0) + 0.5) * 16 * 64 / 64  # window = input = 64, stride 16
+    xy = torch.stack([centres, torch.full((4,), 30.0)], 1)
+    g = map_grid(xy, 64, 64, 16, (4, 4), "center")
+    assert torch.allclose(sample_map(fmap, g)[:, 0], torch.arange(4.0))
