@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from denuc.core.result import Nuclei
-from denuc.data.readers.brca_m2c import BRCA_CLASSES, read_yxc_file
 from denuc.errors import InputError
 from denuc.registry import Registry
 
@@ -38,8 +37,20 @@ class PredFormat:
 
 
 PRED_FORMATS: Registry[PredFormat] = Registry("prediction format")
-PRED_FORMATS.register("csv", PredFormat("csv", ".csv", lambda p, names: Nuclei.read_csv(p, names)))
-PRED_FORMATS.register("brca-m2c", PredFormat("brca-m2c", "_pred_class_coords.txt", read_yxc_file))
+
+
+def _read_csv(path: Path, class_names: tuple[str, ...]) -> Nuclei:
+    return Nuclei.read_csv(path, class_names)
+
+
+def _read_yxc(path: Path, class_names: tuple[str, ...]) -> Nuclei:
+    from denuc.data.readers.brca_m2c import read_yxc_file
+
+    return read_yxc_file(path, class_names)
+
+
+PRED_FORMATS.register("csv", PredFormat("csv", ".csv", _read_csv))
+PRED_FORMATS.register("brca-m2c", PredFormat("brca-m2c", "_pred_class_coords.txt", _read_yxc))
 
 
 def read_predictions(
@@ -87,11 +98,12 @@ def read_predictions(
 def convert_yxc_predictions(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
-    class_names: Sequence[str] = BRCA_CLASSES,
+    class_names: Sequence[str] = ("lymphocyte", "tumor", "stromal"),
     suffix: str = "_pred_class_coords.txt",
 ) -> list[Path]:
     """Convert every ``<stem><suffix>`` ``y x class_id`` file in ``src`` to ``dst/<stem>.csv``.
 
+    ``class_names`` defaults to the BRCA-M2C vocabulary (ids 1, 2, 3).
     The CSVs have header ``x,y,class`` (class names from ``class_names``, ids 1-based) and
     can be evaluated with the default ``csv`` prediction format. Coordinates are kept as
     given (no half-pixel shift). Returns the written paths, sorted.
@@ -103,6 +115,6 @@ def convert_yxc_predictions(
     written = []
     for f in files:
         stem = f.name[: -len(suffix)]
-        pts = read_yxc_file(f, tuple(class_names))
+        pts = _read_yxc(f, tuple(class_names))
         written.append(pts.to_csv(Path(dst) / f"{stem}.csv"))
     return written
