@@ -65,3 +65,17 @@ def main(args: argparse.Namespace) -> int:
         if args.format == "table":
             print(f"wrote {out}")
     return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m denuc.evaluate.cli` (same as `denuc evaluate`)
+    import sys
+
+    from denuc.errors import DenucError
+
+    _parser = argparse.ArgumentParser(prog="denuc evaluate", description=HELP)
+    configure(_parser)
+    try:
+        sys.exit(main(_parser.parse_args()))
+    except DenucError as _e:
+        print(f"denuc evaluate: error: {_e}", file=sys.stderr)
+        sys.exit(2)

@@ -45,12 +45,25 @@ PUMA's rule, checked against the organisers' code (``tueimage/PUMA-challenge-eva
 ``calculate_centroid_distance``): loop over GT features in order, keep predictions of the
 same class with ``distance < 15``, sort them by ``(-score, distance)`` with Python's stable
 sort, take the first and remove it from the pool; predictions without a score count as 1.
-Its images are ~0.25 µm/px (40x), hence 15 px @ 0.25 µm/px.
+
+OCELOT's rule, checked against the organisers' code (``lunit-io/ocelot23algo``,
+``evaluation/eval.py``, ``DISTANCE_CUTOFF = 15`` "fixed"): per class and image, predictions
+in ``np.argsort(-confidence)`` order take the nearest GT still free with ``distance <= 15``
+(distance ties: lowest GT index); counts pooled over images. Two quirks there are not
+copied: the "confidence" column it reads is the class id (constant within a class), so its
+order is numpy's unstable argsort of equal keys; and distances are float32. Here
+predictions go by descending score, ties in input order, distances in float64.
 
 MCSpatNet's rule, checked against the authors' evaluation script: for each GT dot, query
 the k nearest predictions with ``distance_upper_bound = r`` (scipy excludes ``d == r``)
-and take the nearest one not yet used. On the published BRCA-M2C predictions the strict
-rule reproduces the reference numbers (see ``benchmarks/reference_mcspatnet.py``).
+and take the nearest one not yet used. That script visits GT dots in raster order
+(``np.where`` on the dot map); here GT is visited in the order given (on BRCA-M2C test both
+orders give the same counts). On the published BRCA-M2C predictions the strict rule
+reproduces the reference numbers (r = 6 px: detection F1 0.854; r = 3: 0.676), the
+inclusive one does not (0.856; 0.700, i.e. the Hungarian values); see
+``benchmarks/reference_mcspatnet.py``.
+
+PUMA's images are 40x (stated as ~0.23-0.25 µm/px); the default uses the project's 0.25.
 """
 
 from __future__ import annotations
