@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,6 @@ class EvalReport:
     radius_um: float | None = None
     split: str | None = None
     radius_px_range: tuple[float, float] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mean_f1(self) -> float:
