@@ -1,0 +1,75 @@
+"""Atomic file writes: a reader never sees a half-written file.
+
+Every writer goes to a hidden temporary file beside the target and then ``os.replace``-s
+it, which is atomic on POSIX and Windows within one file system.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, gz: bool | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically, creating parent folders.
+
+    Args:
+        gz: gzip-compress the bytes; ``None`` = when the name ends in ``.gz``. The gzip
+            header carries no time stamp, so equal data gives byte-identical files.
+    """
+    p = Path(path)
+    if gz is None:
+        gz = p.name.lower().endswith(".gz")
+    if gz:
+        data = gzip.compress(data, mtime=0)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(p)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return p
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 ``text`` atomically (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"), gz=False)
+
+
+def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], link: bool = False) -> str:
+    """Place a copy of file ``src`` at ``dst`` atomically.
+
+    Args:
+        link: try a hard link first (no extra disk space), falling back to a copy when the
+            file system refuses (e.g. across devices).
+
+    Returns:
+        ``"kept"`` when ``dst`` already is a hard link to ``src``, else ``"linked"`` or ``"copied"``.
+    """
+    s, d = Path(src), Path(dst)
+    if d.exists() and os.path.samefile(s, d):
+        return "kept"
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(d)
+    tmp.unlink(missing_ok=True)
+    how = "copied"
+    try:
+        if link:
+            try:
+                os.link(s, tmp)
+                how = "linked"
+            except OSError:
+                pass
+        if how == "copied":
+            shutil.copyfile(s, tmp)
+        os.replace(tmp, d)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return how
