@@ -128,3 +128,29 @@ def test_convert_brca_m2c_round_trip(brca_dir: Path, tmp_path: Path) -> None:
     assert src.format_name == "brca-m2c" and out.format_name == "generic"
     assert_same_dataset(src, out)
     assert sum(report.class_counts.values()) == sum(len(src.points(s)) for s in src.stems(None))
+
+
+def _make_brca(root: Path) -> Path:
+    """A two-image folder in the published BRCA-M2C layout."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i, split in enumerate(("train", "test")):
+        Image.new("RGB", (20, 20)).save(root / "images" / f"im{i}.png")
+        (root / "labels" / f"im{i}_gt_class_coords.txt").write_text(f"{i + 1} 3 {i + 1}\n")
+        (root / f"brca_ds_{split}.txt").write_text(f"im{i}.png\n")
+    (root / "brca_ds_val.txt").write_text("")
+    return root
+
+
+def test_convert_brca_layout_and_stems_are_copies(tmp_path: Path) -> None:
+    src = _make_brca(tmp_path / "brca")
+    convert_dataset(src, tmp_path / "out")
+    out = open_dataset(tmp_path / "out")
+    assert_same_dataset(open_dataset(src), out)
+    np.testing.assert_array_equal(out.points("im1").xy, [[3, 2]])  # BRCA files are "y x id"
+    for ds in (open_dataset(src), out, open_dataset(make_ocelot(tmp_path / "oc"))):
+        for split in (None, "train"):
+            ds.stems(split).clear()  # callers may shuffle or edit what they get
+            assert ds.stems(split), (ds.format_name, split)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +61,6 @@ class BrcaM2C(PointDataset):
             return []
         return [Path(ln.strip()).stem for ln in f.read_text().splitlines() if ln.strip()]
 
-    @cache  # noqa: B019 - datasets live for a whole job
     def stems(self, split: str | None = None) -> list[str]:
         if split is None:
             seen = [s for sp in SPLITS for s in self._splits[sp]]
