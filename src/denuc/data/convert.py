@@ -185,8 +185,10 @@ def convert_dataset(
     source: dict[str, Any] = {"format": fmt, "path": str(s)}
     source.update({k: str(v) for k, v in options.items()})
     write_dataset_yaml(d, ds.mpp, ds.classes, ds.colors, splits, image_mpp, info={"source": source})
-    report.split_sizes = {sp: len(v) for sp, v in splits.items()} | {"(no split)": report.images - sum(
-        len(v) for v in splits.values())}
+    report.split_sizes = {sp: len(v) for sp, v in splits.items()}
+    unsplit = report.images - sum(report.split_sizes.values())
+    if unsplit:
+        report.split_sizes["(no split)"] = unsplit
     report.class_counts = counts
     return report
 
