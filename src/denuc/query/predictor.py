@@ -126,23 +126,62 @@ class PointFeaturizer:
         self._maps = {}
 
     # --------------------------------------------------------------- queries
-    def _encode(self, keys: list[tuple[int, int]]) -> None:
-        assert self._img is not None
+    def prepare(self, crops: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, window, window)`` RGB in [0, 1] -> normalised encoder input ``(B, 3, S, S)``."""
         s = self.encoder.input_size
+        if s != self.window:
+            crops = F.interpolate(crops, size=(s, s), mode="bilinear", align_corners=False, antialias=s < self.window)
+        return self.encoder.normalize(crops.to(self.device))
+
+    def crop(self, key: tuple[int, int]) -> torch.Tensor:
+        """``(3, window, window)`` RGB in [0, 1] of window ``key`` = (column, row) grid index."""
+        assert self._img is not None
+        x0, y0 = int(self._xs[key[0]]), int(self._ys[key[1]])
+        return self._img[:, y0:y0 + self.window, x0:x0 + self.window]
+
+    def _encode(self, keys: list[tuple[int, int]]) -> None:
         t0 = time.perf_counter()
         for i in range(0, len(keys), self.batch_size):
             chunk = keys[i:i + self.batch_size]
-            crops = torch.stack([self._img[:, self._ys[ky]:self._ys[ky] + self.window,
-                                           self._xs[kx]:self._xs[kx] + self.window] for kx, ky in chunk])
-            if s != self.window:
-                crops = F.interpolate(crops, size=(s, s), mode="bilinear", align_corners=False,
-                                      antialias=s < self.window)
             with torch.inference_mode():
-                maps = self.encoder(self.encoder.normalize(crops.to(self.device))).float()
+                maps = self.encoder(self.prepare(torch.stack([self.crop(k) for k in chunk]))).float()
             for k, m in zip(chunk, maps):
                 self._maps[k] = m
             self.n_encoded += len(chunk)
         self.encode_ms += (time.perf_counter() - t0) * 1e3
+
+    def group_points(self, xy: np.ndarray) -> list[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
+        """Points grouped by the window that owns them.
+
+        Args:
+            xy: ``(N, 2)`` (x, y) in pixels of the image given to :meth:`set_image`.
+
+        Returns:
+            ``[(key, indices into xy, (n, 2) window-local xy at the working mpp), ...]``.
+
+        Raises:
+            InputError: a point lies outside the image (``0 <= x < W``, ``0 <= y < H``).
+        """
+        if self._img is None:
+            raise InputError("call set_image(image, mpp) before querying points")
+        h, w = self.image_hw
+        bad = ~((xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h))
+        if bad.any():
+            raise InputError(f"{int(bad.sum())} query point(s) lie outside the {w}x{h} image, "
+                             f"e.g. (x, y) = {tuple(np.round(xy[bad][0], 2))}")
+        work = xy * (self.image_mpp / self.mpp)
+        kx, ky = assign_windows(work, self._xs, self._ys, self.window)
+        groups = []
+        for k in sorted({(int(a), int(b)) for a, b in zip(kx, ky)}):
+            sel = np.flatnonzero((kx == k[0]) & (ky == k[1]))
+            groups.append((k, sel, work[sel] - np.array([self._xs[k[0]], self._ys[k[1]]], dtype=np.float64)))
+        return groups
+
+    def sample(self, fmap: torch.Tensor, local_xy: np.ndarray) -> torch.Tensor:
+        """``(C, h, w)`` map of one window, ``(n, 2)`` window-local points -> ``(n, C)`` features."""
+        grid = map_grid(torch.from_numpy(local_xy).to(fmap.device), self.window, self.encoder.input_size,
+                        self.encoder.stride, (fmap.shape[-2], fmap.shape[-1]), self.align)
+        return sample_map(fmap, grid, self.align)
 
     def features_at(self, xy: np.ndarray) -> torch.Tensor:
         """Features at points.
@@ -156,26 +195,10 @@ class PointFeaturizer:
         Raises:
             InputError: a point lies outside the image (``0 <= x < W``, ``0 <= y < H``).
         """
-        if self._img is None:
-            raise InputError("call set_image(image, mpp) before features_at(points)")
         xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-        h, w = self.image_hw
-        bad = ~((xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h))
-        if bad.any():
-            raise InputError(f"{int(bad.sum())} query point(s) lie outside the {w}x{h} image, "
-                             f"e.g. (x, y) = {tuple(np.round(xy[bad][0], 2))}")
+        groups = self.group_points(xy)
         out = torch.zeros((len(xy), self.encoder.dim), dtype=torch.float32, device=self.device)
-        if not len(xy):
-            return out
-        work = xy * (self.image_mpp / self.mpp)
-        kx, ky = assign_windows(work, self._xs, self._ys, self.window)
-        keys = sorted({(int(a), int(b)) for a, b in zip(kx, ky)})
-        self._encode([k for k in keys if k not in self._maps])
-        for k in keys:
-            sel = np.flatnonzero((kx == k[0]) & (ky == k[1]))
-            local = work[sel] - np.array([self._xs[k[0]], self._ys[k[1]]], dtype=np.float64)
-            m = self._maps[k]
-            grid = map_grid(torch.from_numpy(local).to(self.device), self.window, self.encoder.input_size,
-                            self.encoder.stride, (m.shape[-2], m.shape[-1]), self.align)
-            out[torch.from_numpy(sel).to(self.device)] = sample_map(m, grid, self.align)
+        self._encode([k for k, _, _ in groups if k not in self._maps])
+        for k, sel, local in groups:
+            out[torch.from_numpy(sel).to(self.device)] = self.sample(self._maps[k], local)
         return out

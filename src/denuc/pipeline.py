@@ -1,0 +1,181 @@
+"""Both DeNuC stages on an image: detect nuclei, encode once, classify each point.
+
+::
+
+    from denuc import DeNuC
+    model = DeNuC.load()                         # shipped detector + head (+ the head's encoder)
+    nuclei = model("tile.png", mpp=0.5)          # Nuclei: xy (x, y) image px, classes, scores, probs
+    nuclei.meta["speed"]                         # {"detect": ms, "encode": ms, "classify": ms}
+
+Scores: ``score = detection score x probability of the predicted class`` (the chance that
+the point is a nucleus *of that class*); ``probs`` holds the full class distribution.
+
+A head is only used with the encoder it was trained on: same encoder name and same base
+weights (sha256), plus the fine-tuned encoder tensors stored in the head for ``lora``/``full``
+heads. Windows are encoded at the head's working mpp; images at any other mpp are resampled,
+so the image's ``mpp`` must be known (:class:`~denuc.errors.ResolutionError` otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from denuc.classify.head import HeadMeta, PointHead, load_head
+from denuc.core.mpp import check_mpp
+from denuc.core.result import Nuclei
+from denuc.data.image import read_image
+from denuc.encode.encoder import Encoder, build_encoder
+from denuc.errors import ModelError
+from denuc.query.predictor import PointFeaturizer
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+#: The head shipped with the package (efficientnet-lite0 features, BRCA-M2C classes).
+DEFAULT_HEAD = ASSETS / "head-efficientnet-lite0-brca.safetensors"
+
+
+class PointDetector(Protocol):
+    def detect(self, image: np.ndarray, mpp: float) -> Nuclei: ...
+
+
+def check_head_encoder(meta: HeadMeta, enc: Encoder, head_path: str) -> None:
+    """Refuse a head trained with another encoder or other weights (message names both)."""
+    if enc.name != meta.encoder:
+        raise ModelError(f"head {head_path} was trained on encoder {meta.encoder!r}, not {enc.name!r}; "
+                         f"use --encoder {meta.encoder} or a head trained for {enc.name}")
+    if enc.weights_hash != meta.weights_hash:
+        raise ModelError(f"head {head_path} was trained on {meta.encoder} weights {meta.weights_hash[:12]}..., but the "
+                         f"encoder was loaded with weights {enc.weights_hash[:12]}... ({enc.weights_source}); "
+                         "pass the same weights the head was trained with")
+    if enc.dim != meta.dim:
+        raise ModelError(f"head {head_path} expects {meta.dim}-d features; encoder {enc.name} gives {enc.dim}")
+
+
+def apply_encoder_tensors(enc: Encoder, tensors: dict[str, torch.Tensor], meta: HeadMeta, head_path: str) -> None:
+    """Load the fine-tuned encoder tensors stored in a lora/full head into ``enc`` (in place)."""
+    if not tensors:
+        return
+    own = enc.body.state_dict()
+    bad = [k for k, v in tensors.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ModelError(f"head {head_path}: fine-tuned encoder tensors do not fit {enc.name}, e.g. {bad[:3]}")
+    own.update(tensors)
+    enc.body.load_state_dict(own)
+    enc.freeze()
+
+
+class DeNuC:
+    """Detector + frozen encoder + head. Call it on an image to get classified nuclei.
+
+    Args:
+        detector: anything with ``detect(image (H, W, 3) uint8, mpp) -> Nuclei``.
+        encoder: the frozen encoder the head was trained with.
+        head: the :class:`PointHead`; ``meta``: its checkpoint metadata.
+        batch_size: windows per encoder call.
+    """
+
+    def __init__(self, detector: PointDetector, encoder: Encoder, head: PointHead, meta: HeadMeta,
+                 batch_size: int = 16) -> None:
+        self.detector = detector
+        self.encoder = encoder
+        self.meta = meta
+        p = next(encoder.parameters(), None)
+        self.device = p.device if p is not None else torch.device("cpu")
+        self.head = head.to(self.device).eval()
+        self.featurizer = PointFeaturizer(encoder, mpp=meta.mpp, window=meta.window, stride=meta.stride,
+                                          align=meta.align, batch_size=batch_size)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.meta.classes)
+
+    @classmethod
+    def load(cls, detector: str | os.PathLike[str] | PointDetector | None = None,
+             encoder: str | Encoder | None = None, head: str | os.PathLike[str] | None = None,
+             device: str | torch.device | None = None, *, weights: str | None = None,
+             offline: bool | None = None) -> DeNuC:
+        """Build the pipeline.
+
+        Args:
+            detector: detector checkpoint, a detector object, or None (the shipped detector).
+            encoder: encoder name or built :class:`Encoder` (None = the head's encoder).
+            head: head checkpoint (None = the shipped BRCA-M2C head).
+            device: ``cpu``/``cuda``/``mps`` (default cpu).
+            weights: encoder weights source when building by name (default: the encoder's own).
+        """
+        head_path = Path(head) if head is not None else DEFAULT_HEAD
+        if head is None and not head_path.is_file():
+            raise ModelError(f"no shipped head at {head_path}; pass head=<checkpoint>")
+        h, meta, enc_tensors = load_head(head_path)
+        if isinstance(encoder, Encoder):
+            enc = encoder.to(device or "cpu")
+        else:
+            name = encoder or meta.encoder
+            if name != meta.encoder:
+                raise ModelError(f"head {head_path} was trained on encoder {meta.encoder!r}, not {name!r}; "
+                                 f"use --encoder {meta.encoder} or a head trained for {name}")
+            enc = build_encoder(name, weights, offline=offline, device=device)
+        check_head_encoder(meta, enc, str(head_path))
+        apply_encoder_tensors(enc, enc_tensors, meta, str(head_path))
+        if detector is None or isinstance(detector, (str, os.PathLike)):
+            from denuc.detect.api import Detector
+
+            det: PointDetector = Detector.load(detector, device=device) if device else Detector.load(detector)
+        else:
+            det = detector
+        return cls(det, enc, h, meta)
+
+    # ----------------------------------------------------------------- use
+    def classify(self, image: np.ndarray, mpp: float, points: Nuclei) -> Nuclei:
+        """Classify given points of an image (no detection). ``points.xy`` in image px."""
+        mpp = check_mpp(mpp, points.name or "image")
+        t0 = time.perf_counter()
+        enc0 = self.featurizer.encode_ms
+        self.featurizer.set_image(image, mpp)
+        feats = self.featurizer.features_at(points.xy)
+        with torch.inference_mode():
+            probs = torch.softmax(self.head(feats), dim=1).cpu().numpy().astype(np.float32)
+        total = (time.perf_counter() - t0) * 1e3
+        enc_ms = self.featurizer.encode_ms - enc0
+        ids = probs.argmax(1).astype(np.int64) if len(probs) else np.zeros(0, np.int64)
+        det_scores = points.scores if points.scores is not None else np.ones(len(points), np.float32)
+        scores = det_scores * (probs.max(1) if len(probs) else np.zeros(0, np.float32))
+        out = Nuclei(points.xy, scores, ids, self.class_names, probs, mpp, tuple(image.shape[:2]), points.name,
+                     dict(points.meta))
+        out.meta["speed"] = {"encode": round(enc_ms, 2), "classify": round(total - enc_ms, 2)}
+        out.meta["windows_encoded"] = len(self.featurizer._maps)
+        return out
+
+    def __call__(self, image: np.ndarray | str | os.PathLike[str], mpp: float | None) -> Nuclei:
+        """Detect and classify the nuclei of one image.
+
+        Args:
+            image: ``(H, W, 3)`` uint8 RGB array, or an image file path.
+            mpp: µm per pixel of the image (required; raises ResolutionError when None).
+
+        Returns:
+            :class:`Nuclei` with ``xy`` (x, y) in pixels of the input image, class ids/names,
+            scores, probs and ``meta["speed"]`` in milliseconds per stage.
+        """
+        name = ""
+        if isinstance(image, (str, os.PathLike)):
+            name = Path(image).stem
+            image = read_image(image)
+        mpp = check_mpp(mpp, name or "image")
+        t0 = time.perf_counter()
+        det = self.detector.detect(image, mpp)
+        h, w = image.shape[:2]
+        det = det.select(det.inside(h, w))
+        det.name = name
+        t_det = (time.perf_counter() - t0) * 1e3
+        out = self.classify(image, mpp, det)
+        out.meta["speed"] = {"detect": round(t_det, 2), **out.meta["speed"]}
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"encoder": self.encoder.name, "weights": self.encoder.weights_hash, "head": self.meta.describe()}

@@ -1,0 +1,173 @@
+"""Point features of a dataset, extracted once and cached on disk.
+
+Each image is encoded once (:class:`~denuc.query.PointFeaturizer`) and queried at its
+ground-truth points and, optionally, at a detector's points (both sets come out of the same
+pass). Results are cached as ``.npz`` under ``cache_dir`` (default ``~/.cache/denuc``,
+env ``DENUC_CACHE``) with a key over everything that changes the features: encoder name,
+weights hash, dataset path, a content hash of its labels, the image stems, working mpp,
+window/stride, align mode, input size and (for detected points) the detector identity.
+Files are written atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from denuc.core.result import Nuclei
+from denuc.data.base import PointDataset
+from denuc.query.predictor import PointFeaturizer
+
+#: ``detect(image (H, W, 3) uint8, mpp) -> Nuclei`` (points in image px).
+DetectFn = Callable[[np.ndarray, float], Nuclei]
+
+
+@dataclass
+class PointFeatures:
+    """Features at the points of several images, concatenated.
+
+    Attributes:
+        feats: ``(N, C)`` float16 features.
+        labels: ``(N,)`` int64 class ids (GT points) or ``-1`` (detected points).
+        image: ``(N,)`` int32 index into ``stems``.
+        xy: ``(N, 2)`` float64 (x, y) in pixels of each image at its own mpp.
+        scores: ``(N,)`` float32 detection scores (ones for GT points).
+        stems: image stems; ``mpps``: µm/px of each image.
+    """
+
+    feats: np.ndarray
+    labels: np.ndarray
+    image: np.ndarray
+    xy: np.ndarray
+    scores: np.ndarray
+    stems: list[str]
+    mpps: list[float]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, feats=self.feats, labels=self.labels, image=self.image, xy=self.xy, scores=self.scores,
+                 stems=np.array(json.dumps(self.stems)), mpps=np.array(self.mpps, dtype=np.float64))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> PointFeatures:
+        with np.load(path, allow_pickle=False) as z:
+            return cls(z["feats"], z["labels"], z["image"], z["xy"], z["scores"], json.loads(str(z["stems"])),
+                       z["mpps"].tolist())
+
+    def subset(self, stems: Sequence[str]) -> PointFeatures:
+        """Only the points of ``stems`` (re-indexed)."""
+        keep_idx = [self.stems.index(s) for s in stems]
+        remap = np.full(len(self.stems), -1, dtype=np.int32)
+        remap[keep_idx] = np.arange(len(keep_idx), dtype=np.int32)
+        m = remap[self.image] >= 0
+        return PointFeatures(self.feats[m], self.labels[m], remap[self.image[m]], self.xy[m], self.scores[m],
+                             list(stems), [self.mpps[i] for i in keep_idx])
+
+    def nuclei(self, stem: str, class_ids: np.ndarray | None, class_names: Sequence[str],
+               probs: np.ndarray | None = None) -> Nuclei:
+        """The points of ``stem`` as :class:`Nuclei` with the given per-point classes (all points' arrays)."""
+        i = self.stems.index(stem)
+        m = self.image == i
+        return Nuclei(self.xy[m], self.scores[m], None if class_ids is None else class_ids[m], tuple(class_names),
+                      None if probs is None else probs[m], self.mpps[i], None, stem)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DENUC_CACHE") or Path.home() / ".cache" / "denuc")
+
+
+def labels_hash(ds: PointDataset, stems: Sequence[str]) -> str:
+    """sha256 over the parsed labels (xy, class ids, classes, mpp) of ``stems``."""
+    h = hashlib.sha256(json.dumps(list(ds.classes)).encode())
+    for s in stems:
+        pts = ds.points(s)
+        h.update(s.encode())
+        h.update(np.ascontiguousarray(pts.xy, dtype=np.float64).tobytes())
+        ids = pts.class_ids if pts.class_ids is not None else np.zeros(0, np.int64)
+        h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+        h.update(repr(ds.mpp_of(s)).encode())
+    return h.hexdigest()
+
+
+def cache_key(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], points: str) -> tuple[str, dict[str, object]]:
+    """``(hex key, the dict it hashes)``; ``points`` is ``gt`` or ``det:<detector id>``."""
+    desc: dict[str, object] = {
+        "encoder": fz.encoder.name, "weights": fz.encoder.weights_hash, "dim": fz.encoder.dim,
+        "dataset": str(Path(ds.root).resolve()), "labels": labels_hash(ds, stems), "stems": list(stems),
+        "points": points, **fz.geometry(),
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32], desc
+
+
+def _extract(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], want_gt: bool,
+             detect: DetectFn | None, log: Callable[[str], None]) -> dict[str, PointFeatures]:
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]]] = {"gt": [], "det": []}
+    t0 = time.perf_counter()
+    for i, s in enumerate(stems):
+        sample = ds.load(s)
+        fz.set_image(sample.image, sample.mpp)
+        sets: dict[str, Nuclei] = {}
+        if want_gt:
+            sets["gt"] = sample.points
+        if detect is not None:
+            det = detect(sample.image, sample.mpp)
+            h, w = sample.image.shape[:2]
+            sets["det"] = det.select(det.inside(h, w))
+        for kind, pts in sets.items():
+            f = fz.features_at(pts.xy).cpu().numpy().astype(np.float16)
+            lab = pts.class_ids if (kind == "gt" and pts.class_ids is not None) else np.full(len(pts), -1)
+            sc = pts.scores if pts.scores is not None else np.ones(len(pts), np.float32)
+            parts[kind].append((f, lab.astype(np.int64), pts.xy, sc.astype(np.float32), i))
+        if (i + 1) % 10 == 0 or i + 1 == len(stems):
+            log(f"  features: {i + 1}/{len(stems)} images, {fz.n_encoded} windows, {time.perf_counter() - t0:.0f} s")
+    out = {}
+    mpps = [ds.mpp_of(s) for s in stems]
+    for kind, lst in parts.items():
+        if not lst:
+            continue
+        out[kind] = PointFeatures(
+            np.concatenate([p[0] for p in lst]).reshape(-1, fz.encoder.dim), np.concatenate([p[1] for p in lst]),
+            np.concatenate([np.full(len(p[1]), p[4], np.int32) for p in lst]), np.concatenate([p[2] for p in lst]),
+            np.concatenate([p[3] for p in lst]), list(stems), mpps)
+    return out
+
+
+def cached_features(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], *, gt: bool = True,
+                    detect: DetectFn | None = None, detector_id: str = "", cache_dir: Path | None = None,
+                    use_cache: bool = True, log: Callable[[str], None] = print) -> dict[str, PointFeatures]:
+    """Features at GT points (``"gt"``) and/or detected points (``"det"``) of ``stems``.
+
+    Loads what is cached; extracts the rest in one pass over the images (each image encoded
+    once for both point sets) and caches it. ``use_cache=False`` neither reads nor writes the
+    cache (an encoder being fine-tuned changes under the same name and weights hash).
+    """
+    if not use_cache:
+        return _extract(fz, ds, stems, gt, detect, log)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    wanted = (["gt"] if gt else []) + (["det"] if detect is not None else [])
+    paths = {k: root / "features" / f"{cache_key(fz, ds, stems, 'gt' if k == 'gt' else f'det:{detector_id}')[0]}.npz"
+             for k in wanted}
+    out = {k: PointFeatures.load(p) for k, p in paths.items() if p.is_file()}
+    todo = [k for k in wanted if k not in out]
+    if todo:
+        log(f"extracting {'+'.join(todo)} point features of {len(stems)} images with {fz.encoder.name} "
+            f"({fz.mpp} µm/px, window {fz.window}/{fz.stride}, align {fz.align})")
+        new = _extract(fz, ds, stems, "gt" in todo, detect if "det" in todo else None, log)
+        for k in todo:
+            new[k].save(paths[k])
+            out[k] = new[k]
+    else:
+        log(f"using cached point features ({', '.join(str(p) for p in paths.values())})")
+    return out

@@ -1,0 +1,148 @@
+"""Updating the encoder together with the head: ``full`` fine-tuning and ``lora`` (ViTs).
+
+Starting point: the linear/MLP head already fitted on cached frozen features. Each epoch
+visits every training image once: the image is tiled exactly as at inference
+(:class:`~denuc.query.PointFeaturizer`), every window that owns GT points is encoded *with
+gradients*, the features are sampled at those points and the head's cross-entropy is
+back-propagated into encoder (lr ``FinetuneConfig.lr``) and head (``head_lr``), AdamW. The
+encoder stays in eval mode (frozen BatchNorm statistics, no dropout). After each epoch the
+val score is recomputed with the updated encoder (no cache) and the best epoch, including
+the frozen starting point (epoch 0), is kept.
+
+LoRA (``peft``) adapts the ``qkv`` projections of ViT encoders; it does not apply to CNN
+encoders such as efficientnet-lite0 and is refused for them. The checkpoint stores only the
+encoder tensors that differ from the base weights (LoRA merged into them).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from denuc.classify.head import PointHead
+from denuc.data.base import PointDataset
+from denuc.encode.encoder import Encoder, ViTEncoder
+from denuc.encode.weights import state_dict_sha256
+from denuc.errors import InputError, ModelError
+from denuc.query.predictor import PointFeaturizer
+from denuc.train.head import HeadTrainConfig, Scorer, class_weight_tensor
+
+
+@dataclass
+class FinetuneConfig:
+    """Encoder-update settings (``lora`` and ``full`` modes)."""
+
+    epochs: int = 3
+    lr: float = 1e-4
+    head_lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_windows: int = 8
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    max_images: int | None = None  # per epoch (None = all train images)
+
+
+def check_lora_applies(enc: Encoder) -> None:
+    """Raise :class:`ModelError` unless ``enc`` is a ViT with ``qkv`` projections."""
+    if not isinstance(enc, ViTEncoder):
+        raise ModelError(f"LoRA does not apply to {enc.name} (a CNN / non-timm-ViT encoder); it adapts ViT "
+                         "attention projections. Use --mode full to fine-tune it, or linear/mlp.")
+
+
+def _apply_lora(enc: Encoder, cfg: FinetuneConfig) -> None:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ModelError("--mode lora needs the 'peft' package: pip install peft") from None
+    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=["qkv"], lora_dropout=0.0, bias="none")
+    enc.body = get_peft_model(enc.body, lcfg)
+
+
+def _merged_body(enc: Encoder, mode: str) -> torch.nn.Module:
+    return enc.body.merge_and_unload() if mode == "lora" else enc.body
+
+
+def finetune_encoder(fz: PointFeaturizer, ds: PointDataset, train: list[str], head: PointHead,
+                     start_scores: dict[str, float], mode: str, fcfg: FinetuneConfig, hcfg: HeadTrainConfig,
+                     make_val_scorer: Callable[[], Scorer], log: Callable[[str], None] = print,
+                     ) -> tuple[PointHead, dict[str, float], dict[str, torch.Tensor], str]:
+    """Fine-tune ``fz.encoder`` (in place) and ``head`` on window crops of ``train`` images.
+
+    Returns:
+        ``(head, val scores, encoder tensors differing from the base weights, their hash)``.
+        When no epoch beats the frozen start the encoder is restored and no tensors are returned.
+    """
+    if mode not in ("lora", "full"):
+        raise InputError(f"finetune mode must be lora or full; got {mode!r}")
+    enc = fz.encoder
+    base = {k: v.detach().clone() for k, v in enc.body.state_dict().items()}
+    if mode == "lora":
+        check_lora_applies(enc)
+        _apply_lora(enc, fcfg)
+    else:
+        for p in enc.body.parameters():
+            p.requires_grad_(True)
+    enc.eval()
+    params = [p for p in enc.body.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    log(f"{mode} fine-tuning of {enc.name}: {n_train / 1e6:.2f}M trainable encoder parameters, "
+        f"{fcfg.epochs} epoch(s), lr {fcfg.lr}")
+    opt = torch.optim.AdamW([{"params": params, "lr": fcfg.lr},
+                             {"params": list(head.net.parameters()), "lr": fcfg.head_lr}],
+                            weight_decay=fcfg.weight_decay)
+    weight = class_weight_tensor(np.concatenate([ds.points(s).class_ids for s in train]), len(ds.classes),
+                                 hcfg.class_weights)
+    rng = np.random.default_rng(hcfg.seed)
+    best = (start_scores.get("select", -1.0), {**start_scores, "epoch": 0, "finetune_epoch": 0},
+            copy.deepcopy(head.state_dict()), None)
+    t0 = time.perf_counter()
+    for ep in range(1, fcfg.epochs + 1):
+        stems = [train[i] for i in rng.permutation(len(train))][: fcfg.max_images or None]
+        head.train()
+        total, count = 0.0, 0
+        for s in stems:
+            sample = ds.load(s)
+            if not len(sample.points):
+                continue
+            fz.set_image(sample.image, sample.mpp)
+            groups = fz.group_points(sample.points.xy)
+            labels = torch.from_numpy(sample.points.class_ids)
+            for i in range(0, len(groups), fcfg.batch_windows):
+                chunk = groups[i:i + fcfg.batch_windows]
+                maps = enc(fz.prepare(torch.stack([fz.crop(k) for k, _, _ in chunk])))
+                feats = torch.cat([fz.sample(m, local) for m, (_, _, local) in zip(maps, chunk)])
+                y = torch.cat([labels[torch.from_numpy(sel)] for _, sel, _ in chunk])
+                loss = F.cross_entropy(head(feats.float()), y, weight=weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(y)
+                count += len(y)
+        head.eval()
+        m = make_val_scorer()(head)
+        log(f"  finetune epoch {ep}/{fcfg.epochs} loss {total / max(count, 1):.4f} val {m['select']:.4f} "
+            f"{time.perf_counter() - t0:.0f} s")
+        if m["select"] > best[0]:
+            sd = {k: v.detach().clone() for k, v in enc.body.state_dict().items()}
+            best = (m["select"], {**m, "epoch": best[1].get("epoch", 0), "finetune_epoch": ep},
+                    copy.deepcopy(head.state_dict()), sd)
+    head.load_state_dict(best[2])
+    for p in enc.body.parameters():
+        p.requires_grad_(False)
+    if best[3] is not None:
+        enc.body.load_state_dict(best[3])
+    enc.body = _merged_body(enc, mode)
+    final = enc.body.state_dict()
+    if best[3] is None:
+        enc.body.load_state_dict(base)
+        log("  no fine-tuning epoch beat the frozen encoder on val; keeping the frozen encoder")
+        return head.eval(), best[1], {}, ""
+    changed = {k: v.detach().clone() for k, v in final.items() if k in base and not torch.equal(v, base[k])}
+    enc.freeze()
+    return head.eval(), best[1], changed, state_dict_sha256(changed)

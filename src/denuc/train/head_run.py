@@ -1,0 +1,140 @@
+"""``train_head``: from a dataset folder to a self-describing head checkpoint.
+
+Steps: open the dataset (:func:`~denuc.data.open_dataset`), pick train/val (carving val
+from train when there is none), build the encoder and point featurizer, extract (or load
+cached) features at GT points of train and val and, with a detector, at detected points of
+val; train the head (``linear``/``mlp`` on cached features; ``lora``/``full`` additionally
+update the encoder on window crops, see :mod:`denuc.train.head_finetune`); keep the best
+epoch on val; write the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from denuc.classify.head import HEAD_MODES, HeadMeta, save_head
+from denuc.data.base import PointDataset, open_dataset
+from denuc.encode.encoder import Encoder, build_encoder
+from denuc.errors import InputError
+from denuc.query.predictor import PointFeaturizer
+from denuc.train.features import DetectFn, cached_features
+from denuc.train.head import HeadTrainConfig, Scorer, det_scorer, fit_head, gt_scorer, split_train_val
+
+
+def load_detector(path: str | os.PathLike[str] | None, device: str | None = None) -> tuple[DetectFn, str]:
+    """``(detect(image, mpp) -> Nuclei, identity string for cache keys)`` of a detector checkpoint
+    (``None`` = the shipped default)."""
+    from denuc.detect.api import Detector
+    from denuc.encode.weights import file_sha256
+
+    det = Detector.load(path) if device is None else Detector.load(path, device=device)  # type: ignore[call-arg]
+    src = path if path is not None else getattr(det, "path", None) or getattr(det, "checkpoint_path", None)
+    ident = file_sha256(Path(src)) if src is not None and Path(src).is_file() else "default"
+    return det.detect, ident
+
+
+def make_scorer(fz: PointFeaturizer, ds: PointDataset, val: list[str], n_classes: int, *,
+                detect: DetectFn | None, detector_id: str, cache_dir: Path | None,
+                log: Callable[[str], None], use_cache: bool = True) -> tuple[Scorer, str, Any]:
+    """The val scorer: at detected points when a detector is given, else at GT points."""
+    feats = cached_features(fz, ds, val, gt=detect is None, detect=detect, detector_id=detector_id,
+                            cache_dir=cache_dir, use_cache=use_cache, log=log)
+    if detect is not None:
+        gt = {}
+        for s in val:
+            p = ds.points(s)
+            p.mpp = ds.mpp_of(s)
+            gt[s] = p
+        return det_scorer(feats["det"], gt, ds.classes), "mean class F1 at detected val points", feats["det"]
+    return gt_scorer(feats["gt"], n_classes), "macro-F1 at GT val points", feats["gt"]
+
+
+def train_head(
+    data: str | os.PathLike[str] | PointDataset,
+    encoder: str | Encoder,
+    out: str | os.PathLike[str],
+    *,
+    weights: str | None = None,
+    detector: str | os.PathLike[str] | None = None,
+    use_detector: bool = False,
+    mode: str = "linear",
+    mpp: float | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+    align: str = "center",
+    config: HeadTrainConfig | None = None,
+    finetune: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+    offline: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> HeadMeta:
+    """Train a classification head and write it to ``out`` (``.safetensors``).
+
+    Args:
+        data: dataset folder (any format :func:`open_dataset` knows) or an opened dataset.
+        encoder: encoder name (built with ``weights``) or a built :class:`Encoder`.
+        detector, use_detector: select the epoch at detected val points with this detector
+            checkpoint (``use_detector`` with ``detector=None`` = the shipped detector).
+        mode: ``linear``, ``mlp``, ``lora`` (ViT encoders only) or ``full``.
+        mpp, window, stride, align: point-query geometry (defaults: the encoder's).
+        config: head optimisation settings; ``finetune``: settings of lora/full training.
+    """
+    if mode not in HEAD_MODES:
+        raise InputError(f"unknown head mode {mode!r}; known: {list(HEAD_MODES)}")
+    cfg = config or HeadTrainConfig()
+    if mode == "mlp" and not cfg.hidden:
+        cfg.hidden = 256
+    ds = data if isinstance(data, PointDataset) else open_dataset(data)
+    if not ds.classes:
+        raise InputError(f"{ds.root}: the dataset defines no classes")
+    enc = encoder if isinstance(encoder, Encoder) else build_encoder(encoder, weights, offline=offline, device=device)
+    if mode == "lora":
+        from denuc.train.head_finetune import check_lora_applies
+
+        check_lora_applies(enc)
+    fz = PointFeaturizer(enc, mpp=mpp, window=window, stride=stride, align=align)
+    cdir = Path(cache_dir) if cache_dir is not None else None
+    train, val, carved = split_train_val(ds, cfg.seed, log=log)
+    detect, det_id = (None, "")
+    if detector is not None or use_detector:
+        detect, det_id = load_detector(detector, device)
+    t0 = time.perf_counter()
+    tr = cached_features(fz, ds, train, cache_dir=cdir, log=log)["gt"]
+    scorer, select_desc, _ = make_scorer(fz, ds, val, len(ds.classes), detect=detect, detector_id=det_id,
+                                         cache_dir=cdir, log=log)
+    t_feat = time.perf_counter() - t0
+    log(f"training {mode} head on {len(tr)} points of {len(train)} images; selection: {select_desc}")
+    t1 = time.perf_counter()
+    head, scores = fit_head(tr, len(ds.classes), cfg, scorer, log=log)
+    enc_tensors: dict[str, Any] = {}
+    enc_hash = ""
+    if mode in ("lora", "full"):
+        from denuc.train.head_finetune import FinetuneConfig, finetune_encoder
+
+        fcfg = FinetuneConfig(**(finetune or {}))
+        head, scores, enc_tensors, enc_hash = finetune_encoder(
+            fz, ds, train, head, scores, mode, fcfg, cfg, make_val_scorer=lambda: make_scorer(
+                fz, ds, val, len(ds.classes), detect=detect, detector_id=det_id, cache_dir=None, log=lambda m: None,
+                use_cache=False)[0],
+            log=log)
+    t_train = time.perf_counter() - t1
+    meta = HeadMeta(
+        classes=list(ds.classes), colors=[list(c) for c in ds.colors] or [[255, 255, 0]] * len(ds.classes),
+        encoder=enc.name, weights_hash=enc.weights_hash, dim=enc.dim, mpp=fz.mpp, window=fz.window,
+        stride=fz.stride, align=fz.align, input_size=enc.input_size, hidden=head.hidden, mode=mode,
+        val_scores={"selection": select_desc, **scores},
+        train={**asdict(cfg), "dataset": str(ds.root), "train_images": len(train), "val_images": len(val),
+               "val_carved": carved, "val_stems": val if carved else [], "train_points": len(tr),
+               "detector": det_id, "feature_seconds": round(t_feat, 1), "train_seconds": round(t_train, 1),
+               **({"finetune": finetune or {}} if mode in ("lora", "full") else {})},
+        encoder_hash=enc_hash,
+    )
+    save_head(out, head, meta, enc_tensors)
+    log(f"wrote {out}: {meta.describe()}; val {scores}")
+    return meta

@@ -1,0 +1,119 @@
+"""Both stages on images: DeNuC pipeline and `denuc predict` (tiny encoder/head, fake detector)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from denuc.core.result import Nuclei
+from denuc.data.image import read_image
+from denuc.encode import build_encoder
+from denuc.encode.tiny import register_tiny
+from denuc.errors import ModelError, ResolutionError
+from denuc.pipeline import DeNuC
+from denuc.train.head import HeadTrainConfig
+from denuc.train.head_run import train_head
+from denuc.train.head_synthetic import make_blob_dataset
+
+register_tiny()
+SAMPLE = Path(__file__).resolve().parents[1] / "src" / "denuc" / "assets" / "sample"
+
+
+class GridDetector:
+    """Points every 12 px (score 0.9), in image pixels."""
+
+    calls = 0
+
+    def detect(self, image: np.ndarray, mpp: float) -> Nuclei:
+        GridDetector.calls += 1
+        h, w = image.shape[:2]
+        ys, xs = np.mgrid[6:h:12, 6:w:12]
+        xy = np.stack([xs.ravel(), ys.ravel()], 1).astype(float)
+        return Nuclei(xy, scores=np.full(len(xy), 0.9), class_names=("nucleus",), mpp=mpp)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("pipe")
+    ds = make_blob_dataset(root / "blobs", n_images=8)
+    enc = build_encoder("tiny-uni", weights="random")
+    head = root / "head.safetensors"
+    train_head(ds, enc, head, cache_dir=root / "cache", config=HeadTrainConfig(epochs=20), window=64,
+               log=lambda m: None)
+    return ds, head
+
+
+def test_pipeline_outputs_classes_scores_probs_and_speed(trained) -> None:  # type: ignore[no-untyped-def]
+    ds, head = trained
+    model = DeNuC.load(detector=GridDetector(), encoder="tiny-uni", head=head, weights="random")
+    img = read_image(ds.image_path(ds.stems("test")[0]))
+    out = model(img, mpp=0.25)
+    assert len(out) == len(GridDetector().detect(img, 0.25))
+    assert out.class_names == ("dark", "light") and out.probs is not None
+    np.testing.assert_allclose(out.probs.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(out.scores, 0.9 * out.probs.max(1), rtol=1e-5)
+    assert set(out.meta["speed"]) == {"detect", "encode", "classify"}
+    with pytest.raises(ResolutionError):
+        model(img, mpp=None)
+    # classify the labelled points of held-out images: well above chance
+    acc = []
+    for s in ds.stems("test") + ds.stems("val"):
+        smp = ds.load(s)
+        pred = model.classify(smp.image, smp.mpp, smp.points)
+        acc.append(np.mean(pred.class_ids == smp.points.class_ids))
+    assert np.mean(acc) > 0.8
+
+
+def test_head_refuses_other_encoder_or_weights(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, head = trained
+    with pytest.raises(ModelError, match="tiny-uni.*tiny-uni2h"):
+        DeNuC.load(detector=GridDetector(), encoder="tiny-uni2h", head=head, weights="random")
+    enc = build_encoder("tiny-uni", weights="random")
+    sd = {k: v.clone() + 0.01 for k, v in enc.body.state_dict().items()}
+    f = tmp_path / "other.safetensors"
+    save_file(sd, str(f))
+    with pytest.raises(ModelError, match="weights"):
+        DeNuC.load(detector=GridDetector(), encoder="tiny-uni", head=head, weights=str(f))
+
+
+def _predict(argv: list[str]) -> int:
+    from denuc import pipeline_cli
+
+    p = argparse.ArgumentParser()
+    pipeline_cli.configure(p)
+    return pipeline_cli.main(p.parse_args(argv))
+
+
+def test_predict_cli_writes_csv_resumes_and_survives_bad_files(trained, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    _, head = trained
+    loads = [0]
+
+    def fake_load(cls, detector=None, encoder=None, head=None, device=None, **kw):  # type: ignore[no-untyped-def]
+        loads[0] += 1
+        return DeNuC._orig_load(GridDetector(), encoder, head, device, weights="random")
+
+    monkeypatch.setattr(DeNuC, "_orig_load", DeNuC.load, raising=False)
+    monkeypatch.setattr(DeNuC, "load", classmethod(fake_load))
+    out = tmp_path / "out"
+    assert _predict([str(SAMPLE), "--out", str(out), "--mpp", "0.5", "--head", str(head)]) == 0
+    csv = out / "brca-m2c-sample.csv"
+    header = csv.read_text().splitlines()[0]
+    assert header == "x,y,class,score,prob_dark,prob_light"
+    n = Nuclei.read_csv(csv, class_names=("dark", "light"))
+    assert len(n) > 10 and n.probs is not None
+    assert _predict([str(SAMPLE), "--out", str(out), "--mpp", "0.5", "--head", str(head)]) == 0
+    assert loads[0] == 1  # everything done: resumed without loading models
+    bad = tmp_path / "in"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not a png")
+    (bad / "ok.png").write_bytes((SAMPLE / "brca-m2c-sample.png").read_bytes())
+    assert _predict([str(bad), "--out", str(out), "--mpp", "0.5", "--head", str(head)]) == 1
+    assert (out / "ok.csv").is_file() and not (out / "broken.csv").exists()
+    with pytest.raises(ResolutionError):
+        _predict([str(SAMPLE), "--out", str(out), "--head", str(head), "--overwrite"])
