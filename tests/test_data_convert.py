@@ -154,3 +154,10 @@ def test_convert_brca_layout_and_stems_are_copies(tmp_path: Path) -> None:
         for split in (None, "train"):
             ds.stems(split).clear()  # callers may shuffle or edit what they get
             assert ds.stems(split), (ds.format_name, split)
+
+
+def test_empty_label_files_still_give_class_ids(tmp_path: Path) -> None:
+    src = _make_brca(tmp_path / "brca")
+    (src / "labels" / "im0_gt_class_coords.txt").write_text("")
+    p = open_dataset(src).points("im0")
+    assert len(p) == 0 and p.class_ids is not None and p.class_ids.dtype == np.int64

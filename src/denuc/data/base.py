@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from denuc.core.result import Nuclei
+from denuc.core.result import NO_CLASS, Nuclei
 from denuc.data.image import read_image
 from denuc.errors import InputError
 from denuc.registry import Registry
@@ -90,8 +90,14 @@ class PointDataset(ABC):
         return read_image(self.image_path(stem))
 
     def points(self, stem: str, image_size: tuple[int, int] | None = None) -> Nuclei:
-        """Points of ``stem`` with the outside-image policy applied. ``image_size`` = (H, W)."""
+        """Points of ``stem`` with the outside-image policy applied. ``image_size`` = (H, W).
+
+        The result always has ``class_ids`` (``-1`` = a nucleus of unknown class), ``mpp``,
+        ``image_size`` and ``name`` = ``stem``.
+        """
         pts = self._read_points(stem)
+        if pts.class_ids is None:  # e.g. an empty label file: label points always carry class ids
+            pts.class_ids = np.full(len(pts), NO_CLASS, dtype=np.int64)
         pts.mpp = self.mpp_of(stem)
         pts.name = stem
         if image_size is None:

@@ -198,9 +198,7 @@ class GenericDataset(SplitLists, PointDataset):
             pts = Nuclei.read_csv(path, self.classes)
         else:
             pts = geojson_to_nuclei(path, self.classes)
-        if pts.class_ids is None:  # empty file, or a CSV without a class column
-            pts.class_ids = np.full(len(pts), NO_CLASS, dtype=np.int64)
-        return Nuclei(pts.xy, pts.scores, pts.class_ids, self.classes)
+        return Nuclei(pts.xy, pts.scores, pts.class_ids, self.classes)  # class_ids None -> -1 in points()
 
 
 def geojson_to_nuclei(path: str | os.PathLike[str], classes: Sequence[str]) -> Nuclei:
