@@ -83,6 +83,9 @@ def test_overwrite_rules_and_idempotence(tmp_path: Path) -> None:
     second = _files(dst)
     second.pop("notes.txt")
     assert second == first  # same bytes: converting again changes nothing
+    convert_dataset(src, dst, overwrite=True, copy=True)  # --copy replaces the earlier hard links
+    assert not os.path.samefile(src / "images" / "train" / "cell" / "001.jpg", dst / "images" / "001.jpg")
+    assert _files(dst) == second | {"notes.txt": b"mine"}
 
 
 def test_convert_refusals(tmp_path: Path) -> None:

@@ -51,10 +51,11 @@ def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], link: 
             file system refuses (e.g. across devices).
 
     Returns:
-        ``"kept"`` when ``dst`` already is a hard link to ``src``, else ``"linked"`` or ``"copied"``.
+        ``"kept"`` when linking and ``dst`` already is a hard link to ``src``, else
+        ``"linked"`` or ``"copied"`` (a copy replaces an existing hard link).
     """
     s, d = Path(src), Path(dst)
-    if d.exists() and os.path.samefile(s, d):
+    if link and d.exists() and os.path.samefile(s, d):
         return "kept"
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(d)
