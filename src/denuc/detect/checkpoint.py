@@ -1,0 +1,70 @@
+"""Self-describing detector checkpoints: safetensors weights + JSON metadata.
+
+The metadata (``safetensors`` header key ``"denuc"``, a JSON string) holds the
+:class:`~denuc.detect.model.DetectorConfig` (architecture, classes, normalisation, score
+threshold, NMS radius in px) plus ``mpp`` (µm/px the model works at), ``nms_radius_um``,
+``window``/``stride``/``margin`` (px at ``mpp``), datasets, val F1, epochs and package
+version. Loading never unpickles Python objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from denuc.detect.model import DetectorConfig, PointDetector
+from denuc.errors import ModelError
+
+META_KEY = "denuc"
+FORMAT = "denuc-point-detector/1"
+
+
+def save_detector(path: str | os.PathLike[str], model: PointDetector, meta: dict[str, Any]) -> None:
+    """Write ``model``'s weights and ``meta`` (JSON-serialisable) atomically to ``path``."""
+    from safetensors.torch import save_file
+
+    from denuc import __version__
+
+    info = {"format": FORMAT, "version": __version__, **meta, "config": model.config.to_dict()}
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata={META_KEY: json.dumps(info)})
+    os.replace(tmp, path)
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata dict of a detector checkpoint (no weights loaded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise ModelError(f"{path}: not a readable safetensors detector checkpoint ({e})") from None
+    if raw is None:
+        raise ModelError(f"{path}: safetensors file without DeNuC detector metadata")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT:
+        raise ModelError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    return meta
+
+
+def load_detector(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> tuple[PointDetector, dict]:
+    """Rebuild the model of a checkpoint (eval mode, on ``device``) and return it with its metadata."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ModelError(f"{path}: detector checkpoint not found")
+    meta = read_meta(path)
+    config = DetectorConfig.from_dict(meta["config"])
+    model = PointDetector(config, pretrained=False)
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as e:
+        raise ModelError(f"{path}: weights do not fit the stored architecture ({e})") from None
+    return model.to(device).eval(), meta

@@ -1,0 +1,74 @@
+"""``denuc detect``: find nuclei in images and write one ``<stem>.csv`` (``x,y,class,score``)
+per image. Existing CSVs are skipped unless ``--overwrite`` (so a crashed run resumes);
+an unreadable image is reported by name, the others are still processed, and the exit
+status is non-zero at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "detect nuclei (points) in images; writes <stem>.csv per image"
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    parser.add_argument("--out", required=True, type=Path, help="output folder for <stem>.csv files")
+    parser.add_argument("--mpp", type=float, default=None, help="µm per pixel of the input images (required)")
+    parser.add_argument("--detector", type=Path, default=None, help="detector checkpoint (default: shipped model)")
+    parser.add_argument("--threshold", type=float, default=None, help="score threshold (default: the checkpoint's)")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: first available)")
+    parser.add_argument("--overwrite", action="store_true", help="recompute images whose CSV already exists")
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    """Image files named directly or found (non-recursively, sorted) in the given folders."""
+    from denuc.errors import InputError
+
+    files: list[Path] = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        elif p.exists():
+            files.append(p)
+        else:
+            raise InputError(f"{p}: no such file or folder")
+    return list(dict.fromkeys(files))
+
+
+def main(args: argparse.Namespace) -> int:
+    from denuc.core.mpp import check_mpp
+    from denuc.data.image import read_image
+    from denuc.detect.api import Detector
+    from denuc.errors import DenucError
+
+    check_mpp(args.mpp, "--mpp")
+    files = collect_images(args.inputs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    det = Detector.load(args.detector, device=args.device, threshold=args.threshold)
+    failed: list[str] = []
+    done = skipped = 0
+    for f in files:
+        dst = args.out / f"{f.stem}.csv"
+        if dst.exists() and not args.overwrite:
+            skipped += 1
+            continue
+        try:
+            nuc = det.detect(read_image(f), args.mpp, name=f.stem)
+        except DenucError as e:
+            print(f"denuc detect: error: {f}: {e}", file=sys.stderr)
+            failed.append(str(f))
+            continue
+        nuc.to_csv(dst)
+        done += 1
+        print(f"{f.name}: {len(nuc)} nuclei -> {dst}")
+    print(f"{done} image(s) processed, {skipped} skipped (CSV exists), {len(failed)} failed")
+    if failed:
+        print("failed: " + ", ".join(failed), file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,203 @@
+"""The DeNuC point detector: backbone -> PAN -> point head, one anchor per stride-8 cell.
+
+Frame: pixel-edge frame of the input tensor; the anchor of cell ``(row i, col j)`` is its
+centre ``(8 j + 4, 8 i + 4)`` and a proposal is ``anchor + offset`` in pixels (x, y).
+Inputs whose sides are not multiples of 32 are zero-padded (in normalised units, i.e. the
+mean colour) at the right/bottom internally; proposals are reported in the input frame
+and those falling in the padding are dropped at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from denuc.detect.backbones import BACKBONES, DEFAULT_NECK_WIDTH
+from denuc.detect.matcher import MATCHERS, match_cost
+from denuc.detect.neck import PAN, PointHead
+from denuc.merge.nms import point_nms
+
+STRIDE = 8
+PAD_MULTIPLE = 32
+
+
+@dataclass
+class DetectorConfig:
+    """Architecture and inference settings of a :class:`PointDetector` (JSON-serialisable).
+
+    ``nms_radius_px`` and every length here are in pixels of the model's input frame (the
+    training mpp); the checkpoint also stores µm values.
+    """
+
+    backbone: str = "shufflenetv2_1.0x"
+    neck_width: int = 0  # 0 = the backbone's default (see DEFAULT_NECK_WIDTH)
+    num_classes: int = 1
+    class_names: tuple[str, ...] = ("nucleus",)
+    head_activation: str = "leaky_relu"
+    matcher: str = "cheapest"
+    bg_weight: float = 0.5
+    offset_weight: float = 5e-3
+    score_threshold: float = 0.5
+    nms_radius_px: float = 6.0
+    mean: tuple[float, float, float] = field(default=(0.485, 0.456, 0.406))
+    std: tuple[float, float, float] = field(default=(0.229, 0.224, 0.225))
+
+    def __post_init__(self) -> None:
+        self.class_names = tuple(self.class_names)
+        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
+        if not self.neck_width:
+            self.neck_width = DEFAULT_NECK_WIDTH.get(self.backbone, 96)
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{self.num_classes} classes but names {self.class_names}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["class_names"] = list(self.class_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DetectorConfig:
+        known = cls.__dataclass_fields__.keys()
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known})
+
+
+def cell_anchors(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
+    """Anchors ``(h*w, 2)`` (x, y) px at the centres of an ``h x w`` grid of 8x8 cells, row-major."""
+    ys = torch.arange(h, device=device, dtype=torch.float32) * STRIDE + STRIDE / 2
+    xs = torch.arange(w, device=device, dtype=torch.float32) * STRIDE + STRIDE / 2
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
+
+
+class PointDetector(nn.Module):
+    """Point detector with the torchvision detection contract.
+
+    ``forward(images (B, 3, H, W) normalised float, targets)``:
+
+    * train mode: ``targets`` = list of ``{"points": (Ni, 2) float (x, y) px, "labels": (Ni,)
+      int in [0, num_classes)}``; returns ``{"loss_cls", "loss_offset", "loss"}``.
+    * eval mode: list of ``{"points": (N, 2), "scores": (N,), "labels": (N,)}`` per image
+      after ``score > score_threshold`` and point NMS (radius ``nms_radius_px``).
+    """
+
+    def __init__(self, config: DetectorConfig, pretrained: bool = False, pretrained_path: str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        build = BACKBONES.get(config.backbone)
+        kw: dict[str, Any] = {"pretrained_path": pretrained_path}
+        if config.backbone == "efficientnet-lite0":
+            kw["pretrained"] = pretrained
+        self.backbone = build(**kw)
+        self.neck = PAN(tuple(self.backbone.out_channels), config.neck_width)
+        self.head = PointHead(config.neck_width, config.num_classes, config.head_activation)
+        self.matcher = MATCHERS.get(config.matcher)
+        self.register_buffer("cls_weight", torch.tensor([config.bg_weight] + [1.0] * config.num_classes),
+                             persistent=False)
+
+    # ---------------------------------------------------------------- core
+    def raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All proposals: ``logits (B, h*w, C+1)`` and ``points (B, h*w, 2)`` px (input frame)."""
+        _, _, h, w = images.shape
+        ph, pw = (-h) % PAD_MULTIPLE, (-w) % PAD_MULTIPLE
+        if ph or pw:
+            images = F.pad(images, (0, pw, 0, ph))
+        logits, offsets = self.head(self.neck(self.backbone(images)))
+        b, c, gh, gw = logits.shape
+        anchors = cell_anchors(gh, gw, images.device)
+        points = anchors[None] + offsets.permute(0, 2, 3, 1).reshape(b, gh * gw, 2).float()
+        return logits.permute(0, 2, 3, 1).reshape(b, gh * gw, c).float(), points
+
+    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None
+                ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        logits, points = self.raw(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training mode")
+            return self.loss(logits, points, targets)
+        return self.postprocess(logits, points, images.shape[-2:])
+
+    # ---------------------------------------------------------------- loss
+    def loss(self, logits: torch.Tensor, points: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+             ) -> dict[str, torch.Tensor]:
+        """CE over all proposals (background weight ``bg_weight``) + ``offset_weight`` x the
+        squared error of matched proposals (summed over x, y, averaged over matches; 0 when
+        the batch has no ground truth)."""
+        b, p, _ = logits.shape
+        target_cls = torch.zeros(b, p, dtype=torch.long, device=logits.device)
+        sq = logits.new_zeros(())
+        n_match = 0
+        probs = logits.detach().softmax(-1)
+        for i, t in enumerate(targets):
+            gt = t["points"].to(points.device, torch.float32).reshape(-1, 2)
+            if len(gt) == 0:
+                continue
+            labels = t["labels"].to(points.device).long().reshape(-1)
+            cost = match_cost(points[i].detach(), probs[i][:, labels + 1], gt)
+            rows, cols = self.matcher(cost)
+            rows, cols = rows.to(points.device), cols.to(points.device)
+            target_cls[i, rows] = labels[cols] + 1
+            sq = sq + ((points[i, rows] - gt[cols]) ** 2).sum()
+            n_match += len(rows)
+        loss_cls = F.cross_entropy(logits.reshape(b * p, -1), target_cls.reshape(-1), weight=self.cls_weight)
+        loss_offset = self.config.offset_weight * sq / max(n_match, 1)
+        return {"loss_cls": loss_cls, "loss_offset": loss_offset, "loss": loss_cls + loss_offset}
+
+    # ---------------------------------------------------------- inference
+    @torch.no_grad()
+    def candidates(self, images: torch.Tensor, threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
+        """Per image the proposals with ``score > threshold`` inside the image, before NMS:
+        ``points (N, 2)``, ``scores (N,)`` = 1 - p(background), ``labels (N,)``, ``probs (N, C)``."""
+        logits, points = self.raw(images)
+        return self._select(logits, points, images.shape[-2:], threshold)
+
+    def _select(self, logits: torch.Tensor, points: torch.Tensor, hw: torch.Size | tuple[int, int],
+                threshold: float | None) -> list[dict[str, torch.Tensor]]:
+        thr = self.config.score_threshold if threshold is None else threshold
+        h, w = int(hw[0]), int(hw[1])
+        prob = logits.softmax(-1)
+        scores = 1.0 - prob[..., 0]
+        out = []
+        for i in range(len(logits)):
+            pt = points[i]
+            keep = (scores[i] > thr) & (pt[:, 0] >= 0) & (pt[:, 0] < w) & (pt[:, 1] >= 0) & (pt[:, 1] < h)
+            cls_prob = prob[i, keep, 1:]
+            cls_prob = cls_prob / cls_prob.sum(-1, keepdim=True).clamp_min(1e-12)
+            out.append({"points": pt[keep], "scores": scores[i, keep], "labels": cls_prob.argmax(-1),
+                        "probs": cls_prob})
+        return out
+
+    @torch.no_grad()
+    def postprocess(self, logits: torch.Tensor, points: torch.Tensor, hw: torch.Size | tuple[int, int],
+                    threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for d in self._select(logits, points, hw, threshold):
+            keep = point_nms(d["points"].cpu().numpy(), d["scores"].cpu().numpy(), self.config.nms_radius_px)
+            idx = torch.as_tensor(keep, dtype=torch.long, device=d["points"].device)
+            out.append({k: v[idx] for k, v in d.items() if k != "probs"})
+        return out
+
+
+def normalise(images: np.ndarray | torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 ``(B, H, W, 3)`` or ``(H, W, 3)`` RGB -> float ``(B, 3, H, W)`` normalised tensor."""
+    t = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if t.ndim == 3:
+        t = t[None]
+    t = t.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, device=t.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=t.device).view(1, 3, 1, 1)
+    return (t - m) / s
+
+
+def build_detector(config: DetectorConfig, pretrained: bool = False) -> PointDetector:
+    """A :class:`PointDetector` with ``config.mean/std`` set from the backbone."""
+    model = PointDetector(config, pretrained=pretrained)
+    config.mean = tuple(model.backbone.mean)  # type: ignore[assignment]
+    config.std = tuple(model.backbone.std)  # type: ignore[assignment]
+    return model

@@ -1,0 +1,305 @@
+"""Training loop of the DeNuC point detector (``denuc train-detector``).
+
+Data: any mix of dataset folders (:func:`denuc.data.base.open_dataset`), every image and
+its points resampled to one training resolution ``mpp`` (µm/px). An epoch draws
+``ceil(H * W / crop²)`` augmented random crops per training image. Class-agnostic by
+default (every point is a "nucleus"); ``classes=True`` keeps the datasets' classes (union of
+their vocabularies) for an end-to-end joint detector-classifier.
+
+Optimisation: AdamW (lr 1e-3, wd 1e-4, no decay on biases and norm weights), per-step
+cosine from ``lr`` to ``min_lr``, AMP on CUDA only. After every epoch: val detection F1
+(denuc protocol, radius ``val_radius_um``) at several score thresholds; ``last`` and
+``best`` checkpoints (safetensors + metadata) and ``state.pt`` (optimizer, step, RNGs) for
+an exact ``resume``; one JSON line per epoch in ``log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from denuc.core.result import Nuclei
+from denuc.detect.checkpoint import save_detector
+from denuc.detect.model import DetectorConfig, PointDetector, build_detector, normalise
+from denuc.detect.windows import MARGIN, STRIDE, WINDOW, RawDetections, detect_images
+from denuc.errors import InputError
+from denuc.train.augment import AugmentConfig, augment
+
+THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``denuc train-detector`` (YAML keys = these names)."""
+
+    datasets: list[str] = field(default_factory=list)
+    out: str = "runs/detector"
+    mpp: float = 0.5
+    backbone: str = "shufflenetv2_1.0x"
+    neck_width: int = 0
+    head_activation: str = "leaky_relu"
+    matcher: str = "cheapest"
+    classes: bool = False
+    pretrained: bool = True
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 1e-4
+    crop: int = 256
+    crops_per_epoch: float = 1.0  # x ceil(H*W / crop²) crops per image and epoch
+    val_radius_um: float = 3.0
+    nms_radius_um: float = 3.0
+    score_threshold: float = 0.5
+    seed: int = 0
+    device: str | None = None
+    threads: int = 0
+    resume: bool = False
+    max_train_images: int = 0  # 0 = all (for quick experiments)
+    stop_after: int = 0  # stop after this many epochs in this run (0 = run to the end); continue with resume
+    progress: bool = True
+
+
+@dataclass
+class Item:
+    """One image at the training mpp with its points and labels."""
+
+    stem: str
+    image: np.ndarray
+    xy: np.ndarray
+    labels: np.ndarray
+    gt: Nuclei
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``name`` if given, else the first of cuda, mps, cpu that is available."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_items(paths: Sequence[str], split: str, mpp: float, keep_classes: bool,
+               vocab: tuple[str, ...] | None = None, limit: int = 0) -> tuple[list[Item], tuple[str, ...]]:
+    """Images of ``split`` of every dataset, resampled to ``mpp``; labels index ``vocab``
+    (union of the datasets' classes when ``keep_classes``, else ``("nucleus",)``)."""
+    from denuc.data.base import open_dataset
+    from denuc.data.resample import resample, resample_factor
+
+    dsets = [open_dataset(p) for p in paths]
+    if vocab is None:
+        vocab = tuple(dict.fromkeys(c for d in dsets for c in d.classes)) if keep_classes else ("nucleus",)
+    items: list[Item] = []
+    for d in dsets:
+        stems = d.stems(split)
+        if limit:
+            stems = stems[:limit]
+        for stem in stems:
+            s = d.load(stem)
+            img = resample(s.image, resample_factor(s.mpp, mpp))
+            pts = s.points.rescale(mpp)
+            pts.image_size = img.shape[:2]
+            pts = pts.select(pts.inside(*img.shape[:2]))
+            if keep_classes:
+                gt = pts.with_classes(vocab)
+                labels = gt.class_ids
+            else:
+                gt = Nuclei(pts.xy, class_ids=np.zeros(len(pts), np.int64), class_names=vocab, mpp=mpp,
+                            image_size=pts.image_size, name=stem)
+                labels = gt.class_ids
+            gt.mpp, gt.name = mpp, f"{Path(d.root).name}/{stem}"
+            items.append(Item(gt.name, img, gt.xy.copy(), np.asarray(labels, np.int64), gt))
+    return items, vocab
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and 1-d (norm) parameters."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:
+    """Cosine decay from ``lr`` (step 0) to ``min_lr`` (step ``total``)."""
+    t = min(step / max(total, 1), 1.0)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+def detection_f1(gt: dict[str, Nuclei], pred: dict[str, RawDetections], mpp: float, radius_um: float,
+                 thresholds: Sequence[float], class_names: tuple[str, ...]) -> dict[float, float]:
+    """Pooled detection F1 (denuc protocol, ``radius_um`` µm) per score threshold."""
+    from denuc.evaluate.api import evaluate
+
+    out = {}
+    for t in thresholds:
+        pm = {}
+        for k, r in pred.items():
+            f = r.filter(t)
+            pm[k] = Nuclei(f.xy, f.scores, f.labels, class_names, mpp=mpp, name=k)
+        rep = evaluate(gt, pm, protocol="denuc", radius_um=radius_um, classes=())
+        out[float(t)] = rep.detection.f1
+    return out
+
+
+def _rng_state(np_rng: np.random.Generator) -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": json.dumps(np_rng.bit_generator.state),
+            "python": json.dumps(random.getstate())}
+
+
+def _set_rng_state(state: dict[str, Any], np_rng: np.random.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np_rng.bit_generator.state = json.loads(state["numpy"])
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train a detector as configured; returns the summary (best epoch, val F1, paths).
+
+    ``cfg.threads`` (if set) applies to torch's CPU thread pool during the call only.
+    """
+    if not cfg.datasets:
+        raise InputError("no training datasets given")
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    np_rng = np.random.default_rng(cfg.seed)
+
+    t0 = time.time()
+    train_items, vocab = load_items(cfg.datasets, "train", cfg.mpp, cfg.classes, limit=cfg.max_train_images)
+    val_items, _ = load_items(cfg.datasets, "val", cfg.mpp, cfg.classes, vocab=vocab)
+    if not train_items:
+        raise InputError(f"datasets {cfg.datasets} have no training images")
+    log(f"data: {len(train_items)} train / {len(val_items)} val images at {cfg.mpp} µm/px, classes {vocab} "
+        f"({time.time() - t0:.1f} s)")
+
+    dcfg = DetectorConfig(backbone=cfg.backbone, neck_width=cfg.neck_width, num_classes=len(vocab),
+                          class_names=vocab, head_activation=cfg.head_activation, matcher=cfg.matcher,
+                          score_threshold=cfg.score_threshold, nms_radius_px=cfg.nms_radius_um / cfg.mpp)
+    model = build_detector(dcfg, pretrained=cfg.pretrained).to(device)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    crops_per_image = [max(1, math.ceil(cfg.crops_per_epoch * it.image.shape[0] * it.image.shape[1] / cfg.crop ** 2))
+                       for it in train_items]
+    steps_per_epoch = math.ceil(sum(crops_per_image) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    step, start_epoch, best_f1, best_epoch = 0, 0, -1.0, -1
+    history: list[dict[str, Any]] = []
+    state_path = out / "state.pt"
+    if cfg.resume and state_path.is_file():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        if "scaler" in st and use_amp:
+            scaler.load_state_dict(st["scaler"])
+        step, start_epoch = int(st["step"]), int(st["epoch"])
+        best_f1, best_epoch = float(st["best_f1"]), int(st["best_epoch"])
+        history = json.loads(st["history"])
+        _set_rng_state(st["rng"], np_rng)
+        log(f"resumed from {state_path} at epoch {start_epoch}")
+
+    aug = AugmentConfig(crop=cfg.crop)
+    meta_base = {"mpp": cfg.mpp, "nms_radius_um": cfg.nms_radius_um, "window": WINDOW, "stride": STRIDE,
+                 "margin": MARGIN, "datasets": [str(p) for p in cfg.datasets], "train": asdict(cfg),
+                 "epochs": cfg.epochs}
+    last_epoch = cfg.epochs if not cfg.stop_after else min(cfg.epochs, start_epoch + cfg.stop_after)
+    for epoch in range(start_epoch, last_epoch):
+        model.train()
+        order = np.concatenate([np.full(n, i) for i, n in enumerate(crops_per_image)])
+        np_rng.shuffle(order)
+        sums = {"loss": 0.0, "loss_cls": 0.0, "loss_offset": 0.0}
+        te = time.time()
+        batches = range(steps_per_epoch)
+        if cfg.progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for b in batches:
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            imgs, targets = [], []
+            for i in idx:
+                it = train_items[i]
+                im, xy, lab = augment(it.image, it.xy, it.labels, aug, np_rng)
+                imgs.append(im)
+                targets.append({"points": torch.as_tensor(xy, dtype=torch.float32, device=device),
+                                "labels": torch.as_tensor(lab, dtype=torch.long, device=device)})
+            x = normalise(np.stack(imgs), dcfg.mean, dcfg.std, device)
+            lr = cosine_lr(step, total_steps, cfg.lr, cfg.min_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.type, enabled=use_amp):
+                losses = model(x, targets)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            for k in sums:
+                sums[k] += float(losses[k].detach())
+        rec: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr, "train_s": round(time.time() - te, 1),
+                               **{k: v / steps_per_epoch for k, v in sums.items()}}
+        f1s = _validate(model, val_items, cfg, vocab) if val_items else {}
+        if f1s:
+            thr = max(f1s, key=lambda t: f1s[t])
+            rec.update({"val_f1": f1s[thr], "val_threshold": thr, "val_f1_by_threshold": f1s})
+            score = f1s[thr]
+        else:
+            thr, score = cfg.score_threshold, -rec["loss"]
+        model.config.score_threshold = thr
+        meta = {**meta_base, "epoch": epoch + 1, "val_f1": rec.get("val_f1"), "val_threshold": thr,
+                "class_names": list(vocab)}
+        save_detector(out / "last.safetensors", model, meta)
+        if score > best_f1:
+            best_f1, best_epoch = score, epoch + 1
+            save_detector(out / "best.safetensors", model, meta)
+        rec["best_epoch"] = best_epoch
+        history.append(rec)
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                    "step": step, "epoch": epoch + 1, "best_f1": best_f1, "best_epoch": best_epoch,
+                    "history": json.dumps(history), "rng": _rng_state(np_rng)}, out / "state.tmp")
+        (out / "state.tmp").replace(state_path)
+        log(f"epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f} (cls {rec['loss_cls']:.4f} off "
+            f"{rec['loss_offset']:.4f}) val F1 {rec.get('val_f1', float('nan')):.4f} @ {thr} "
+            f"[{rec['train_s']} s] best epoch {best_epoch}")
+    return {"best_epoch": best_epoch, "best_score": best_f1, "out": str(out), "history": history,
+            "best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}
+
+
+def _validate(model: PointDetector, items: list[Item], cfg: TrainConfig, vocab: tuple[str, ...]) -> dict[float, float]:
+    model.eval()
+    dets = detect_images(model, [it.image for it in items], threshold=min(THRESHOLDS) - 1e-6,
+                         batch_size=cfg.batch_size)
+    gt = {it.stem: it.gt for it in items}
+    pred = dict(zip(gt, dets, strict=True))
+    return detection_f1(gt, pred, cfg.mpp, cfg.val_radius_um, THRESHOLDS, vocab)

@@ -1,0 +1,115 @@
+"""Detector API and ``denuc detect``: coordinate mapping, bad inputs, batching, CLI behaviour."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from denuc.core.result import Nuclei
+from denuc.detect import cli as detect_cli
+from denuc.detect.api import Detector, default_detector_path
+from denuc.detect.checkpoint import save_detector
+from denuc.detect.model import DetectorConfig, build_detector
+from denuc.detect.windows import detect_images
+from denuc.errors import ResolutionError
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = build_detector(DetectorConfig(backbone="tiny", score_threshold=0.5, nms_radius_px=6.0)).eval()
+    torch.nn.init.normal_(model.head.offset.weight, std=0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_detector(path, model, {"mpp": 0.5, "nms_radius_um": 3.0, "window": 256, "stride": 192, "margin": 32})
+    return path
+
+
+def _noise(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_points_come_back_in_input_pixels(tiny_ckpt: Path) -> None:
+    det = Detector.load(tiny_ckpt, device="cpu", threshold=0.3)
+    img = _noise(300, 260)  # at 0.5 µm/px: the model's own resolution
+    ref = detect_images(det.model, [img], threshold=0.3)[0]
+    same = det.detect(img, 0.5)
+    assert same.class_names == ("nucleus",) and (same.class_ids == 0).all()
+    assert np.allclose(np.sort(same.xy, 0), np.sort(ref.xy, 0))
+    # an image at 0.25 µm/px is resampled to 0.5 and the points scaled back by exactly 2
+    from denuc.data.resample import resample
+
+    big = _noise(301, 261, 7)
+    ref2 = detect_images(det.model, [resample(big, 0.5)], threshold=0.3)[0]
+    up = det.detect(big, 0.25)
+    assert up.mpp == 0.25 and up.image_size == (301, 261) and len(up) == len(ref2.xy) > 0
+    assert np.allclose(np.sort(up.xy, 0), np.sort(ref2.xy * 2, 0))
+
+
+def test_missing_and_absurd_mpp_and_bad_arrays(tiny_ckpt: Path) -> None:
+    det = Detector.load(tiny_ckpt, device="cpu")
+    img = _noise(64, 64)
+    with pytest.raises(ResolutionError, match="--mpp"):
+        det.detect(img, None)
+    with pytest.raises(ResolutionError, match="plausible"):
+        det.detect(img, 40.0)
+    from denuc.errors import InputError
+
+    with pytest.raises(InputError):
+        det.detect(img[..., 0], 0.5)
+
+
+def test_small_images_and_batched_many_equal_single(tiny_ckpt: Path) -> None:
+    det = Detector.load(tiny_ckpt, device="cpu", threshold=0.3)
+    imgs = [_noise(40, 70, 1), _noise(300, 290, 2), _noise(10, 10, 3)]
+    many = det.detect_many(imgs, [0.5, 0.5, 0.5], names=["a", "b", "c"])
+    for im, m, name in zip(imgs, many, "abc", strict=True):
+        one = det.detect(im, 0.5)
+        assert m.name == name and np.allclose(m.xy, one.xy) and np.allclose(m.scores, one.scores)
+        assert m.inside(*im.shape[:2]).all()
+
+
+def test_shipped_default_detector_finds_nuclei_and_nothing_on_white() -> None:
+    if not default_detector_path().is_file():
+        pytest.skip("no shipped detector in denuc/assets")
+    det = Detector.load(device="cpu")
+    assert det.mpp > 0 and det.config["config"]["class_names"] == ["nucleus"]
+    sample = Path(str(default_detector_path().parent / "sample" / "brca-m2c-sample.png"))
+    from denuc.data.image import read_image
+
+    nuc = det.detect(read_image(sample), 0.5)
+    assert len(nuc) > 50 and nuc.inside(*nuc.image_size).all()
+    assert len(det.detect(np.full((300, 300, 3), 255, np.uint8), 0.5)) == 0
+
+
+def test_cli_writes_csvs_skips_existing_and_reports_bad_images(tiny_ckpt: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_noise(100, 120, 5)).save(src / "good1.png")
+    Image.fromarray(_noise(300, 280, 6)).save(src / "good2.png")
+    (src / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "out"
+    p = argparse.ArgumentParser()
+    detect_cli.configure(p)
+    args = p.parse_args([str(src), "--out", str(out), "--mpp", "0.5", "--detector", str(tiny_ckpt),
+                         "--device", "cpu", "--threshold", "0.3"])
+    assert detect_cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "broken.png" in err
+    n1 = Nuclei.read_csv(out / "good1.csv")
+    assert set(n1.classes) <= {"nucleus"} and n1.scores is not None
+    assert sorted(f.name for f in out.iterdir()) == ["good1.csv", "good2.csv"]
+    (out / "good1.csv").write_text("x,y,class,score\n")  # pretend a finished earlier run
+    (src / "broken.png").unlink()
+    assert detect_cli.main(args) == 0
+    assert (out / "good1.csv").read_text() == "x,y,class,score\n"  # skipped
+    args.overwrite = True
+    assert detect_cli.main(args) == 0
+    assert len(Nuclei.read_csv(out / "good1.csv")) == len(n1)
+    with pytest.raises(ResolutionError):
+        detect_cli.main(p.parse_args([str(src), "--out", str(out), "--detector", str(tiny_ckpt)]))

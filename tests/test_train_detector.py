@@ -1,0 +1,97 @@
+"""Detector training on a tiny synthetic dataset: runs, logs, checkpoints, exact resume, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from denuc.detect.checkpoint import read_meta
+from denuc.train import detector_cli
+from denuc.train.detector import TrainConfig, cosine_lr, train
+
+
+def write_blob_dataset(root: Path, n_train: int = 3, n_val: int = 2, size: int = 96) -> Path:
+    """A BRCA-M2C-layout folder (0.5 µm/px) of dark blobs with ``y x class`` labels."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for i in range(n_train + n_val):
+        stem = f"img{i}"
+        c = rng.uniform(8, size - 8, (8, 2))
+        img = 210 + rng.normal(0, 5, (size, size))
+        for x, y in c:
+            img -= 120 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)
+        Image.fromarray(np.repeat(np.clip(img, 0, 255).astype(np.uint8)[..., None], 3, 2)).save(
+            root / "images" / f"{stem}.png")
+        lines = [f"{y:.2f} {x:.2f} {1 + k % 3}" for k, (x, y) in enumerate(c)]
+        (root / "labels" / f"{stem}_gt_class_coords.txt").write_text("\n".join(lines) + "\n")
+        splits["train" if i < n_train else "val"].append(f"{stem}.png")
+    for s, names in splits.items():
+        (root / f"brca_ds_{s}.txt").write_text("\n".join(names) + ("\n" if names else ""))
+    return root
+
+
+def _cfg(ds: Path, out: Path, **kw: object) -> TrainConfig:
+    base = dict(datasets=[str(ds)], out=str(out), backbone="tiny", epochs=2, batch_size=4, crop=64,
+                progress=False, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_cosine_schedule_ends() -> None:
+    assert cosine_lr(0, 10, 1e-3, 1e-6) == pytest.approx(1e-3)
+    assert cosine_lr(10, 10, 1e-3, 1e-6) == pytest.approx(1e-6)
+    assert cosine_lr(5, 10, 1e-3, 1e-6) == pytest.approx(0.5 * (1e-3 + 1e-6))
+
+
+def test_train_writes_self_describing_checkpoints_and_resume_is_exact(tmp_path: Path) -> None:
+    ds = write_blob_dataset(tmp_path / "ds")
+    full = train(_cfg(ds, tmp_path / "a"), log=lambda s: None)
+    assert full["best_epoch"] >= 1
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
+    assert "val_f1" in log[0]
+    meta = read_meta(tmp_path / "a" / "best.safetensors")
+    for key in ("mpp", "nms_radius_um", "window", "stride", "margin", "datasets", "val_f1", "epochs",
+                "version", "config"):
+        assert key in meta, key
+    assert meta["config"]["backbone"] == "tiny" and meta["config"]["class_names"] == ["nucleus"]
+    assert meta["config"]["nms_radius_px"] == pytest.approx(6.0)
+
+    train(_cfg(ds, tmp_path / "b", stop_after=1), log=lambda s: None)
+    assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == 1
+    train(_cfg(ds, tmp_path / "b", resume=True), log=lambda s: None)
+    sa = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
+    assert sa["step"] == sb["step"]
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+
+
+def test_cli_yaml_then_flags_and_class_aware_training(tmp_path: Path) -> None:
+    ds = write_blob_dataset(tmp_path / "ds", n_train=2, n_val=1)
+    yml = tmp_path / "c.yaml"
+    yml.write_text(f"datasets: [{ds}]\nbackbone: tiny\nepochs: 5\nbatch_size: 4\ncrop: 64\nprogress: false\n")
+    p = argparse.ArgumentParser()
+    detector_cli.configure(p)
+    args = p.parse_args(["--config", str(yml), "--epochs", "1", "--threads", "1", "--classes", "--out", str(tmp_path / "o"),
+                         "--matcher", "hungarian"])
+    cfg = detector_cli.resolve_config(args)
+    assert cfg.threads == 1 and cfg.epochs == 1 and cfg.classes and cfg.backbone == "tiny" and cfg.matcher == "hungarian"
+    assert detector_cli.main(args) == 0
+    meta = read_meta(tmp_path / "o" / "last.safetensors")
+    assert meta["config"]["class_names"] == ["lymphocyte", "tumor", "stromal"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epoch: 3\n")
+    from denuc.errors import InputError
+
+    with pytest.raises(InputError, match="unknown option"):
+        detector_cli.resolve_config(p.parse_args(["--config", str(bad)]))
