@@ -89,6 +89,7 @@ def test_cli_yaml_then_flags_and_class_aware_training(tmp_path: Path) -> None:
     assert detector_cli.main(args) == 0
     meta = read_meta(tmp_path / "o" / "last.safetensors")
     assert meta["config"]["class_names"] == ["lymphocyte", "tumor", "stromal"]
+    assert "val_mean_class_f1" in json.loads((tmp_path / "o" / "log.jsonl").read_text().splitlines()[0])
     bad = tmp_path / "bad.yaml"
     bad.write_text("epoch: 3\n")
     from denuc.errors import InputError

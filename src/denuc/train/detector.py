@@ -48,6 +48,8 @@ class TrainConfig:
     neck_width: int = 0
     head_activation: str = "leaky_relu"
     matcher: str = "cheapest"
+    offset_weight: float = 5e-3
+    bg_weight: float = 0.5
     classes: bool = False
     pretrained: bool = True
     epochs: int = 100
@@ -140,19 +142,21 @@ def cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
 
 
-def detection_f1(gt: dict[str, Nuclei], pred: dict[str, RawDetections], mpp: float, radius_um: float,
-                 thresholds: Sequence[float], class_names: tuple[str, ...]) -> dict[float, float]:
-    """Pooled detection F1 (denuc protocol, ``radius_um`` µm) per score threshold."""
+def val_scores(gt: dict[str, Nuclei], pred: dict[str, RawDetections], mpp: float, radius_um: float,
+               thresholds: Sequence[float], class_names: tuple[str, ...]) -> dict[float, tuple[float, float]]:
+    """Pooled ``(detection F1, mean class F1)`` per score threshold (denuc protocol,
+    ``radius_um`` µm); the class F1 is 0 for a class-agnostic model."""
     from denuc.evaluate.api import evaluate
 
+    classes = class_names if len(class_names) > 1 else ()
     out = {}
     for t in thresholds:
         pm = {}
         for k, r in pred.items():
             f = r.filter(t)
             pm[k] = Nuclei(f.xy, f.scores, f.labels, class_names, mpp=mpp, name=k)
-        rep = evaluate(gt, pm, protocol="denuc", radius_um=radius_um, classes=())
-        out[float(t)] = rep.detection.f1
+        rep = evaluate(gt, pm, protocol="denuc", radius_um=radius_um, classes=classes)
+        out[float(t)] = (rep.detection.f1, rep.mean_f1 if classes else 0.0)
     return out
 
 
@@ -202,6 +206,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
 
     dcfg = DetectorConfig(backbone=cfg.backbone, neck_width=cfg.neck_width, num_classes=len(vocab),
                           class_names=vocab, head_activation=cfg.head_activation, matcher=cfg.matcher,
+                          offset_weight=cfg.offset_weight, bg_weight=cfg.bg_weight,
                           score_threshold=cfg.score_threshold, nms_radius_px=cfg.nms_radius_um / cfg.mpp)
     model = build_detector(dcfg, pretrained=cfg.pretrained).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -267,15 +272,21 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
                 sums[k] += float(losses[k].detach())
         rec: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr, "train_s": round(time.time() - te, 1),
                                **{k: v / steps_per_epoch for k, v in sums.items()}}
-        f1s = _validate(model, val_items, cfg, vocab) if val_items else {}
-        if f1s:
-            thr = max(f1s, key=lambda t: f1s[t])
-            rec.update({"val_f1": f1s[thr], "val_threshold": thr, "val_f1_by_threshold": f1s})
-            score = f1s[thr]
+        scores = _validate(model, val_items, cfg, vocab) if val_items else {}
+        if scores:
+            # class-aware models are selected by mean class F1, class-agnostic ones by detection F1
+            key = 1 if cfg.classes else 0
+            thr = max(scores, key=lambda t: scores[t][key])
+            rec.update({"val_f1": scores[thr][0], "val_threshold": thr,
+                        "val_f1_by_threshold": {t: v[0] for t, v in scores.items()}})
+            if cfg.classes:
+                rec["val_mean_class_f1"] = scores[thr][1]
+            score = scores[thr][key]
         else:
             thr, score = cfg.score_threshold, -rec["loss"]
         model.config.score_threshold = thr
         meta = {**meta_base, "epoch": epoch + 1, "val_f1": rec.get("val_f1"), "val_threshold": thr,
+                "val_mean_class_f1": rec.get("val_mean_class_f1"),
                 "class_names": list(vocab)}
         save_detector(out / "last.safetensors", model, meta)
         if score > best_f1:
@@ -296,10 +307,11 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
             "best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}
 
 
-def _validate(model: PointDetector, items: list[Item], cfg: TrainConfig, vocab: tuple[str, ...]) -> dict[float, float]:
+def _validate(model: PointDetector, items: list[Item], cfg: TrainConfig, vocab: tuple[str, ...]
+              ) -> dict[float, tuple[float, float]]:
     model.eval()
     dets = detect_images(model, [it.image for it in items], threshold=min(THRESHOLDS) - 1e-6,
                          batch_size=cfg.batch_size)
     gt = {it.stem: it.gt for it in items}
     pred = dict(zip(gt, dets, strict=True))
-    return detection_f1(gt, pred, cfg.mpp, cfg.val_radius_um, THRESHOLDS, vocab)
+    return val_scores(gt, pred, cfg.mpp, cfg.val_radius_um, THRESHOLDS, vocab)

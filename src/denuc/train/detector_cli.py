@@ -21,6 +21,8 @@ _HELPS = {
     "neck_width": "PAN channels (0 = the backbone's default)",
     "head_activation": "activation after the head's conv+BN layers: leaky_relu, relu, none",
     "matcher": "loss matcher: cheapest (authors) or hungarian (one-to-one)",
+    "offset_weight": "weight of the squared offset error of matched proposals (summed over x, y; per match)",
+    "bg_weight": "cross-entropy weight of the background class",
     "classes": "keep the datasets' classes (joint detector-classifier) instead of one 'nucleus' class",
     "pretrained": "load the backbone's ImageNet weights where available (efficientnet-lite0)",
     "crops_per_epoch": "random crops per image and epoch, in units of ceil(H*W / crop^2)",

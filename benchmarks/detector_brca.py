@@ -1,0 +1,114 @@
+"""Detection F1 of a DeNuC point detector on BRCA-M2C (denuc protocol, 3 µm = 6 px at 0.5 µm/px).
+
+The run folder's ``best.safetensors`` was chosen during training by val detection F1 (epoch
+and score threshold). This script trains it first if it is missing, reports val again and
+scores test ONCE, printing a table and writing JSON to ``benchmarks/results/<name>.json``
+(copied to ``benchmarks/reported/`` with ``--report``).
+
+    python benchmarks/detector_brca.py --run runs/det_shf10_mpp05 [--backbone ... --epochs ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+
+from denuc.core.result import Nuclei
+from denuc.data.base import open_dataset
+from denuc.data.paths import brca_m2c_dir
+from denuc.detect.api import Detector
+from denuc.evaluate.api import evaluate
+
+HERE = Path(__file__).resolve().parent
+
+
+def predict_split(det: Detector, ds, split: str) -> dict[str, Nuclei]:  # type: ignore[no-untyped-def]
+    """Class-free detections (class_ids None) of every image of ``split``."""
+    out = {}
+    for s in ds.stems(split):
+        img = ds.read_image(s)
+        n = det.detect(img, ds.mpp_of(s), name=s)
+        out[s] = Nuclei(n.xy, n.scores, mpp=n.mpp, image_size=n.image_size, name=s)
+    return out
+
+
+def score(ds, pred: dict[str, Nuclei], split: str, protocol: str, radius_um: float) -> dict:  # type: ignore[no-untyped-def]
+    rep = evaluate(ds, pred, protocol=protocol, radius_um=radius_um, split=split, classes=())
+    d = rep.detection.to_dict()
+    d.update(protocol=protocol, radius_um=radius_um, radius_px=rep.radius_px, split=split)
+    return d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="training output folder")
+    ap.add_argument("--name", default=None, help="result name (default detector_brca_<run folder>)")
+    ap.add_argument("--report", action="store_true", help="also copy the JSON to benchmarks/reported/")
+    ap.add_argument("--backbone", default="shufflenetv2_1.0x")
+    ap.add_argument("--mpp", type=float, default=0.5)
+    ap.add_argument("--epochs", type=int, default=35)
+    ap.add_argument("--matcher", default="cheapest")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    root = brca_m2c_dir()
+    ckpt = args.run / "best.safetensors"
+    if not ckpt.is_file():
+        from denuc.train.detector import TrainConfig, train
+
+        train(TrainConfig(datasets=[str(root)], out=str(args.run), backbone=args.backbone, mpp=args.mpp,
+                          epochs=args.epochs, matcher=args.matcher, threads=args.threads, resume=True))
+    det = Detector.load(ckpt, device="cpu")
+    meta = det.config
+    log = [json.loads(x) for x in (args.run / "log.jsonl").read_text().splitlines()]
+    train_s = float(sum(r["train_s"] for r in log))
+    ds = open_dataset(root)
+    t0 = time.time()
+    val_pred = predict_split(det, ds, "val")
+    test_pred = predict_split(det, ds, "test")
+    infer_s = time.time() - t0
+    rows = {
+        "val": score(ds, val_pred, "val", "denuc", 3.0),
+        "test": score(ds, test_pred, "test", "denuc", 3.0),
+        "test_mcspatnet_6px": score(ds, test_pred, "test", "mcspatnet", 3.0),
+        "test_hungarian_6px": score(ds, test_pred, "test", "hungarian", 3.0),
+    }
+    n_params = sum(p.numel() for p in det.model.parameters())
+    cfg = meta["config"]
+    result = {
+        "name": args.name or f"detector_brca_{args.run.name}",
+        "checkpoint": str(ckpt), "backbone": cfg["backbone"], "neck_width": cfg["neck_width"],
+        "params": n_params, "head_activation": cfg["head_activation"], "matcher": cfg["matcher"],
+        "train_mpp": meta["mpp"], "epochs": meta["train"]["epochs"], "best_epoch": meta["epoch"],
+        "score_threshold": cfg["score_threshold"], "nms_radius_um": meta["nms_radius_um"],
+        "pretrained": meta["train"]["pretrained"],
+        "cpu_train_s": round(train_s, 1), "cpu_infer_val_test_s": round(infer_s, 1),
+        "cpu": f"{platform.machine()}, shared 2-core CPU, 1 torch thread",
+        "f1": rows,
+        "reference": {"mcspatnet_test_f1": 0.854, "paper_denuc_f1": 0.8752},
+        "command": f"python benchmarks/detector_brca.py --run {args.run}",
+    }
+    print(f"{result['name']}: {cfg['backbone']} @ {meta['mpp']} µm/px, matcher {cfg['matcher']}, "
+          f"epoch {meta['epoch']}/{meta['train']['epochs']}, threshold {cfg['score_threshold']}, "
+          f"train {train_s / 60:.1f} min CPU")
+    print(f"{'split / protocol':24} {'prec':>6} {'recall':>6} {'F1':>6} {'#pred':>6} {'#GT':>6}")
+    for k, r in rows.items():
+        print(f"{k:24} {r['precision']:6.3f} {r['recall']:6.3f} {r['f1']:6.3f} {r['n_pred']:6d} {r['n_gt']:6d}")
+    out = HERE / "results" / f"{result['name']}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    if args.report:
+        (HERE / "reported").mkdir(exist_ok=True)
+        shutil.copy(out, HERE / "reported" / out.name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Detection throughput of a detector (default: the shipped one) on this machine's CPU.
+
+Input: BRCA-M2C test images (0.5 µm/px, the input mpp) or, without the data, synthetic
+noise images of the same size. Throughput = input megapixels per second at the input mpp
+(the model resamples to its own mpp; at 0.25 µm/px training that is 4x the pixels).
+Prints a table and writes ``benchmarks/results/detector_speed.json``.
+
+    python benchmarks/detector_speed.py [--detector CKPT] [--threads 1 2] [--reps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from denuc.data.paths import brca_m2c_dir
+from denuc.detect.api import Detector
+
+HERE = Path(__file__).resolve().parent
+
+
+def load_images(n: int) -> tuple[list[np.ndarray], str]:
+    root = brca_m2c_dir()
+    if (root / "brca_ds_test.txt").is_file():
+        from denuc.data.base import open_dataset
+
+        ds = open_dataset(root)
+        return [ds.read_image(s) for s in ds.stems("test")[:n]], "BRCA-M2C test"
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (490, 490, 3), dtype=np.uint8) for _ in range(n)], "synthetic 490x490 noise"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--detector", type=Path, default=None)
+    ap.add_argument("--images", type=int, default=10)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--mpp", type=float, default=0.5, help="input µm/px of the images")
+    ap.add_argument("--report", action="store_true")
+    args = ap.parse_args()
+    det = Detector.load(args.detector, device="cpu")
+    imgs, source = load_images(args.images)
+    mpx = sum(im.shape[0] * im.shape[1] for im in imgs) / 1e6
+    rows = []
+    for th in args.threads:
+        torch.set_num_threads(th)
+        det.detect(imgs[0], args.mpp)  # warm-up
+        best = float("inf")
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            n = sum(len(d) for d in det.detect_many(imgs, [args.mpp] * len(imgs)))
+            best = min(best, time.perf_counter() - t0)
+        rows.append({"threads": th, "seconds": round(best, 3), "mpx_per_s": round(mpx / best, 3),
+                     "images_per_s": round(len(imgs) / best, 2), "nuclei": n})
+    cfg = det.config["config"]
+    result = {
+        "detector": str(args.detector or "shipped default"), "backbone": cfg["backbone"],
+        "model_mpp": det.mpp, "input_mpp": args.mpp, "images": len(imgs), "source": source,
+        "input_megapixels": round(mpx, 3), "cpu": f"{platform.machine()} {platform.processor() or ''}".strip()
+        + " (2 logical cores, shared with other jobs)", "rows": rows,
+        "command": "python benchmarks/detector_speed.py",
+    }
+    print(f"{cfg['backbone']} (model {det.mpp} µm/px) on {len(imgs)} {source} images at {args.mpp} µm/px "
+          f"({mpx:.2f} Mpx)")
+    print(f"{'threads':>7} {'s':>8} {'Mpx/s':>8} {'img/s':>7} {'nuclei':>7}")
+    for r in rows:
+        print(f"{r['threads']:7d} {r['seconds']:8.2f} {r['mpx_per_s']:8.3f} {r['images_per_s']:7.2f} {r['nuclei']:7d}")
+    out = HERE / "results" / "detector_speed.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    if args.report:
+        shutil.copy(out, HERE / "reported" / out.name)
+
+
+if __name__ == "__main__":
+    main()
