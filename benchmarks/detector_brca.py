@@ -13,18 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import time
 from pathlib import Path
 
+from detector_common import write_result
 
 from denuc.core.result import Nuclei
 from denuc.data.base import open_dataset
 from denuc.data.paths import brca_m2c_dir
 from denuc.detect.api import Detector
 from denuc.evaluate.api import evaluate
-
-HERE = Path(__file__).resolve().parent
 
 
 def predict_split(det: Detector, ds, split: str) -> dict[str, Nuclei]:  # type: ignore[no-untyped-def]
@@ -101,13 +99,7 @@ def main() -> None:
     print(f"{'split / protocol':24} {'prec':>6} {'recall':>6} {'F1':>6} {'#pred':>6} {'#GT':>6}")
     for k, r in rows.items():
         print(f"{k:24} {r['precision']:6.3f} {r['recall']:6.3f} {r['f1']:6.3f} {r['n_pred']:6d} {r['n_gt']:6d}")
-    out = HERE / "results" / f"{result['name']}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
-    if args.report:
-        (HERE / "reported").mkdir(exist_ok=True)
-        shutil.copy(out, HERE / "reported" / out.name)
+    write_result(result['name'], result, args.report)
 
 
 if __name__ == "__main__":

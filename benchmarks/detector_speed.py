@@ -11,19 +11,16 @@ Prints a table and writes ``benchmarks/results/detector_speed.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from detector_common import write_result
 
 from denuc.data.paths import brca_m2c_dir
 from denuc.detect.api import Detector
-
-HERE = Path(__file__).resolve().parent
 
 
 def load_images(n: int) -> tuple[list[np.ndarray], str]:
@@ -73,12 +70,7 @@ def main() -> None:
     print(f"{'threads':>7} {'s':>8} {'Mpx/s':>8} {'img/s':>7} {'nuclei':>7}")
     for r in rows:
         print(f"{r['threads']:7d} {r['seconds']:8.2f} {r['mpx_per_s']:8.3f} {r['images_per_s']:7.2f} {r['nuclei']:7d}")
-    out = HERE / "results" / "detector_speed.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
-    if args.report:
-        shutil.copy(out, HERE / "reported" / out.name)
+    write_result("detector_speed", result, args.report)
 
 
 if __name__ == "__main__":

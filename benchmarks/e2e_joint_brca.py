@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
+
+from detector_common import write_result
 
 from denuc.core.result import Nuclei
 from denuc.data.base import open_dataset
 from denuc.data.paths import brca_m2c_dir
 from denuc.detect.api import Detector
 from denuc.evaluate.api import evaluate
-
-HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
@@ -60,12 +59,7 @@ def main() -> None:
         result[split] = rep.to_dict(per_image=False)
         print(f"[{split}]")
         print(rep.table())
-    out = HERE / "results" / "e2e_joint_brca.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
-    if args.report:
-        shutil.copy(out, HERE / "reported" / out.name)
+    write_result("e2e_joint_brca", result, args.report)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ def write_blob_dataset(root: Path, n_train: int = 3, n_val: int = 2, size: int =
 
 
 def _cfg(ds: Path, out: Path, **kw: object) -> TrainConfig:
-    base = dict(datasets=[str(ds)], out=str(out), backbone="tiny", epochs=2, batch_size=4, crop=64,
-                progress=False, threads=1)
+    base = {"datasets": [str(ds)], "out": str(out), "backbone": "tiny", "epochs": 2, "batch_size": 4, "crop": 64,
+                "progress": False, "threads": 1}
     base.update(kw)
     return TrainConfig(**base)  # type: ignore[arg-type]
 

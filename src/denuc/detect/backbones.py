@@ -117,7 +117,11 @@ class EfficientNetLite0Backbone(Backbone):
 
     def __init__(self, pretrained: bool = True) -> None:
         super().__init__()
-        from denuc.models.efficientnet_lite import LITE0_MEAN, LITE0_STD, build_efficientnet_lite0
+        from denuc.models.efficientnet_lite import (
+            LITE0_MEAN,
+            LITE0_STD,
+            build_efficientnet_lite0,
+        )
 
         self.body = build_efficientnet_lite0(pretrained=pretrained, features_only=True, out_indices=(2, 3, 4))
         self.out_channels = tuple(self.body.feature_info.channels())  # type: ignore[assignment]
