@@ -42,6 +42,7 @@ class DetectorConfig:
     matcher: str = "cheapest"
     bg_weight: float = 0.5
     offset_weight: float = 5e-3
+    length_scale: float = 1.0  # loss/matching lengths = input px x length_scale (see TrainConfig.loss_ref_mpp)
     score_threshold: float = 0.5
     nms_radius_px: float = 6.0
     mean: tuple[float, float, float] = field(default=(0.485, 0.456, 0.406))
@@ -127,7 +128,8 @@ class PointDetector(nn.Module):
              ) -> dict[str, torch.Tensor]:
         """CE over all proposals (background weight ``bg_weight``) + ``offset_weight`` x the
         squared error of matched proposals (summed over x, y, averaged over matches; 0 when
-        the batch has no ground truth)."""
+        the batch has no ground truth). Lengths in the matching cost and the offset error
+        are input pixels times ``length_scale``."""
         b, p, _ = logits.shape
         target_cls = torch.zeros(b, p, dtype=torch.long, device=logits.device)
         sq = logits.new_zeros(())
@@ -138,11 +140,12 @@ class PointDetector(nn.Module):
             if len(gt) == 0:
                 continue
             labels = t["labels"].to(points.device).long().reshape(-1)
-            cost = match_cost(points[i].detach(), probs[i][:, labels + 1], gt)
+            ls = self.config.length_scale
+            cost = match_cost(points[i].detach() * ls, probs[i][:, labels + 1], gt * ls)
             rows, cols = self.matcher(cost)
             rows, cols = rows.to(points.device), cols.to(points.device)
             target_cls[i, rows] = labels[cols] + 1
-            sq = sq + ((points[i, rows] - gt[cols]) ** 2).sum()
+            sq = sq + (((points[i, rows] - gt[cols]) * ls) ** 2).sum()
             n_match += len(rows)
         loss_cls = F.cross_entropy(logits.reshape(b * p, -1), target_cls.reshape(-1), weight=self.cls_weight)
         loss_offset = self.config.offset_weight * sq / max(n_match, 1)

@@ -50,6 +50,7 @@ class TrainConfig:
     matcher: str = "cheapest"
     offset_weight: float = 5e-3
     bg_weight: float = 0.5
+    loss_ref_mpp: float = 0.0  # >0: matching/offset lengths in px at this mpp (0.25 = the authors' scale)
     classes: bool = False
     pretrained: bool = True
     epochs: int = 100
@@ -207,6 +208,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
     dcfg = DetectorConfig(backbone=cfg.backbone, neck_width=cfg.neck_width, num_classes=len(vocab),
                           class_names=vocab, head_activation=cfg.head_activation, matcher=cfg.matcher,
                           offset_weight=cfg.offset_weight, bg_weight=cfg.bg_weight,
+                          length_scale=cfg.mpp / cfg.loss_ref_mpp if cfg.loss_ref_mpp > 0 else 1.0,
                           score_threshold=cfg.score_threshold, nms_radius_px=cfg.nms_radius_um / cfg.mpp)
     model = build_detector(dcfg, pretrained=cfg.pretrained).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)

@@ -22,6 +22,8 @@ _HELPS = {
     "head_activation": "activation after the head's conv+BN layers: leaky_relu, relu, none",
     "matcher": "loss matcher: cheapest (authors) or hungarian (one-to-one)",
     "offset_weight": "weight of the squared offset error of matched proposals (summed over x, y; per match)",
+    "loss_ref_mpp": ("measure lengths in the matching cost and offset loss in pixels at this mpp (e.g. 0.25, "
+                     "the authors' scale, so their weights carry over to other training mpps); 0 = training px"),
     "bg_weight": "cross-entropy weight of the background class",
     "classes": "keep the datasets' classes (joint detector-classifier) instead of one 'nucleus' class",
     "pretrained": "load the backbone's ImageNet weights where available (efficientnet-lite0)",
