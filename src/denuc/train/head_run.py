@@ -29,12 +29,12 @@ from denuc.train.head import HeadTrainConfig, Scorer, det_scorer, fit_head, gt_s
 def load_detector(path: str | os.PathLike[str] | None, device: str | None = None) -> tuple[DetectFn, str]:
     """``(detect(image, mpp) -> Nuclei, identity string for cache keys)`` of a detector checkpoint
     (``None`` = the shipped default)."""
-    from denuc.detect.api import Detector
+    from denuc.detect.api import Detector, default_detector_path
     from denuc.encode.weights import file_sha256
 
-    det = Detector.load(path) if device is None else Detector.load(path, device=device)  # type: ignore[call-arg]
-    src = path if path is not None else getattr(det, "path", None) or getattr(det, "checkpoint_path", None)
-    ident = file_sha256(Path(src)) if src is not None and Path(src).is_file() else "default"
+    det = Detector.load(path, device=device)
+    src = Path(path) if path is not None else default_detector_path()
+    ident = file_sha256(src)
     return det.detect, ident
 
 

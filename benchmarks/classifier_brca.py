@@ -1,0 +1,126 @@
+"""DeNuC classifier on BRCA-M2C: frozen efficientnet-lite0 + linear head vs full fine-tuning.
+
+Protocol: the shipped detector (or ``--detector``) finds nuclei; heads are trained on
+features at GT points of ``train`` and the epoch is chosen on ``val`` at *detected* points
+(mean class F1, unmatched detections count as errors). Each reported number scores ``test``
+once, through the real pipeline (:class:`denuc.DeNuC` on every test image), with the
+``denuc`` protocol at 3 µm (6 px at 0.5 µm/px). Table 3 of the paper is reproduced as far as
+this CPU allows: linear probe vs full fine-tune (vs the end-to-end joint model, read from
+``benchmarks/reported/e2e_joint_brca.json`` when the detector work has produced it).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/classifier_brca.py [--modes linear full] [--ship]
+
+Prints a table, writes ``benchmarks/results/classifier_brca.json``; ``--ship`` copies the
+linear head to ``src/denuc/assets/head-efficientnet-lite0-brca.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from denuc.classify.head import read_meta
+from denuc.core.result import _atomic_write_text
+from denuc.data import open_dataset
+from denuc.data.paths import brca_m2c_dir
+from denuc.evaluate import evaluate
+from denuc.train.head import HeadTrainConfig
+from denuc.train.head_run import train_head
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "src" / "denuc" / "assets" / "head-efficientnet-lite0-brca.safetensors"
+
+
+def score_test(head: Path, detector: str | None, data: Path) -> dict:
+    """Run the full pipeline on every test image once and score it (denuc protocol, 3 µm)."""
+    from denuc.pipeline import DeNuC
+
+    ds = open_dataset(data)
+    model = DeNuC.load(detector=detector, head=head)
+    preds, t0 = {}, time.perf_counter()
+    speed = {"detect": 0.0, "encode": 0.0, "classify": 0.0}
+    for s in ds.stems("test"):
+        n = model(ds.image_path(s), ds.mpp_of(s))
+        preds[s] = n
+        for k in speed:
+            speed[k] += n.meta["speed"].get(k, 0.0)
+    secs = time.perf_counter() - t0
+    rep = evaluate(data, preds, protocol="denuc", split="test")
+    return {"mean_f1": rep.mean_f1, "det_f1": rep.detection.f1,
+            "classes": {c: {"f1": v.f1, "precision": v.precision, "recall": v.recall} for c, v in rep.classes.items()},
+            "radius_px": rep.radius_px, "test_seconds": round(secs, 1),
+            "speed_ms_total": {k: round(v, 1) for k, v in speed.items()}, "table": rep.table()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", nargs="+", default=["linear", "full"])
+    ap.add_argument("--encoder", default="efficientnet-lite0")
+    ap.add_argument("--mpp", type=float, default=None, help="working mpp (default: the encoder's)")
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--class-weights", default="none")
+    ap.add_argument("--ft-epochs", type=int, default=3)
+    ap.add_argument("--ft-lr", type=float, default=1e-4)
+    ap.add_argument("--detector", default=None, help="detector checkpoint (default: the shipped one)")
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "classifier_brca")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "classifier_brca.json")
+    ap.add_argument("--ship", action="store_true", help="copy the linear head into src/denuc/assets")
+    ap.add_argument("--reuse", nargs="*", default=[], metavar="MODE",
+                    help="modes whose head in --work is already trained (e.g. a long CPU fine-tune): only score test")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    data = brca_m2c_dir()
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for mode in args.modes:
+        ckpt = args.work / f"head-{mode}.safetensors"
+        t0 = time.perf_counter()
+        if mode in args.reuse:
+            meta = read_meta(ckpt)
+            train_s = float(meta.train.get("feature_seconds", 0)) + float(meta.train.get("train_seconds", 0))
+        else:
+            meta = train_head(data, args.encoder, ckpt, detector=args.detector, use_detector=True, mode=mode,
+                              mpp=args.mpp,
+                              config=HeadTrainConfig(epochs=args.epochs, class_weights=args.class_weights),
+                              finetune={"epochs": args.ft_epochs, "lr": args.ft_lr})
+            train_s = time.perf_counter() - t0
+        test = score_test(ckpt, args.detector, data)
+        print(test.pop("table"))
+        rows.append({"mode": mode, "encoder": meta.encoder, "mpp": meta.mpp, "window": meta.window,
+                     "stride": meta.stride, "align": meta.align, "input_size": meta.input_size, "dim": meta.dim,
+                     "val": meta.val_scores, "train": meta.train, "train_wall_seconds": round(train_s, 1),
+                     "test": test})
+        if mode == "linear" and args.ship:
+            shutil.copyfile(ckpt, SHIPPED)
+            print(f"shipped {SHIPPED}")
+    e2e = REPO / "benchmarks" / "reported" / "e2e_joint_brca.json"
+    if e2e.is_file():
+        rows.append({"mode": "end-to-end joint (detector helper)", "reported": json.loads(e2e.read_text())})
+    classes = list(rows[0]["test"]["classes"])
+    print(f"\nBRCA-M2C test, denuc protocol, 3 µm ({rows[0]['test']['radius_px']} px at 0.5 µm/px)")
+    print(f"{'mode':10} " + " ".join(f"{c[:10]:>10}" for c in classes) + f" {'mean F1':>8} {'det F1':>7} {'train s':>8}")
+    for r in rows:
+        if "test" not in r:
+            continue
+        t = r["test"]
+        print(f"{r['mode']:10} " + " ".join(f"{t['classes'][c]['f1']:10.4f}" for c in classes)
+              + f" {t['mean_f1']:8.4f} {t['det_f1']:7.4f} {r['train_wall_seconds']:8.0f}")
+    out = {"benchmark": "classifier_brca", "split": "test", "protocol": "denuc", "radius_um": 3.0,
+           "command": "OMP_NUM_THREADS=1 python benchmarks/classifier_brca.py " + " ".join(sys.argv[1:]),
+           "python": platform.python_version(), "torch": torch.__version__, "cpu_threads": 1,
+           "detector": args.detector or "shipped default", "results": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(args.out, json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
