@@ -30,6 +30,7 @@ from denuc.classify.head import read_meta
 from denuc.core.result import _atomic_write_text
 from denuc.data import open_dataset
 from denuc.data.paths import brca_m2c_dir
+from denuc.encode.encoder import LITE0_DEFAULT_TAPS
 from denuc.evaluate import evaluate
 from denuc.train.head import HeadTrainConfig
 from denuc.train.head_run import train_head
@@ -67,6 +68,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--class-weights", default="none")
     ap.add_argument("--ft-epochs", type=int, default=3)
+    ap.add_argument("--stain-augment", type=int, default=0, help="extra stain-jittered feature passes (linear/mlp)")
     ap.add_argument("--ft-lr", type=float, default=1e-4)
     ap.add_argument("--detector", default=None, help="detector checkpoint (default: the shipped one)")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "classifier_brca")
@@ -89,11 +91,14 @@ def main() -> int:
             meta = train_head(data, args.encoder, ckpt, detector=args.detector, use_detector=True, mode=mode,
                               mpp=args.mpp,
                               config=HeadTrainConfig(epochs=args.epochs, class_weights=args.class_weights),
-                              finetune={"epochs": args.ft_epochs, "lr": args.ft_lr})
+                              finetune={"epochs": args.ft_epochs, "lr": args.ft_lr},
+                              stain_augment=args.stain_augment if mode in ("linear", "mlp") else 0)
             train_s = time.perf_counter() - t0
         test = score_test(ckpt, args.detector, data)
         print(test.pop("table"))
-        rows.append({"mode": mode, "encoder": meta.encoder, "mpp": meta.mpp, "window": meta.window,
+        layers = "+".join(LITE0_DEFAULT_TAPS) if meta.encoder == "efficientnet-lite0" else "last block"
+        rows.append({"mode": mode, "encoder": meta.encoder, "feature_layers": layers, "mpp": meta.mpp,
+                     "window": meta.window,
                      "stride": meta.stride, "align": meta.align, "input_size": meta.input_size, "dim": meta.dim,
                      "val": meta.val_scores, "train": meta.train, "train_wall_seconds": round(train_s, 1),
                      "test": test})

@@ -113,3 +113,23 @@ def test_lora_and_full_modes(blobs, tmp_path: Path) -> None:  # type: ignore[no-
                 assert all("qkv" in k for k in tensors)
     with pytest.raises(ModelError, match="LoRA does not apply"):
         train_head(blobs, "efficientnet-lite0", tmp_path / "x.safetensors", mode="lora", log=lambda m: None)
+
+
+def test_stain_augmented_passes_are_cached_and_reproducible(blobs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from denuc.train.features import augmented_gt_features, stain_jitter
+
+    img = np.full((8, 8, 3), 128, np.uint8)
+    a = stain_jitter(img, np.random.default_rng(1))
+    assert a.dtype == np.uint8 and a.shape == img.shape and not np.array_equal(a, img)
+    assert np.array_equal(a, stain_jitter(img, np.random.default_rng(1)))
+    enc = build_encoder("tiny-uni", weights="random")
+    calls = _counting(enc)
+    fz = PointFeaturizer(enc, window=64)
+    p1 = augmented_gt_features(fz, blobs, blobs.stems("train"), 2, cache_dir=tmp_path, log=lambda m: None)
+    n = calls[0]
+    p2 = augmented_gt_features(fz, blobs, blobs.stems("train"), 2, cache_dir=tmp_path, log=lambda m: None)
+    assert calls[0] == n > 0 and len(p1) == 2
+    assert np.array_equal(p1[1].feats, p2[1].feats) and not np.array_equal(p1[0].feats, p1[1].feats)
+    meta = train_head(blobs, enc, tmp_path / "h.safetensors", cache_dir=tmp_path, stain_augment=2,
+                      config=HeadTrainConfig(epochs=2), window=64, log=lambda m: None)
+    assert meta.train["train_points"] == 3 * len(p1[0]) and meta.train["stain_augment"] == 2

@@ -84,6 +84,19 @@ class PointFeatures:
                       None if probs is None else probs[m], self.mpps[i], None, stem)
 
 
+def concat_features(parts: Sequence[PointFeatures]) -> PointFeatures:
+    """Stack point sets (e.g. plain + augmented passes); stems of later parts get ``#<k>``."""
+    stems, mpps, imgs, off = [], [], [], 0
+    for k, p in enumerate(parts):
+        stems += [s if k == 0 else f"{s}#{k}" for s in p.stems]
+        mpps += list(p.mpps)
+        imgs.append(p.image + off)
+        off += len(p.stems)
+    return PointFeatures(np.concatenate([p.feats for p in parts]), np.concatenate([p.labels for p in parts]),
+                         np.concatenate(imgs).astype(np.int32), np.concatenate([p.xy for p in parts]),
+                         np.concatenate([p.scores for p in parts]), stems, mpps)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DENUC_CACHE") or Path.home() / ".cache" / "denuc")
 
@@ -111,12 +124,28 @@ def cache_key(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], point
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32], desc
 
 
+def stain_jitter(image: np.ndarray, rng: np.random.Generator, strength: float = 0.1) -> np.ndarray:
+    """Random stain/brightness variation of an ``(H, W, 3)`` uint8 RGB image.
+
+    Per-channel optical density ``od = -log((I + 1) / 256)`` is scaled by ``U(1 - s, 1 + s)``
+    and shifted by ``U(-s/5, s/5)``, then mapped back to RGB (H&E stain-intensity variation).
+    """
+    od = -np.log((image.astype(np.float32) + 1.0) / 256.0)
+    a = rng.uniform(1 - strength, 1 + strength, 3).astype(np.float32)
+    b = rng.uniform(-strength / 5, strength / 5, 3).astype(np.float32)
+    out = np.exp(-(od * a + b)) * 256.0 - 1.0
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
 def _extract(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], want_gt: bool,
-             detect: DetectFn | None, log: Callable[[str], None]) -> dict[str, PointFeatures]:
+             detect: DetectFn | None, log: Callable[[str], None],
+             transform: Callable[[np.ndarray, int], np.ndarray] | None = None) -> dict[str, PointFeatures]:
     parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]]] = {"gt": [], "det": []}
     t0 = time.perf_counter()
     for i, s in enumerate(stems):
         sample = ds.load(s)
+        if transform is not None:
+            sample.image = transform(sample.image, i)
         fz.set_image(sample.image, sample.mpp)
         sets: dict[str, Nuclei] = {}
         if want_gt:
@@ -170,4 +199,25 @@ def cached_features(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str],
             out[k] = new[k]
     else:
         log(f"using cached point features ({', '.join(str(p) for p in paths.values())})")
+    return out
+
+
+def augmented_gt_features(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], n_aug: int, *,
+                          seed: int = 0, strength: float = 0.1, cache_dir: Path | None = None,
+                          log: Callable[[str], None] = print) -> list[PointFeatures]:
+    """``n_aug`` extra passes of GT features over stain-jittered images (:func:`stain_jitter`),
+    each cached (key adds pass index, seed and strength). Pass ``k`` of image ``i`` uses
+    ``default_rng([seed, k, i])``, so the set is reproducible."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out = []
+    for k in range(n_aug):
+        path = root / "features" / f"{cache_key(fz, ds, stems, f'gt-stain:{k}:{seed}:{strength}')[0]}.npz"
+        if path.is_file():
+            out.append(PointFeatures.load(path))
+            continue
+        log(f"extracting stain-jittered GT features, pass {k + 1}/{n_aug}")
+        feats = _extract(fz, ds, stems, True, None, log, transform=lambda img, i, k=k: stain_jitter(
+            img, np.random.default_rng([seed, k, i]), strength))["gt"]
+        feats.save(path)
+        out.append(feats)
     return out

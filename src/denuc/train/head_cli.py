@@ -32,6 +32,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ft-epochs", type=int, default=3, help="encoder fine-tuning epochs (lora/full)")
     p.add_argument("--ft-lr", type=float, default=1e-4, help="encoder learning rate (lora/full)")
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--stain-augment", type=int, default=0, metavar="N",
+                   help="add N passes of training features over stain-jittered images (cached)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default ~/.cache/denuc or $DENUC_CACHE)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default cpu)")
@@ -47,6 +49,7 @@ def main(args: argparse.Namespace) -> int:
     ft = {"epochs": args.ft_epochs, "lr": args.ft_lr, "lora_rank": args.lora_rank}
     train_head(args.data, args.encoder, args.out, weights=args.weights, detector=args.detector,
                use_detector=args.select_with_detector, mode=args.mode, mpp=args.mpp, window=args.window,
-               stride=args.stride, align=args.align, config=cfg, finetune=ft, cache_dir=args.cache_dir,
+               stride=args.stride, align=args.align, config=cfg, finetune=ft, stain_augment=args.stain_augment,
+               cache_dir=args.cache_dir,
                device=args.device, offline=True if args.offline else None)
     return 0

@@ -22,7 +22,7 @@ from denuc.data.base import PointDataset, open_dataset
 from denuc.encode.encoder import Encoder, build_encoder
 from denuc.errors import InputError
 from denuc.query.predictor import PointFeaturizer
-from denuc.train.features import DetectFn, cached_features
+from denuc.train.features import DetectFn, augmented_gt_features, cached_features, concat_features
 from denuc.train.head import HeadTrainConfig, Scorer, det_scorer, fit_head, gt_scorer, split_train_val
 
 
@@ -69,6 +69,7 @@ def train_head(
     align: str = "center",
     config: HeadTrainConfig | None = None,
     finetune: dict[str, Any] | None = None,
+    stain_augment: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
     device: str | None = None,
     offline: bool | None = None,
@@ -84,6 +85,8 @@ def train_head(
         mode: ``linear``, ``mlp``, ``lora`` (ViT encoders only) or ``full``.
         mpp, window, stride, align: point-query geometry (defaults: the encoder's).
         config: head optimisation settings; ``finetune``: settings of lora/full training.
+        stain_augment: extra passes of training features over stain-jittered images
+            (:func:`~denuc.train.features.stain_jitter`), cached like the plain pass.
     """
     if mode not in HEAD_MODES:
         raise InputError(f"unknown head mode {mode!r}; known: {list(HEAD_MODES)}")
@@ -106,6 +109,9 @@ def train_head(
         detect, det_id = load_detector(detector, device)
     t0 = time.perf_counter()
     tr = cached_features(fz, ds, train, cache_dir=cdir, log=log)["gt"]
+    if stain_augment:
+        tr = concat_features([tr, *augmented_gt_features(fz, ds, train, stain_augment, seed=cfg.seed,
+                                                         cache_dir=cdir, log=log)])
     scorer, select_desc, _ = make_scorer(fz, ds, val, len(ds.classes), detect=detect, detector_id=det_id,
                                          cache_dir=cdir, log=log)
     t_feat = time.perf_counter() - t0
@@ -131,6 +137,7 @@ def train_head(
         val_scores={"selection": select_desc, **scores},
         train={**asdict(cfg), "dataset": str(ds.root), "train_images": len(train), "val_images": len(val),
                "val_carved": carved, "val_stems": val if carved else [], "train_points": len(tr),
+               "stain_augment": stain_augment,
                "detector": det_id, "feature_seconds": round(t_feat, 1), "train_seconds": round(t_train, 1),
                **({"finetune": finetune or {}} if mode in ("lora", "full") else {})},
         encoder_hash=enc_hash,
