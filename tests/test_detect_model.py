@@ -174,3 +174,16 @@ def test_checkpoint_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError):
         load_detector(bad)
+
+
+def test_length_scale_scales_the_offset_loss_quadratically() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    t = [{"points": torch.tensor([[12.0 + 1.0, 20.0 + 0.5]]), "labels": torch.tensor([0])}]  # near anchor (12, 20)
+    losses = []
+    for ls in (1.0, 2.0):
+        torch.manual_seed(1)
+        model = build_detector(tiny_config(length_scale=ls)).train()
+        losses.append(model(x, t)["loss_offset"].item())
+    assert losses[0] == pytest.approx(5e-3 * 1.25, rel=1e-4)
+    assert losses[1] == pytest.approx(4 * losses[0], rel=1e-4)
