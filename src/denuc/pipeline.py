@@ -69,6 +69,15 @@ def apply_encoder_tensors(enc: Encoder, tensors: dict[str, torch.Tensor], meta: 
     enc.freeze()
 
 
+def auto_device() -> torch.device:
+    """cuda, then mps, then cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 class DeNuC:
     """Detector + frozen encoder + head. Call it on an image to get classified nuclei.
 
@@ -105,15 +114,16 @@ class DeNuC:
             detector: detector checkpoint, a detector object, or None (the shipped detector).
             encoder: encoder name or built :class:`Encoder` (None = the head's encoder).
             head: head checkpoint (None = the shipped BRCA-M2C head).
-            device: ``cpu``/``cuda``/``mps`` (default cpu).
+            device: ``cpu``/``cuda``/``mps`` (default: cuda, then mps, then cpu).
             weights: encoder weights source when building by name (default: the encoder's own).
         """
+        device = device if device is not None else auto_device()
         head_path = Path(head) if head is not None else DEFAULT_HEAD
         if head is None and not head_path.is_file():
             raise ModelError(f"no shipped head at {head_path}; pass head=<checkpoint>")
         h, meta, enc_tensors = load_head(head_path)
         if isinstance(encoder, Encoder):
-            enc = encoder.to(device or "cpu")
+            enc = encoder.to(device)
         else:
             name = encoder or meta.encoder
             if name != meta.encoder:
@@ -125,7 +135,7 @@ class DeNuC:
         if detector is None or isinstance(detector, (str, os.PathLike)):
             from denuc.detect.api import Detector
 
-            det: PointDetector = Detector.load(detector, device=device) if device else Detector.load(detector)
+            det: PointDetector = Detector.load(detector, device=device)
         else:
             det = detector
         return cls(det, enc, h, meta)

@@ -99,7 +99,7 @@ def finetune_encoder(fz: PointFeaturizer, ds: PointDataset, train: list[str], he
     weight = class_weight_tensor(np.concatenate([ds.points(s).class_ids for s in train]), len(ds.classes),
                                  hcfg.class_weights)
     rng = np.random.default_rng(hcfg.seed)
-    best = (start_scores.get("select", -1.0), {**start_scores, "epoch": 0, "finetune_epoch": 0},
+    best = (start_scores.get("select", -1.0), {**start_scores, "finetune_epoch": 0},
             copy.deepcopy(head.state_dict()), None)
     t0 = time.perf_counter()
     for ep in range(1, fcfg.epochs + 1):
