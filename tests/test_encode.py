@@ -109,3 +109,20 @@ def test_efficientnet_lite0_dense_map() -> None:
     out = enc(torch.zeros(1, 3, 64, 64))
     assert out.shape == (1, 40 + 112 + 320, 8, 8) and enc.stride == 8 and enc.dim == 472
     assert len(enc.weights_hash) == 64
+
+
+def test_phikon_family_loads_a_local_transformers_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "phikon"
+    try:
+        from transformers import ViTConfig, ViTModel
+    except ImportError:
+        folder.mkdir()
+        save_file({"x": torch.zeros(1)}, str(folder / "model.safetensors"))
+        with pytest.raises(ModelError, match="pip install transformers"):
+            build_encoder("phikon-v2", weights=folder)
+        return
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                    image_size=64, patch_size=16)
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(folder)
+    enc = build_encoder("phikon-v2", weights=folder)
+    assert enc(torch.randn(2, 3, 64, 64)).shape == (2, 32, 4, 4)

@@ -1,30 +1,27 @@
-"""`denuc predict` with no model arguments: the shipped detector + head on the bundled sample."""
+"""The shipped detector + head with no model arguments, on a crop of the bundled sample."""
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import pytest
 
-from denuc.core.result import Nuclei
+from denuc.data.image import read_image
 from denuc.pipeline import DEFAULT_HEAD
 
 ASSETS = DEFAULT_HEAD.parent
-SAMPLE = ASSETS / "sample"
+SAMPLE = ASSETS / "sample" / "brca-m2c-sample.png"
 
 
 @pytest.mark.skipif(not (DEFAULT_HEAD.is_file() and (ASSETS / "detector.safetensors").is_file()),
                     reason="shipped head/detector not in src/denuc/assets")
-def test_predict_with_shipped_models(tmp_path: Path) -> None:
-    from denuc import pipeline_cli
+def test_shipped_models_classify_the_sample() -> None:
+    from denuc import DeNuC
     from denuc.classify.head import read_meta
 
-    p = argparse.ArgumentParser()
-    pipeline_cli.configure(p)
-    assert pipeline_cli.main(p.parse_args([str(SAMPLE), "--mpp", "0.5", "--out", str(tmp_path)])) == 0
+    model = DeNuC.load(device="cpu")
     meta = read_meta(DEFAULT_HEAD)
-    csv = tmp_path / "brca-m2c-sample.csv"
-    assert csv.read_text().splitlines()[0] == "x,y,class,score," + ",".join(f"prob_{c}" for c in meta.classes)
-    n = Nuclei.read_csv(csv, class_names=meta.classes)
-    assert len(n) > 50 and len(set(n.class_ids.tolist())) >= 2
+    assert model.encoder.name == meta.encoder == "efficientnet-lite0"
+    out = model(read_image(SAMPLE)[:200, :200], mpp=0.5)
+    assert out.class_names == tuple(meta.classes) and len(out) > 10
+    assert out.probs is not None and out.probs.shape == (len(out), len(meta.classes))
+    assert (out.xy >= 0).all() and (out.xy < 200).all()
+    assert set(out.meta["speed"]) == {"detect", "encode", "classify"}
