@@ -117,3 +117,18 @@ def test_predict_cli_writes_csv_resumes_and_survives_bad_files(trained, tmp_path
     assert (out / "ok.csv").is_file() and not (out / "broken.csv").exists()
     with pytest.raises(ResolutionError):
         _predict([str(SAMPLE), "--out", str(out), "--head", str(head), "--overwrite"])
+
+
+def test_no_detections_gives_empty_result_with_prob_columns(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, head = trained
+
+    class Nothing:
+        def detect(self, image: np.ndarray, mpp: float) -> Nuclei:
+            return Nuclei.empty(("nucleus",), mpp=mpp)
+
+    model = DeNuC.load(detector=Nothing(), encoder="tiny-uni", head=head, weights="random")
+    out = model(np.full((50, 60, 3), 200, np.uint8), mpp=0.25)
+    assert len(out) == 0 and out.probs is not None and out.probs.shape == (0, 2)
+    assert out.meta["windows_encoded"] == 0  # no point, no encoder pass
+    out.to_csv(tmp_path / "e.csv")
+    assert (tmp_path / "e.csv").read_text().splitlines()[0] == "x,y,class,score,prob_dark,prob_light"
