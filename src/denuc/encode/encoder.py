@@ -109,7 +109,7 @@ LITE0_TAPS: dict[str, tuple[int, int, int]] = {"s8": (2, 40, 8), "s16": (4, 112,
                                                "head": (6, 1280, 32)}
 #: Default dense map of ``efficientnet-lite0``: stages at strides 8, 16 and 32 (472 channels) on the
 #: stride-8 grid. Chosen on BRCA-M2C val (linear head, GT points, macro-F1, 30 epochs;
-#: ``runs/tap_study.py``): at 0.25 µm/px s8 .692, s16 .747, s32 .732, head .701, s16+s32 .787,
+#: ``benchmarks/classifier_val_ablations.py``): at 0.25 µm/px s8 .692, s16 .747, s32 .732, head .701, s16+s32 .787,
 #: **s8+s16+s32 .798**, s16+s32+head .778, all four .792; at 0.5 µm/px the same order
 #: (s8+s16+s32 .769 best, all four .764), so 0.25 µm/px and s8+s16+s32.
 LITE0_DEFAULT_TAPS = ("s8", "s16", "s32")
