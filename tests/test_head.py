@@ -133,3 +133,29 @@ def test_stain_augmented_passes_are_cached_and_reproducible(blobs, tmp_path: Pat
     meta = train_head(blobs, enc, tmp_path / "h.safetensors", cache_dir=tmp_path, stain_augment=2,
                       config=HeadTrainConfig(epochs=2), window=64, log=lambda m: None)
     assert meta.train["train_points"] == 3 * len(p1[0]) and meta.train["stain_augment"] == 2
+
+
+def test_generic_dataset_without_val_and_with_unclassified_points(blobs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The generic layout (dataset.yaml + images + CSV points) via open_dataset, no val split."""
+    import shutil
+
+    import yaml
+
+    root = tmp_path / "generic"
+    (root / "images").mkdir(parents=True)
+    (root / "points").mkdir()
+    for i, s in enumerate(blobs.stems()):
+        shutil.copy(blobs.image_path(s), root / "images" / f"{s}.png")
+        pts = blobs.points(s)
+        names = [blobs.classes[c] for c in pts.class_ids]
+        if i == 0:
+            names[0] = ""  # a nucleus of unknown class
+        rows = ["x,y,class"] + [f"{x},{y},{c}" for (x, y), c in zip(pts.xy, names)]
+        (root / "points" / f"{s}.csv").write_text("\n".join(rows) + "\n")
+    (root / "dataset.yaml").write_text(yaml.safe_dump({"mpp": 0.25, "classes": list(blobs.classes),
+                                                      "splits": {"train": blobs.stems()}}))
+    logs: list[str] = []
+    meta = train_head(root, build_encoder("tiny-uni", weights="random"), tmp_path / "g.safetensors",
+                      cache_dir=tmp_path / "c", config=HeadTrainConfig(epochs=3), window=64, log=logs.append)
+    assert meta.train["val_carved"] and meta.train["val_stems"]
+    assert any("carved" in m for m in logs) and any("without a class" in m for m in logs)

@@ -146,6 +146,8 @@ def get_spec(name: str) -> EncoderSpec:
     """The spec of a registered encoder name or of ``timm:<arch>``; unknown names list the known ones."""
     if name.startswith("timm:"):
         return timm_spec(name[5:])
+    if name not in ENCODERS:
+        raise ModelError(f"unknown encoder {name!r}; known: {', '.join(known_encoders())}")
     return _resolve_swiglu(ENCODERS.get(name))
 
 

@@ -99,10 +99,15 @@ def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> tuple[float, li
 def gt_scorer(val: PointFeatures, n_classes: int) -> Scorer:
     """Selection by macro-F1 of classifying val ground-truth points."""
 
+    known = val.labels >= 0
+    feats, labels = val.feats[known], val.labels[known]
+    if not len(labels):
+        raise InputError("the validation images have no labelled points with a class")
+
     def score(head: PointHead) -> dict[str, float]:
-        pred = predict_probs(head, val.feats).argmax(1)
-        mf1, _ = macro_f1(val.labels, pred, n_classes)
-        return {"select": mf1, "macro_f1": mf1, "accuracy": float(np.mean(pred == val.labels))}
+        pred = predict_probs(head, feats).argmax(1)
+        mf1, _ = macro_f1(labels, pred, n_classes)
+        return {"select": mf1, "macro_f1": mf1, "accuracy": float(np.mean(pred == labels))}
 
     return score
 
@@ -140,8 +145,13 @@ def fit_head(train: PointFeatures, n_classes: int, cfg: HeadTrainConfig, scorer:
     Returns:
         the selected head (eval mode) and its val metrics (``{}`` without a scorer: last epoch).
     """
+    keep = train.labels >= 0  # points of unknown class (id -1) cannot teach a class
+    if not keep.all():
+        log(f"  ignoring {int((~keep).sum())} training point(s) without a class")
+        train = PointFeatures(train.feats[keep], train.labels[keep], train.image[keep], train.xy[keep],
+                              train.scores[keep], train.stems, train.mpps)
     if len(train) == 0:
-        raise InputError("no training points")
+        raise InputError("no training points with a class")
     torch.manual_seed(cfg.seed)
     x = torch.from_numpy(train.feats.astype(np.float32))
     y = torch.from_numpy(train.labels)

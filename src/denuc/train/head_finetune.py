@@ -96,8 +96,8 @@ def finetune_encoder(fz: PointFeaturizer, ds: PointDataset, train: list[str], he
     opt = torch.optim.AdamW([{"params": params, "lr": fcfg.lr},
                              {"params": list(head.net.parameters()), "lr": fcfg.head_lr}],
                             weight_decay=fcfg.weight_decay)
-    weight = class_weight_tensor(np.concatenate([ds.points(s).class_ids for s in train]), len(ds.classes),
-                                 hcfg.class_weights)
+    all_ids = np.concatenate([ds.points(s).class_ids for s in train])
+    weight = class_weight_tensor(all_ids[all_ids >= 0], len(ds.classes), hcfg.class_weights)
     rng = np.random.default_rng(hcfg.seed)
     best = (start_scores.get("select", -1.0), {**start_scores, "finetune_epoch": 0},
             copy.deepcopy(head.state_dict()), None)
@@ -108,7 +108,7 @@ def finetune_encoder(fz: PointFeaturizer, ds: PointDataset, train: list[str], he
         total, count = 0.0, 0
         for s in stems:
             sample = ds.load(s)
-            if not len(sample.points):
+            if not (sample.points.class_ids >= 0).any():
                 continue
             fz.set_image(sample.image, sample.mpp)
             groups = fz.group_points(sample.points.xy)
@@ -118,12 +118,14 @@ def finetune_encoder(fz: PointFeaturizer, ds: PointDataset, train: list[str], he
                 maps = enc(fz.prepare(torch.stack([fz.crop(k) for k, _, _ in chunk])))
                 feats = torch.cat([fz.sample(m, local) for m, (_, _, local) in zip(maps, chunk)])
                 y = torch.cat([labels[torch.from_numpy(sel)] for _, sel, _ in chunk])
-                loss = F.cross_entropy(head(feats.float()), y, weight=weight)
+                if not (y >= 0).any():
+                    continue
+                loss = F.cross_entropy(head(feats.float()), y, weight=weight, ignore_index=-1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss.detach()) * len(y)
-                count += len(y)
+                total += float(loss.detach()) * int((y >= 0).sum())
+                count += int((y >= 0).sum())
         head.eval()
         m = make_val_scorer()(head)
         log(f"  finetune epoch {ep}/{fcfg.epochs} loss {total / max(count, 1):.4f} val {m['select']:.4f} "
