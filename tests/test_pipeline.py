@@ -117,6 +117,11 @@ def test_predict_cli_writes_csv_resumes_and_survives_bad_files(trained, tmp_path
     assert (out / "ok.csv").is_file() and not (out / "broken.csv").exists()
     with pytest.raises(ResolutionError):
         _predict([str(SAMPLE), "--out", str(out), "--head", str(head), "--overwrite"])
+    assert _predict([str(SAMPLE), "--out", str(out), "--mpp", "0.5", "--head", str(head), "--format", "geojson"]) == 0
+    import json
+
+    gj = json.loads((out / "brca-m2c-sample.geojson").read_text())
+    assert len(gj["features"]) == len(n) and gj["features"][0]["properties"]["objectType"] == "detection"
 
 
 def test_no_detections_gives_empty_result_with_prob_columns(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

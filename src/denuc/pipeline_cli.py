@@ -9,6 +9,9 @@ from pathlib import Path
 
 HELP = "detect and classify nuclei in images (files or folders) -> <stem>.csv with x,y,class,score,prob_*"
 
+#: output format -> file suffix (``<stem><suffix>`` in --out).
+FORMATS = {"csv": ".csv", "geojson": ".geojson"}
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders of images")
@@ -18,7 +21,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", default=None, help="encoder name (default: the head's encoder)")
     p.add_argument("--weights", default=None, help="encoder weights file/folder/hf-hub:repo (default: the encoder's)")
     p.add_argument("--head", default=None, help="head checkpoint (default: the shipped BRCA-M2C head)")
-    p.add_argument("--format", choices=("csv",), default="csv", help="output format")
+    p.add_argument("--format", choices=tuple(FORMATS), default="csv",
+                   help="csv (x,y,class,score,prob_*; what `denuc evaluate` reads) or geojson (QuPath detections)")
     p.add_argument("--overwrite", action="store_true", help="redo images whose output already exists")
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default cpu)")
     p.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
@@ -48,7 +52,7 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     seen: dict[str, Path] = {}
     for f in files:
         if f.stem in seen and seen[f.stem] != f:
-            raise InputError(f"{seen[f.stem]} and {f} would both write {f.stem}.csv; rename one")
+            raise InputError(f"{seen[f.stem]} and {f} would both write outputs named {f.stem}; rename one")
         seen[f.stem] = f
     return list(seen.values())
 
@@ -61,7 +65,8 @@ def main(args: argparse.Namespace) -> int:
     mpp = check_mpp(args.mpp, "--mpp")
     files = collect_inputs(args.inputs)
     out = Path(args.out)
-    todo = [f for f in files if args.overwrite or not (out / f"{f.stem}.{args.format}").is_file()]
+    suffix = FORMATS[args.format]
+    todo = [f for f in files if args.overwrite or not (out / f"{f.stem}{suffix}").is_file()]
     if len(todo) < len(files):
         print(f"skipping {len(files) - len(todo)} image(s) already done in {out} (use --overwrite to redo)")
     if not todo:
@@ -73,7 +78,12 @@ def main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         try:
             nuclei = model(f, mpp)
-            nuclei.to_csv(out / f"{f.stem}.csv")
+            if args.format == "geojson":
+                from denuc.export.geojson import write_geojson
+
+                write_geojson(nuclei, out / f"{f.stem}{suffix}", model.meta.colors)
+            else:
+                nuclei.to_csv(out / f"{f.stem}{suffix}")
         except DenucError as e:
             failed += 1
             print(f"denuc predict: {f}: error: {e}", file=sys.stderr)
