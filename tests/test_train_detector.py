@@ -75,6 +75,17 @@ def test_train_writes_self_describing_checkpoints_and_resume_is_exact(tmp_path: 
     for k, v in sa["model"].items():
         assert torch.equal(v, sb["model"][k]), k
 
+    # fine-tuning start: --init copies a checkpoint's weights (here checked before any step)
+    from denuc.detect.checkpoint import load_detector
+
+    init = tmp_path / "a" / "best.safetensors"
+    train(_cfg(ds, tmp_path / "c", epochs=1, init=str(init), lr=0.0, min_lr=0.0), log=lambda s: None)
+    ref, _ = load_detector(init)
+    got = torch.load(tmp_path / "c" / "state.pt", weights_only=True)["model"]
+    for k, v in ref.state_dict().items():
+        if "running" not in k and "num_batches" not in k:  # BN statistics still move at lr 0
+            assert torch.equal(v, got[k]), k
+
 
 def test_cli_yaml_then_flags_and_class_aware_training(tmp_path: Path) -> None:
     ds = write_blob_dataset(tmp_path / "ds", n_train=2, n_val=1)

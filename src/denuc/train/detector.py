@@ -34,7 +34,7 @@ from denuc.detect.windows import MARGIN, STRIDE, WINDOW, RawDetections, detect_i
 from denuc.errors import InputError
 from denuc.train.augment import AugmentConfig, augment
 
-THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+THRESHOLDS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 
 
 @dataclass
@@ -53,6 +53,7 @@ class TrainConfig:
     loss_ref_mpp: float = 0.0  # >0: matching/offset lengths in px at this mpp (0.25 = the authors' scale)
     classes: bool = False
     pretrained: bool = True
+    init: str = ""  # start from the weights of this detector checkpoint (same architecture)
     epochs: int = 100
     batch_size: int = 16
     lr: float = 1e-3
@@ -210,7 +211,18 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
                           offset_weight=cfg.offset_weight, bg_weight=cfg.bg_weight,
                           length_scale=cfg.mpp / cfg.loss_ref_mpp if cfg.loss_ref_mpp > 0 else 1.0,
                           score_threshold=cfg.score_threshold, nms_radius_px=cfg.nms_radius_um / cfg.mpp)
-    model = build_detector(dcfg, pretrained=cfg.pretrained).to(device)
+    model = build_detector(dcfg, pretrained=cfg.pretrained and not cfg.init)
+    if cfg.init:
+        from safetensors.torch import load_file
+
+        from denuc.errors import ModelError
+
+        try:
+            model.load_state_dict(load_file(cfg.init), strict=True)
+        except (RuntimeError, OSError) as e:
+            raise ModelError(f"{cfg.init}: cannot initialise the detector from it ({e})") from None
+        log(f"initialised from {cfg.init}")
+    model = model.to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)

@@ -27,6 +27,7 @@ _HELPS = {
     "bg_weight": "cross-entropy weight of the background class",
     "classes": "keep the datasets' classes (joint detector-classifier) instead of one 'nucleus' class",
     "pretrained": "load the backbone's ImageNet weights where available (efficientnet-lite0)",
+    "init": "initialise from a detector checkpoint of the same architecture (e.g. to fine-tune at another mpp)",
     "crops_per_epoch": "random crops per image and epoch, in units of ceil(H*W / crop^2)",
     "val_radius_um": "matching radius of the val detection F1 in µm",
     "nms_radius_um": "point NMS radius in µm",
