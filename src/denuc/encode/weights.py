@@ -91,7 +91,7 @@ def _hub_download(repo: str, *, offline: bool, token: str | bool | None) -> Path
             path = Path(hf_hub_download(repo, fname, token=tok, local_files_only=offline))
             try:  # config.json beside the weights (transformers models need it; tiny)
                 hf_hub_download(repo, "config.json", token=tok, local_files_only=offline)
-            except Exception:  # noqa: BLE001 - optional file
+            except Exception:  # noqa: BLE001, S110 - optional file
                 pass
             return path
         except GatedRepoError:  # subclass of RepositoryNotFoundError: must come first
@@ -173,7 +173,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, wrong format
+    except Exception as e:  # noqa: BLE001 - corrupt file, wrong format
         raise ModelError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]

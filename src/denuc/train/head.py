@@ -56,7 +56,7 @@ def split_train_val(ds: PointDataset, seed: int = 0, fraction: float = 0.1,
         raise InputError(f"{ds.root}: need at least 2 training images to carve a validation split")
     order = sorted(train)
     perm = np.random.default_rng(seed).permutation(len(order))
-    n_val = max(1, int(round(fraction * len(order))))
+    n_val = max(1, round(fraction * len(order)))
     val = sorted(order[i] for i in perm[:n_val])
     train = [s for s in train if s not in set(val)]
     log(f"{ds.root}: no val split; carved {len(val)} of {len(order)} train images as val "
