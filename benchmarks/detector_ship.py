@@ -1,0 +1,39 @@
+"""Copy a trained detector checkpoint to ``src/denuc/assets/detector.safetensors`` (the
+shipped default), optionally with the score threshold re-chosen on val by
+``detector_brca.py --retune`` (read from its result JSON).
+
+    python benchmarks/detector_ship.py runs/X/best.safetensors [--result benchmarks/results/detector_brca_X.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from denuc.detect.api import default_detector_path
+from denuc.detect.checkpoint import load_detector, save_detector
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--result", type=Path, default=None, help="detector_brca JSON whose val-chosen threshold to use")
+    args = ap.parse_args()
+    model, meta = load_detector(args.checkpoint)
+    if args.result is not None:
+        res = json.loads(args.result.read_text())
+        model.config.score_threshold = float(res["score_threshold"])
+        meta["val_threshold"] = float(res["score_threshold"])
+        meta["val_f1"] = res["f1"]["val"]["f1"]
+        meta["benchmark"] = {k: res[k] for k in ("name", "command", "threshold_retuned_on_val") if k in res}
+    meta["source_checkpoint"] = str(args.checkpoint)
+    meta = {k: v for k, v in meta.items() if k not in ("format", "version", "config")}
+    dst = default_detector_path()
+    save_detector(dst, model, meta)
+    print(f"shipped {args.checkpoint} -> {dst} (threshold {model.config.score_threshold}, "
+          f"{dst.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
