@@ -11,6 +11,7 @@ Prints a table and writes ``benchmarks/results/detector_speed.json``.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from pathlib import Path
@@ -61,7 +62,7 @@ def main() -> None:
     result = {
         "detector": str(args.detector or "shipped default"), "backbone": cfg["backbone"],
         "model_mpp": det.mpp, "input_mpp": args.mpp, "images": len(imgs), "source": source,
-        "input_megapixels": round(mpx, 3), "cpu": f"{platform.machine()} {platform.processor() or ''}".strip()
+        "input_megapixels": round(mpx, 3), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()], "cpu": f"{platform.machine()} {platform.processor() or ''}".strip()
         + " (2 logical cores, shared with other jobs)", "rows": rows,
         "command": "python benchmarks/detector_speed.py",
     }
