@@ -26,7 +26,7 @@ def resample(img: np.ndarray, factor: float) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+    t = torch.from_numpy(np.require(img, requirements=("C", "W"))).permute(2, 0, 1)[None].float()
     out = F.interpolate(t, scale_factor=factor, mode="bilinear", align_corners=False,
                         recompute_scale_factor=False, antialias=factor < 1)
     return out[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
