@@ -74,6 +74,10 @@ def main() -> None:
     meta = det.config
     log = [json.loads(x) for x in (args.run / "log.jsonl").read_text().splitlines()]
     train_s = float(sum(r["train_s"] for r in log))
+    init = meta["train"].get("init") or ""
+    init_log = Path(init).parent / "log.jsonl" if init else None
+    init_s = float(sum(json.loads(x)["train_s"] for x in init_log.read_text().splitlines())) \
+        if init_log is not None and init_log.is_file() else 0.0
     ds = open_dataset(root)
     t0 = time.time()
     grid = [round(0.1 + 0.025 * i, 3) for i in range(25)] if args.retune else [det.threshold]
@@ -100,7 +104,8 @@ def main() -> None:
         "score_threshold": thr, "checkpoint_threshold": cfg["score_threshold"],
         "threshold_retuned_on_val": bool(args.retune), "nms_radius_um": meta["nms_radius_um"],
         "pretrained": meta["train"]["pretrained"],
-        "cpu_train_s": round(train_s, 1), "cpu_infer_val_test_s": round(infer_s, 1),
+        "cpu_train_s": round(train_s, 1), "init_from": init or None,
+        "cpu_train_s_including_init_run": round(train_s + init_s, 1), "cpu_infer_val_test_s": round(infer_s, 1),
         "cpu": f"{platform.machine()}, shared 2-core CPU, 1 torch thread",
         "f1": rows,
         "reference": {"mcspatnet_test_f1": 0.854, "paper_denuc_f1": 0.8752},
