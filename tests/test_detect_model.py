@@ -187,3 +187,31 @@ def test_length_scale_scales_the_offset_loss_quadratically() -> None:
         losses.append(model(x, t)["loss_offset"].item())
     assert losses[0] == pytest.approx(5e-3 * 1.25, rel=1e-4)
     assert losses[1] == pytest.approx(4 * losses[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["shufflenetv2_0.5x", "shufflenetv2_1.0x", "shufflenetv2_1.5x",
+                                  "shufflenetv2_2.0x", "resnet50"])
+def test_backbones_give_strides_8_16_32_and_leaky_relu(name: str) -> None:
+    from denuc.detect.backbones import BACKBONES
+
+    bb = BACKBONES.get(name)().eval()
+    with torch.no_grad():
+        feats = bb(torch.zeros(1, 3, 64, 64))
+    assert [f.shape[-1] for f in feats] == [8, 4, 2]
+    assert tuple(f.shape[1] for f in feats) == tuple(bb.out_channels)
+    if name.startswith("shufflenet"):
+        acts = [m for m in bb.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.LeakyReLU))]
+        assert acts and all(isinstance(m, torch.nn.LeakyReLU) and m.negative_slope == 0.1 for m in acts)
+
+
+def test_shufflenet_loads_torchvision_format_weights(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torchvision
+
+    from denuc.detect.backbones import BACKBONES
+
+    ref = torchvision.models.shufflenet_v2_x0_5(weights=None)
+    torch.nn.init.normal_(ref.conv1[0].weight)
+    torch.save(ref.state_dict(), tmp_path / "tv.pth")
+    bb = BACKBONES.get("shufflenetv2_0.5x")(pretrained_path=str(tmp_path / "tv.pth"))
+    assert torch.equal(bb.conv1[0].weight, ref.conv1[0].weight)
+    assert torch.equal(bb.stage4[0].branch1[0].weight, ref.stage4[0].branch1[0].weight)
