@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from denuc.classify.head import read_meta
-from denuc.core.result import Nuclei, _atomic_write_text
+from denuc.core.files import atomic_write_text
+from denuc.core.result import Nuclei
 from denuc.data import open_dataset
 from denuc.data.paths import brca_m2c_dir
 from denuc.encode.encoder import LITE0_DEFAULT_TAPS
@@ -149,7 +150,7 @@ def main() -> int:
            "python": platform.python_version(), "torch": torch.__version__, "cpu_threads": 1,
            "detector": args.detector or "shipped default", "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(args.out, json.dumps(out, indent=2))
+    atomic_write_text(args.out, json.dumps(out, indent=2))
     print(f"wrote {args.out}")
     return 0
 

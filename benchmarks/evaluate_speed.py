@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from denuc.core.result import _atomic_write_text
+from denuc.core.files import atomic_write_text
 from denuc.evaluate.matching import PROTOCOLS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def main() -> int:
            "command": "python benchmarks/evaluate_speed.py", "machine": platform.machine(),
            "cpu_count": os.cpu_count(), "python": platform.python_version(), "results": rows,
            "note": "matcher calls only, single process; the CPU was shared with other jobs"}
-    _atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

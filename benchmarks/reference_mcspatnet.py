@@ -19,7 +19,7 @@ import platform
 import time
 from pathlib import Path
 
-from denuc.core.result import _atomic_write_text
+from denuc.core.files import atomic_write_text
 from denuc.data.paths import brca_m2c_dir
 from denuc.evaluate import evaluate
 from denuc.evaluate.predictions import convert_yxc_predictions
@@ -60,7 +60,7 @@ def main() -> int:
     out = {"benchmark": "reference_mcspatnet", "split": "test", "data": str(src),
            "command": "python benchmarks/reference_mcspatnet.py", "python": platform.python_version(),
            "seconds": elapsed, "results": rows}
-    _atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from denuc.core.files import atomic_target
 from denuc.errors import ModelError
 
 HEAD_MODES = ("linear", "mlp", "lora", "full")
@@ -98,10 +99,8 @@ def save_head(path: str | os.PathLike[str], head: PointHead, meta: HeadMeta,
     for k, v in (encoder_tensors or {}).items():
         tensors[f"encoder.{k}"] = v.detach().cpu().contiguous()
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={"denuc": json.dumps(asdict(meta))})
-    os.replace(tmp, p)
+    with atomic_target(p) as tmp:
+        save_file(tensors, str(tmp), metadata={"denuc": json.dumps(asdict(meta))})
     return p
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -74,3 +76,22 @@ def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], link: 
     finally:
         tmp.unlink(missing_ok=True)
     return how
+
+
+@contextmanager
+def atomic_target(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
+
+    For writers that insist on writing a named file themselves (``np.savez``,
+    ``safetensors.torch.save_file``). ``suffix`` is appended to the temporary name for
+    writers that add one (``np.savez`` adds ``.npz``). On error the temporary file is removed
+    and ``path`` is left as it was.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)

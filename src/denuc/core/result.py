@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from denuc.core.files import atomic_target, atomic_write_text
 from denuc.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -291,7 +292,7 @@ class Nuclei:
         df = self.to_pandas()
         if "class" not in df.columns:
             df.insert(2, "class", [""] * len(df))
-        return _atomic_write_text(Path(path), df.to_csv(index=False))
+        return atomic_write_text(Path(path), df.to_csv(index=False))
 
     @classmethod
     def read_csv(
@@ -326,9 +327,8 @@ class Nuclei:
             "image_size": list(self.image_size) if self.image_size else None,
             "name": self.name,
         }
-        tmp = p.with_name(p.name + ".tmp.npz")
-        np.savez(tmp, header=np.array(json.dumps(header)), **arrays)
-        os.replace(tmp, p)
+        with atomic_target(p, suffix=".npz") as tmp:
+            np.savez(tmp, header=np.array(json.dumps(header)), **arrays)
         return p
 
     @classmethod
@@ -344,10 +344,3 @@ class Nuclei:
         return (f"Nuclei(n={len(self)}, classes={list(self.class_names)}, mpp={self.mpp}, "
                 f"scores={'yes' if self.scores is not None else 'no'}, name={self.name!r})")
 
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path

@@ -47,7 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from denuc.core.result import _atomic_write_text
+    from denuc.core.files import atomic_write_text
     from denuc.data.base import open_dataset
     from denuc.evaluate.api import evaluate
 
@@ -61,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(report.table())
     if args.json:
-        out = _atomic_write_text(Path(args.json), json.dumps(report.to_dict(), indent=2) + "\n")
+        out = atomic_write_text(Path(args.json), json.dumps(report.to_dict(), indent=2) + "\n")
         if args.format == "table":
             print(f"wrote {out}")
     return 0

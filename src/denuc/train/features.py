@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from denuc.core.files import atomic_target
 from denuc.core.result import Nuclei
 from denuc.data.base import PointDataset
 from denuc.query.predictor import PointFeaturizer
@@ -54,11 +55,9 @@ class PointFeatures:
         return len(self.labels)
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, feats=self.feats, labels=self.labels, image=self.image, xy=self.xy, scores=self.scores,
-                 stems=np.array(json.dumps(self.stems)), mpps=np.array(self.mpps, dtype=np.float64))
-        os.replace(tmp, path)
+        with atomic_target(path, suffix=".npz") as tmp:
+            np.savez(tmp, feats=self.feats, labels=self.labels, image=self.image, xy=self.xy, scores=self.scores,
+                     stems=np.array(json.dumps(self.stems)), mpps=np.array(self.mpps, dtype=np.float64))
 
     @classmethod
     def load(cls, path: Path) -> PointFeatures:
