@@ -1,0 +1,95 @@
+"""Print the README's BRCA-M2C results table from the JSON files in benchmarks/reported/.
+
+Every number in the README's results section comes from this command; each JSON file
+names the command that produced it. Nothing here is measured: it only collects.
+
+    python benchmarks/summary.py [--reported benchmarks/reported]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+CLASSES = ("lymphocyte", "tumor", "stromal")
+
+
+def _load(folder: Path, name: str) -> dict[str, Any] | None:
+    p = folder / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def _row(name: str, det: float | None, per: dict[str, float | None], mean: float | None, source: str) -> str:
+    cells = [name, _fmt(det), *(_fmt(per.get(c)) for c in CLASSES), _fmt(mean), source]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _shipped_detector_run() -> str | None:
+    """Name of the benchmark JSON that describes the shipped detector (from its metadata)."""
+    try:
+        from denuc.detect.api import default_detector_path
+        from denuc.detect.checkpoint import read_meta
+
+        meta = read_meta(default_detector_path())
+    except Exception:  # noqa: BLE001 - a summary must not fail on a missing optional piece
+        return None
+    return (meta.get("benchmark") or {}).get("name")
+
+
+def rows(folder: Path) -> list[str]:
+    out: list[str] = []
+    ref = _load(folder, "reference_mcspatnet")
+    if ref:
+        for r in ref["results"]:
+            if r.get("radius_px") == 6 and r.get("protocol") in ("mcspatnet", "hungarian"):
+                per = {c: r["classes"][c]["f1"] for c in CLASSES}
+                out.append(_row(f"MCSpatNet published predictions ({r['protocol']} rule)", r["detection"]["f1"],
+                                per, r["mean_f1"], "reference_mcspatnet.json"))
+    det_name = _shipped_detector_run()
+    det = _load(folder, det_name) if det_name else None
+    if det:
+        out.append(_row(f"DeNuC shipped detector ({det['backbone']}, {det['train_mpp']} µm/px)",
+                        det["f1"]["test"]["f1"], {}, None, f"{det_name}.json"))
+    clf = _load(folder, "classifier_brca")
+    if clf:
+        for r in clf["results"]:
+            t = r.get("test") or (r.get("reported") or {}).get("test")
+            if not t:
+                continue
+            if "detection" in t:  # evaluate() report shape
+                det_f1 = t["detection"]["f1"]
+            else:
+                det_f1 = t.get("det_f1")
+            per = {c: t["classes"][c]["f1"] for c in CLASSES if c in t.get("classes", {})}
+            label = {
+                "linear": "DeNuC, efficientnet-lite0 frozen + linear head (shipped)",
+                "mlp": "DeNuC, efficientnet-lite0 frozen + MLP head",
+                "full": "DeNuC, efficientnet-lite0 full fine-tune",
+                "lora": "DeNuC, LoRA",
+                "e2e-joint": "End-to-end joint (one efficientnet-lite0 for both)",
+            }.get(r["mode"], r["mode"])
+            out.append(_row(label, det_f1, per, t["mean_f1"], "classifier_brca.json"))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reported", type=Path, default=HERE / "reported")
+    args = ap.parse_args()
+    print("BRCA-M2C test split (30 images), F1 at 3 µm = 6 px at 0.5 µm/px; denuc protocol unless named")
+    print("| method | det F1 | lymphocyte | tumor | stromal | mean class F1 | JSON |")
+    print("|---|---|---|---|---|---|---|")
+    for line in rows(args.reported):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
