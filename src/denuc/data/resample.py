@@ -7,7 +7,12 @@ The output size is ``floor(size * f)`` (at least 1).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def resample_factor(src_mpp: float, dst_mpp: float) -> float:
@@ -29,4 +34,24 @@ def resample(img: np.ndarray, factor: float) -> np.ndarray:
     t = torch.from_numpy(np.require(img, requirements=("C", "W"))).permute(2, 0, 1)[None].float()
     out = F.interpolate(t, scale_factor=factor, mode="bilinear", align_corners=False,
                         recompute_scale_factor=False, antialias=factor < 1)
+    if out.shape[-2:] == t.shape[-2:]:
+        # torch copies the input when the output size equals the input size, ignoring a
+        # factor that is not exactly 1; sample the exact mapping explicitly instead.
+        out = _scale_by_sampling(t, factor)
     return out[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def _scale_by_sampling(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """Bilinear resampling of ``(1, C, H, W)`` to the same size with ``x_dst = factor * x_src``."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = t.shape[-2:]
+
+    def axis(n: int) -> torch.Tensor:
+        src = (torch.arange(n, dtype=torch.float64) + 0.5) / factor - 0.5  # source pixel centres
+        return ((2 * src + 1) / n - 1).float()  # align_corners=False normalisation
+
+    gy, gx = torch.meshgrid(axis(h), axis(w), indexing="ij")
+    grid = torch.stack([gx, gy], dim=-1)[None]
+    return F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False)

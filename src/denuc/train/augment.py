@@ -113,10 +113,7 @@ def augment(img: np.ndarray, xy: np.ndarray, labels: np.ndarray, cfg: AugmentCon
     """One training sample: ``(crop (S, S, 3) uint8, xy (N, 2) float64 px, labels (N,))``."""
     if rng.random() < cfg.p_scale:
         f = float(np.exp(rng.uniform(np.log(cfg.scale_range[0]), np.log(cfg.scale_range[1]))))
-        scaled = resample(img, f)
-        # torch copies the input when floor(size * f) == size, so such a draw means "no scaling"
-        if scaled.shape != img.shape:
-            img, xy = scaled, xy * f
+        img, xy = resample(img, f), xy * f
     img, xy, labels = random_crop(img, xy, labels, cfg.crop, rng)
     if rng.random() < cfg.p_flip:
         img, xy = hflip(img, xy)
