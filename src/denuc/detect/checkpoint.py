@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from denuc.core.files import atomic_target
 from denuc.detect.model import DetectorConfig, PointDetector
 from denuc.errors import ModelError
 
@@ -31,10 +32,8 @@ def save_detector(path: str | os.PathLike[str], model: PointDetector, meta: dict
 
     info = {"format": FORMAT, "version": __version__, **meta, "config": model.config.to_dict()}
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={META_KEY: json.dumps(info)})
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        save_file(sd, str(tmp), metadata={META_KEY: json.dumps(info)})
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:

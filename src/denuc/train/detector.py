@@ -20,7 +20,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,44 +33,9 @@ from denuc.detect.model import DetectorConfig, PointDetector, build_detector, no
 from denuc.detect.windows import MARGIN, STRIDE, WINDOW, RawDetections, detect_images
 from denuc.errors import InputError
 from denuc.train.augment import AugmentConfig, augment
+from denuc.train.detector_config import TrainConfig
 
 THRESHOLDS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
-
-
-@dataclass
-class TrainConfig:
-    """Every option of ``denuc train-detector`` (YAML keys = these names)."""
-
-    datasets: list[str] = field(default_factory=list)
-    out: str = "runs/detector"
-    mpp: float = 0.5
-    backbone: str = "shufflenetv2_1.0x"
-    neck_width: int = 0
-    head_activation: str = "leaky_relu"
-    matcher: str = "cheapest"
-    offset_weight: float = 5e-3
-    bg_weight: float = 0.5
-    loss_ref_mpp: float = 0.0  # >0: matching/offset lengths in px at this mpp (0.25 = the authors' scale)
-    classes: bool = False
-    pretrained: bool = True
-    init: str = ""  # start from the weights of this detector checkpoint (same architecture)
-    epochs: int = 100
-    batch_size: int = 16
-    lr: float = 1e-3
-    min_lr: float = 1e-6
-    weight_decay: float = 1e-4
-    crop: int = 256
-    crops_per_epoch: float = 1.0  # x ceil(H*W / crop²) crops per image and epoch
-    val_radius_um: float = 3.0
-    nms_radius_um: float = 3.0
-    score_threshold: float = 0.5
-    seed: int = 0
-    device: str | None = None
-    threads: int = 0
-    resume: bool = False
-    max_train_images: int = 0  # 0 = all (for quick experiments)
-    stop_after: int = 0  # stop after this many epochs in this run (0 = run to the end); continue with resume
-    progress: bool = True
 
 
 @dataclass

@@ -39,7 +39,7 @@ _HELPS = {
 
 
 def _fields() -> list[tuple[str, Any, Any]]:
-    from denuc.train.detector import TrainConfig
+    from denuc.train.detector_config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     out = []
@@ -77,7 +77,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
     import yaml
 
     from denuc.errors import InputError
-    from denuc.train.detector import TrainConfig
+    from denuc.train.detector_config import TrainConfig
 
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
