@@ -88,6 +88,13 @@ def main() -> int:
     ap.add_argument("--mpp", type=float, default=None, help="working mpp (default: the encoder's)")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--class-weights", default="none")
+    ap.add_argument("--weight-decay", type=float, default=5e-4)
+    ap.add_argument("--select", choices=("val", "last"), default="val",
+                    help="keep the best val epoch or the last epoch of the schedule (linear/mlp)")
+    ap.add_argument("--stain-space", choices=("od", "hed"), default="od")
+    ap.add_argument("--stain-strength", type=float, default=0.1)
+    ap.add_argument("--recipe-selection", default="epoch chosen on val at detected points",
+                    help="how the linear recipe was chosen (recorded in the JSON)")
     ap.add_argument("--ft-epochs", type=int, default=3)
     ap.add_argument("--stain-augment", type=int, default=0, help="extra stain-jittered feature passes (linear/mlp)")
     ap.add_argument("--ft-lr", type=float, default=1e-4)
@@ -111,9 +118,12 @@ def main() -> int:
         else:
             meta = train_head(data, args.encoder, ckpt, detector=args.detector, use_detector=True, mode=mode,
                               mpp=args.mpp,
-                              config=HeadTrainConfig(epochs=args.epochs, class_weights=args.class_weights),
+                              config=HeadTrainConfig(epochs=args.epochs, class_weights=args.class_weights,
+                                                     weight_decay=args.weight_decay,
+                                                     select=args.select if mode in ("linear", "mlp") else "val"),
                               finetune={"epochs": args.ft_epochs, "lr": args.ft_lr},
-                              stain_augment=args.stain_augment if mode in ("linear", "mlp") else 0)
+                              stain_augment=args.stain_augment if mode in ("linear", "mlp") else 0,
+                              stain_strength=args.stain_strength, stain_space=args.stain_space)
             train_s = time.perf_counter() - t0
         test = score_test(ckpt, args.detector, data)
         print(test.pop("table"))
@@ -148,7 +158,8 @@ def main() -> int:
     out = {"benchmark": "classifier_brca", "split": "test", "protocol": "denuc", "radius_um": 3.0,
            "command": "OMP_NUM_THREADS=1 python benchmarks/classifier_brca.py " + " ".join(sys.argv[1:]),
            "python": platform.python_version(), "torch": torch.__version__, "cpu_threads": 1,
-           "detector": args.detector or "shipped default", "results": rows}
+           "detector": args.detector or "shipped default", "recipe_selection": args.recipe_selection,
+           "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(out, indent=2))
     print(f"wrote {args.out}")

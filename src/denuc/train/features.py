@@ -24,6 +24,7 @@ import numpy as np
 from denuc.core.files import atomic_target
 from denuc.core.result import Nuclei
 from denuc.data.base import PointDataset
+from denuc.errors import InputError
 from denuc.query.predictor import PointFeaturizer
 
 #: ``detect(image (H, W, 3) uint8, mpp) -> Nuclei`` (points in image px).
@@ -123,16 +124,38 @@ def cache_key(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], point
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32], desc
 
 
-def stain_jitter(image: np.ndarray, rng: np.random.Generator, strength: float = 0.1) -> np.ndarray:
+#: Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB) in optical density, unit rows.
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
+_RGB_FROM_HED /= np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+
+#: colour spaces :func:`stain_jitter` can perturb.
+STAIN_SPACES = ("od", "hed")
+
+
+def stain_jitter(image: np.ndarray, rng: np.random.Generator, strength: float = 0.1, space: str = "od") -> np.ndarray:
     """Random stain/brightness variation of an ``(H, W, 3)`` uint8 RGB image.
 
-    Per-channel optical density ``od = -log((I + 1) / 256)`` is scaled by ``U(1 - s, 1 + s)``
-    and shifted by ``U(-s/5, s/5)``, then mapped back to RGB (H&E stain-intensity variation).
+    With optical density ``od = -log((I + 1) / 256)`` per pixel (3-vector):
+
+    * ``space="od"``: each RGB channel of ``od`` is scaled by ``U(1 - s, 1 + s)`` and shifted by
+      ``U(-s/5, s/5)`` (stain-intensity variation, channels independent);
+    * ``space="hed"``: ``od`` is unmixed into haematoxylin/eosin/DAB concentrations
+      (Ruifrok-Johnston vectors), each scaled by ``U(1 - s, 1 + s)`` and shifted by
+      ``U(-s/5, s/5)``, and mixed back (HED jitter after Tellez et al. 2018), so the variation
+      follows the dyes rather than the camera channels.
     """
+    if space not in STAIN_SPACES:
+        raise InputError(f"stain jitter space must be one of {list(STAIN_SPACES)}; got {space!r}")
     od = -np.log((image.astype(np.float32) + 1.0) / 256.0)
     a = rng.uniform(1 - strength, 1 + strength, 3).astype(np.float32)
     b = rng.uniform(-strength / 5, strength / 5, 3).astype(np.float32)
-    out = np.exp(-(od * a + b)) * 256.0 - 1.0
+    if space == "od":
+        od = od * a + b
+    else:
+        conc = od.reshape(-1, 3) @ _HED_FROM_RGB.astype(np.float32)
+        od = ((conc * a + b) @ _RGB_FROM_HED.astype(np.float32)).reshape(od.shape)
+    out = np.exp(-od) * 256.0 - 1.0
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
@@ -202,21 +225,25 @@ def cached_features(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str],
 
 
 def augmented_gt_features(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], n_aug: int, *,
-                          seed: int = 0, strength: float = 0.1, cache_dir: Path | None = None,
+                          seed: int = 0, strength: float = 0.1, space: str = "od", cache_dir: Path | None = None,
                           log: Callable[[str], None] = print) -> list[PointFeatures]:
-    """``n_aug`` extra passes of GT features over stain-jittered images (:func:`stain_jitter`),
-    each cached (key adds pass index, seed and strength). Pass ``k`` of image ``i`` uses
-    ``default_rng([seed, k, i])``, so the set is reproducible."""
+    """``n_aug`` extra passes of GT features over stain-jittered images (:func:`stain_jitter`
+    with ``strength`` and ``space``), each cached (key adds pass index, seed, strength and, for
+    ``space != "od"``, the space). Pass ``k`` of image ``i`` uses ``default_rng([seed, k, i])``,
+    so the set is reproducible."""
+    if space not in STAIN_SPACES:
+        raise InputError(f"stain jitter space must be one of {list(STAIN_SPACES)}; got {space!r}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    tag = "" if space == "od" else f":{space}"
     out = []
     for k in range(n_aug):
-        path = root / "features" / f"{cache_key(fz, ds, stems, f'gt-stain:{k}:{seed}:{strength}')[0]}.npz"
+        path = root / "features" / f"{cache_key(fz, ds, stems, f'gt-stain:{k}:{seed}:{strength}{tag}')[0]}.npz"
         if path.is_file():
             out.append(PointFeatures.load(path))
             continue
-        log(f"extracting stain-jittered GT features, pass {k + 1}/{n_aug}")
+        log(f"extracting stain-jittered ({space}, strength {strength}) GT features, pass {k + 1}/{n_aug}")
         feats = _extract(fz, ds, stems, True, None, log, transform=lambda img, i, k=k: stain_jitter(
-            img, np.random.default_rng([seed, k, i]), strength))["gt"]
+            img, np.random.default_rng([seed, k, i]), strength, space))["gt"]
         feats.save(path)
         out.append(feats)
     return out

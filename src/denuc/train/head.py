@@ -41,6 +41,7 @@ class HeadTrainConfig:
     hidden: int = 0  # 0 = linear head, else MLP width
     dropout: float = 0.0
     seed: int = 0
+    select: str = "val"  # "val": keep the best epoch on val; "last": keep the last epoch (val only reported)
     extra: dict[str, object] = field(default_factory=dict)
 
 

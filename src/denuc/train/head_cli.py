@@ -26,6 +26,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="point sampling geometry: token centres (right) or the authors' align_corners=True")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay of the head")
+    p.add_argument("--select", choices=("val", "last"), default="val",
+                   help="keep the best epoch on val (default) or the last epoch of the fixed schedule "
+                        "(val is then only reported)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--class-weights", choices=("auto", "none"), default="none")
     p.add_argument("--hidden", type=int, default=256, help="MLP width for --mode mlp")
@@ -34,6 +38,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--stain-augment", type=int, default=0, metavar="N",
                    help="add N passes of training features over stain-jittered images (cached)")
+    p.add_argument("--stain-strength", type=float, default=0.1,
+                   help="jitter strength s: stain scale U(1-s, 1+s), shift U(-s/5, s/5) (default 0.1)")
+    p.add_argument("--stain-space", choices=("od", "hed"), default="od",
+                   help="jitter the optical density per RGB channel (od) or per H&E dye after colour "
+                        "deconvolution (hed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default ~/.cache/denuc or $DENUC_CACHE)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default cpu)")
@@ -44,12 +53,14 @@ def main(args: argparse.Namespace) -> int:
     from denuc.train.head import HeadTrainConfig
     from denuc.train.head_run import train_head
 
-    cfg = HeadTrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, class_weights=args.class_weights,
-                          hidden=args.hidden if args.mode == "mlp" else 0, seed=args.seed)
+    cfg = HeadTrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                          class_weights=args.class_weights, hidden=args.hidden if args.mode == "mlp" else 0,
+                          seed=args.seed, select=args.select)
     ft = {"epochs": args.ft_epochs, "lr": args.ft_lr, "lora_rank": args.lora_rank}
     train_head(args.data, args.encoder, args.out, weights=args.weights, detector=args.detector,
                use_detector=args.select_with_detector, mode=args.mode, mpp=args.mpp, window=args.window,
                stride=args.stride, align=args.align, config=cfg, finetune=ft, stain_augment=args.stain_augment,
+               stain_strength=args.stain_strength, stain_space=args.stain_space,
                cache_dir=args.cache_dir,
                device=args.device, offline=True if args.offline else None)
     return 0

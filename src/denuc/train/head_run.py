@@ -70,6 +70,8 @@ def train_head(
     config: HeadTrainConfig | None = None,
     finetune: dict[str, Any] | None = None,
     stain_augment: int = 0,
+    stain_strength: float = 0.1,
+    stain_space: str = "od",
     cache_dir: str | os.PathLike[str] | None = None,
     device: str | None = None,
     offline: bool | None = None,
@@ -86,7 +88,11 @@ def train_head(
         mpp, window, stride, align: point-query geometry (defaults: the encoder's).
         config: head optimisation settings; ``finetune``: settings of lora/full training.
         stain_augment: extra passes of training features over stain-jittered images
-            (:func:`~denuc.train.features.stain_jitter`), cached like the plain pass.
+            (:func:`~denuc.train.features.stain_jitter` with ``stain_strength`` in ``stain_space``,
+            ``od`` or ``hed``), cached like the plain pass.
+
+    ``config.select``: ``val`` keeps the best epoch on val, ``last`` the last epoch of the
+    schedule (val is scored once, for the record).
     """
     if mode not in HEAD_MODES:
         raise InputError(f"unknown head mode {mode!r}; known: {list(HEAD_MODES)}")
@@ -111,13 +117,18 @@ def train_head(
     tr = cached_features(fz, ds, train, cache_dir=cdir, log=log)["gt"]
     if stain_augment:
         tr = concat_features([tr, *augmented_gt_features(fz, ds, train, stain_augment, seed=cfg.seed,
+                                                         strength=stain_strength, space=stain_space,
                                                          cache_dir=cdir, log=log)])
     scorer, select_desc, _ = make_scorer(fz, ds, val, len(ds.classes), detect=detect, detector_id=det_id,
                                          cache_dir=cdir, log=log)
     t_feat = time.perf_counter() - t0
     log(f"training {mode} head on {len(tr)} points of {len(train)} images; selection: {select_desc}")
     t1 = time.perf_counter()
-    head, scores = fit_head(tr, len(ds.classes), cfg, scorer, log=log)
+    if cfg.select not in ("val", "last"):
+        raise InputError(f"epoch selection must be 'val' or 'last'; got {cfg.select!r}")
+    head, scores = fit_head(tr, len(ds.classes), cfg, scorer if cfg.select == "val" else None, log=log)
+    if cfg.select == "last":
+        scores = {"epoch": cfg.epochs, **scorer(head)}
     enc_tensors: dict[str, Any] = {}
     enc_hash = ""
     if mode in ("lora", "full"):
@@ -137,7 +148,7 @@ def train_head(
         val_scores={"selection": select_desc, **scores},
         train={**asdict(cfg), "dataset": str(ds.root), "train_images": len(train), "val_images": len(val),
                "val_carved": carved, "val_stems": val if carved else [], "train_points": len(tr),
-               "stain_augment": stain_augment,
+               "stain_augment": stain_augment, "stain_strength": stain_strength, "stain_space": stain_space,
                "detector": det_id, "feature_seconds": round(t_feat, 1), "train_seconds": round(t_train, 1),
                **({"finetune": finetune or {}} if mode in ("lora", "full") else {})},
         encoder_hash=enc_hash,

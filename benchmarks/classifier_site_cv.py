@@ -1,0 +1,186 @@
+"""Leave-one-site-out CV of linear-head recipes on BRCA-M2C train+val (test never touched).
+
+Train (80) and val (10) images come from three TCGA tissue-source sites (A7, A8, AC); test
+mostly from others, so val (same sites as train) cannot show robustness to a new site's
+staining. Each recipe is trained on two sites and scored by macro-F1 at the GT points of the
+third (:mod:`denuc.train.site_cv`), and also on the official split (train -> val, GT points).
+Features come from the feature cache (efficientnet-lite0, s8+s16+s32, 0.25 µm/px; the
+stain-jittered passes and the 0.5 µm/px all-taps features are extracted on a first run).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/classifier_site_cv.py
+
+Prints a table, writes ``benchmarks/results/classifier_site_cv.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from denuc.core.files import atomic_write_text
+from denuc.data import open_dataset
+from denuc.data.paths import brca_m2c_dir
+from denuc.encode import build_encoder
+from denuc.encode.encoder import LITE0_DEFAULT_TAPS, LITE0_TAPS, EfficientNetLiteEncoder
+from denuc.query import PointFeaturizer
+from denuc.train.features import (
+    PointFeatures,
+    augmented_gt_features,
+    cached_features,
+    concat_features,
+)
+from denuc.train.head import HeadTrainConfig, Scorer, fit_head, macro_f1, predict_probs
+from denuc.train.site_cv import (
+    leave_one_site_out,
+    merge_features,
+    site_groups,
+    summarize,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+#: tap order of the all-taps features cached by ``classifier_val_ablations.py`` (reused here).
+ALL_TAPS = ("s8", "s16", "s32", "head")
+
+
+def all_taps_encoder() -> EfficientNetLiteEncoder:
+    """EfficientNet-Lite0 with every tap (its features are ``ALL_TAPS`` concatenated)."""
+    from denuc.encode.weights import WeightsSource
+
+    b = build_encoder("efficientnet-lite0")
+    return EfficientNetLiteEncoder(b.spec, b.body, WeightsSource(None, b.weights_hash, b.weights_source),
+                                   taps=ALL_TAPS)
+
+
+def default_tap_columns() -> np.ndarray:
+    """Columns of the all-taps features that hold the default taps (s8+s16+s32)."""
+    bounds = dict(zip(ALL_TAPS, np.cumsum([0] + [LITE0_TAPS[t][1] for t in ALL_TAPS])[:-1]))
+    return np.concatenate([bounds[t] + np.arange(LITE0_TAPS[t][1]) for t in LITE0_DEFAULT_TAPS])
+
+
+@dataclass
+class Recipe:
+    """One candidate: head settings plus feature options."""
+
+    name: str
+    cfg: HeadTrainConfig
+    stop_epoch: int = 0  # >0: keep this epoch of the cosine run (what val selection picked for the shipped head)
+    aug: tuple[str, float, int] = ("od", 0.0, 0)  # (space, strength, passes)
+    multiscale: bool = False  # concatenate s8+s16+s32 features at 0.25 and 0.5 µm/px
+    notes: dict[str, object] = field(default_factory=dict)
+
+
+def recipes() -> list[Recipe]:
+    base = HeadTrainConfig()
+    e30 = replace(base, epochs=30)
+    return [
+        Recipe("shipped: 100 ep, val-picked epoch 7", base, stop_epoch=7),
+        Recipe("fixed 10 ep", replace(base, epochs=10)),
+        Recipe("fixed 30 ep", e30),
+        Recipe("fixed 100 ep", base),
+        Recipe("30 ep, wd 5e-3", replace(e30, weight_decay=5e-3)),
+        Recipe("30 ep, wd 5e-2", replace(e30, weight_decay=5e-2)),
+        Recipe("30 ep, lr 1e-3", replace(e30, lr=1e-3)),
+        Recipe("30 ep, class-balanced", replace(e30, class_weights="auto")),
+        Recipe("30 ep, wd 1e-1", replace(e30, weight_decay=1e-1)),
+        Recipe("30 ep, wd 2e-1", replace(e30, weight_decay=2e-1)),
+        Recipe("30 ep, stain od 0.1 x1", e30, aug=("od", 0.1, 1)),
+        Recipe("30 ep, stain hed 0.2 x1", e30, aug=("hed", 0.2, 1)),
+        Recipe("30 ep, wd 5e-2, stain hed 0.2 x1", replace(e30, weight_decay=5e-2), aug=("hed", 0.2, 1)),
+        Recipe("30 ep, wd 5e-2, stain hed 0.2 x2", replace(e30, weight_decay=5e-2), aug=("hed", 0.2, 2)),
+        Recipe("30 ep, wd 1e-1, stain hed 0.2 x2", replace(e30, weight_decay=1e-1), aug=("hed", 0.2, 2)),
+        Recipe("10 ep, wd 5e-2, stain hed 0.2 x2", replace(base, epochs=10, weight_decay=5e-2), aug=("hed", 0.2, 2)),
+        Recipe("30 ep, wd 5e-2, stain od 0.1 x2", replace(e30, weight_decay=5e-2), aug=("od", 0.1, 2)),
+        Recipe("30 ep, wd 5e-2, stain hed 0.4 x1", replace(e30, weight_decay=5e-2), aug=("hed", 0.4, 1)),
+        Recipe("30 ep, wd 5e-2, stain hed 0.4 x2", replace(e30, weight_decay=5e-2), aug=("hed", 0.4, 2)),
+        Recipe("30 ep, wd 1e-1, stain hed 0.4 x2", replace(e30, weight_decay=1e-1), aug=("hed", 0.4, 2)),
+        Recipe("30 ep, wd 5e-2, stain hed 0.6 x1", replace(e30, weight_decay=5e-2), aug=("hed", 0.6, 1)),
+        Recipe("30 ep, multi-scale 0.25+0.5", e30, multiscale=True),
+        Recipe("30 ep, wd 5e-2, multi-scale 0.25+0.5", replace(e30, weight_decay=5e-2), multiscale=True),
+    ]
+
+
+def stop_at(epoch: int) -> Scorer:
+    """A 'scorer' that selects exactly ``epoch`` (1-based) of the run."""
+    seen = {"n": 0}
+
+    def score(head: torch.nn.Module) -> dict[str, float]:
+        seen["n"] += 1
+        return {"select": 1.0 if seen["n"] == epoch else 0.0}
+
+    return score
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", default=None, help="recipe names to run (default all)")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "classifier_site_cv.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    ds = open_dataset(brca_m2c_dir())
+    k = len(ds.classes)
+    train, val = ds.stems("train"), ds.stems("val")
+    fz = PointFeaturizer(build_encoder("efficientnet-lite0"))
+    plain = {sp: cached_features(fz, ds, st)["gt"] for sp, st in (("train", train), ("val", val))}
+
+    def features(r: Recipe) -> tuple[dict[str, PointFeatures], dict[str, list[PointFeatures]]]:
+        if r.multiscale:
+            every, cols = all_taps_encoder(), default_tap_columns()
+            out = {}
+            for sp, st in (("train", train), ("val", val)):
+                a, b = (cached_features(PointFeaturizer(every, mpp=m), ds, st)["gt"] for m in (0.25, 0.5))
+                assert np.array_equal(a.labels, b.labels)
+                out[sp] = replace(a, feats=np.concatenate([a.feats[:, cols], b.feats[:, cols]], 1))
+            return out, {"train": [], "val": []}
+        space, strength, n = r.aug
+        augs = {sp: augmented_gt_features(fz, ds, st, n, strength=strength, space=space) if n else []
+                for sp, st in (("train", train), ("val", val))}
+        return plain, augs
+
+    rows = []
+    todo = [r for r in recipes() if args.only is None or r.name in args.only]
+    for r in todo:
+        t0 = time.perf_counter()
+        f, augs = features(r)
+        pool = merge_features([f["train"], f["val"]])
+        pool_aug = [merge_features([a, b]) for a, b in zip(augs["train"], augs["val"])]
+        mk = (lambda e=r.stop_epoch: stop_at(e)) if r.stop_epoch else None
+        folds = leave_one_site_out(pool, k, r.cfg, aug=pool_aug, make_scorer=mk)
+        head, _ = fit_head(concat_features([f["train"], *augs["train"]]), k, r.cfg, mk() if mk else None,
+                           log=lambda m: None)
+        known = f["val"].labels >= 0
+        vpred = predict_probs(head, f["val"].feats[known]).argmax(1)
+        vf1, _ = macro_f1(f["val"].labels[known], vpred, k)
+        s = summarize(folds)
+        rows.append({"recipe": r.name, "train": asdict(r.cfg), "stop_epoch": r.stop_epoch,
+                     "stain_augment": {"space": r.aug[0], "strength": r.aug[1], "passes": r.aug[2]},
+                     "multiscale": r.multiscale, "site_cv": s, "folds": [asdict(x) for x in folds],
+                     "official_val_macro_f1": vf1, "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"{r.name:36} " + " ".join(f"{x.site}={x.macro_f1:.4f}" for x in folds)
+              + f"  mean {s['mean']:.4f} ± {s['std']:.4f}  val {vf1:.4f}", flush=True)
+    print(f"\nleave-one-site-out macro-F1 at GT points (sites: "
+          f"{ {s: len(v) for s, v in site_groups(train + val).items()} } images)")
+    print(f"{'recipe':36} {'CV mean':>8} {'± std':>7} {'worst':>7} {'val':>7}")
+    for row in rows:
+        c = row["site_cv"]
+        print(f"{row['recipe']:36} {c['mean']:8.4f} {c['std']:7.4f} {c['min']:7.4f} {row['official_val_macro_f1']:7.4f}")
+    out = {"benchmark": "classifier_site_cv", "metric": "macro-F1 at GT points of the held-out TCGA site",
+           "pool": "train+val (90 images)", "sites": {s: len(v) for s, v in site_groups(train + val).items()},
+           "encoder": "efficientnet-lite0", "feature_layers": "+".join(LITE0_DEFAULT_TAPS), "mpp": fz.mpp,
+           "command": "OMP_NUM_THREADS=1 python benchmarks/classifier_site_cv.py " + " ".join(sys.argv[1:]),
+           "python": platform.python_version(), "torch": torch.__version__, "cpu_threads": 1, "results": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
