@@ -122,13 +122,15 @@ def train_head(
     scorer, select_desc, _ = make_scorer(fz, ds, val, len(ds.classes), detect=detect, detector_id=det_id,
                                          cache_dir=cdir, log=log)
     t_feat = time.perf_counter() - t0
-    log(f"training {mode} head on {len(tr)} points of {len(train)} images; selection: {select_desc}")
+    log(f"training {mode} head on {len(tr)} points of {len(train)} images; selection: "
+        f"{select_desc if cfg.select == 'val' else 'last epoch'}")
     t1 = time.perf_counter()
     if cfg.select not in ("val", "last"):
         raise InputError(f"epoch selection must be 'val' or 'last'; got {cfg.select!r}")
     head, scores = fit_head(tr, len(ds.classes), cfg, scorer if cfg.select == "val" else None, log=log)
     if cfg.select == "last":
         scores = {"epoch": cfg.epochs, **scorer(head)}
+        select_desc = f"last epoch of a fixed schedule (not selected); val reported: {select_desc}"
     enc_tensors: dict[str, Any] = {}
     enc_hash = ""
     if mode in ("lora", "full"):
