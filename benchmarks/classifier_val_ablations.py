@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from denuc.core.result import _atomic_write_text
+from denuc.core.files import atomic_write_text
 from denuc.data import open_dataset
 from denuc.data.paths import brca_m2c_dir
 from denuc.encode import build_encoder
@@ -81,7 +81,7 @@ def main() -> int:
            "command": "OMP_NUM_THREADS=1 python benchmarks/classifier_val_ablations.py " + " ".join(sys.argv[1:]),
            "python": platform.python_version(), "torch": torch.__version__, "epochs": args.epochs, "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(args.out, json.dumps(out, indent=2))
+    atomic_write_text(args.out, json.dumps(out, indent=2))
     print(f"wrote {args.out}")
     return 0
 
