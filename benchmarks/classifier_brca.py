@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import time
@@ -26,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import run_info, write_json
 
 from denuc.classify.head import read_meta
-from denuc.core.files import atomic_write_text
 from denuc.core.result import Nuclei
 from denuc.data import open_dataset
 from denuc.data.paths import brca_m2c_dir
@@ -156,13 +155,10 @@ def main() -> int:
         print(f"{r['mode']:10} " + " ".join(f"{v:10.4f}" for v in cells[:-3])
               + f" {cells[-3]:8.4f} {cells[-2]:7.4f} {cells[-1]:9.4f} {secs}")
     out = {"benchmark": "classifier_brca", "split": "test", "protocol": "denuc", "radius_um": 3.0,
-           "command": "OMP_NUM_THREADS=1 python benchmarks/classifier_brca.py " + " ".join(sys.argv[1:]),
-           "python": platform.python_version(), "torch": torch.__version__, "cpu_threads": 1,
+           **run_info("classifier_brca.py", one_thread=True), "cpu_threads": 1,
            "detector": args.detector or "shipped default", "recipe_selection": args.recipe_selection,
            "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    write_json(args.out, out)
     return 0
 
 

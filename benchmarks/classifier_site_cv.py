@@ -15,8 +15,6 @@ Prints a table, writes ``benchmarks/results/classifier_site_cv.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -24,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import run_info, write_json
 
-from denuc.core.files import atomic_write_text
 from denuc.data import open_dataset
 from denuc.data.paths import brca_m2c_dir
 from denuc.encode import build_encoder
@@ -174,11 +172,8 @@ def main() -> int:
     out = {"benchmark": "classifier_site_cv", "metric": "macro-F1 at GT points of the held-out TCGA site",
            "pool": "train+val (90 images)", "sites": {s: len(v) for s, v in site_groups(train + val).items()},
            "encoder": "efficientnet-lite0", "feature_layers": "+".join(LITE0_DEFAULT_TAPS), "mpp": fz.mpp,
-           "command": "OMP_NUM_THREADS=1 python benchmarks/classifier_site_cv.py " + " ".join(sys.argv[1:]),
-           "python": platform.python_version(), "torch": torch.__version__, "cpu_threads": 1, "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+           **run_info("classifier_site_cv.py", one_thread=True), "cpu_threads": 1, "results": rows}
+    write_json(args.out, out)
     return 0
 
 

@@ -17,15 +17,13 @@ Prints a table and writes ``benchmarks/results/classifier_val_ablations.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import run_info, write_json
 
-from denuc.core.files import atomic_write_text
 from denuc.data import open_dataset
 from denuc.data.paths import brca_m2c_dir
 from denuc.encode import build_encoder
@@ -78,11 +76,8 @@ def main() -> int:
                      **sc})
         print(f"align {align:8} val macro-F1 {sc['macro_f1']:.4f}", flush=True)
     out = {"benchmark": "classifier_val_ablations", "split": "val", "metric": "macro-F1 at GT points",
-           "command": "OMP_NUM_THREADS=1 python benchmarks/classifier_val_ablations.py " + " ".join(sys.argv[1:]),
-           "python": platform.python_version(), "torch": torch.__version__, "epochs": args.epochs, "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+           **run_info("classifier_val_ablations.py", one_thread=True), "epochs": args.epochs, "results": rows}
+    write_json(args.out, out)
     return 0
 
 

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from detector_common import write_result
+from common import write_result
 
 from denuc.detect.checkpoint import read_meta
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from detector_common import write_result
+from common import write_result
 
 from denuc.data.paths import brca_m2c_dir
 from denuc.detect.api import Detector

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from detector_common import write_result
+from common import write_result
 
 from denuc.core.result import Nuclei
 from denuc.data.base import open_dataset

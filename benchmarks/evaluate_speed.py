@@ -14,15 +14,14 @@ Prints a table and writes ``benchmarks/results/evaluate_speed.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
+from common import write_json
 
-from denuc.core.files import atomic_write_text
 from denuc.evaluate.matching import PROTOCOLS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,8 +78,7 @@ def main() -> int:
            "command": "python benchmarks/evaluate_speed.py", "machine": platform.machine(),
            "cpu_count": os.cpu_count(), "python": platform.python_version(), "results": rows,
            "note": "matcher calls only, single process; the CPU was shared with other jobs"}
-    atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, out)
     return 0
 
 

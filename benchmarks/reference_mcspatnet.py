@@ -14,12 +14,12 @@ values in ``reference_predictions_mcspatnet/README.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
-from denuc.core.files import atomic_write_text
+from common import write_json
+
 from denuc.data.paths import brca_m2c_dir
 from denuc.evaluate import evaluate
 from denuc.evaluate.predictions import convert_yxc_predictions
@@ -60,8 +60,7 @@ def main() -> int:
     out = {"benchmark": "reference_mcspatnet", "split": "test", "data": str(src),
            "command": "python benchmarks/reference_mcspatnet.py", "python": platform.python_version(),
            "seconds": elapsed, "results": rows}
-    atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, out)
     return 0
 
 
