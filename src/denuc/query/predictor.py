@@ -171,9 +171,14 @@ class PointFeaturizer:
                              f"e.g. (x, y) = {tuple(np.round(xy[bad][0], 2))}")
         work = xy * (self.image_mpp / self.mpp)
         kx, ky = assign_windows(work, self._xs, self._ys, self.window)
+        # one stable sort groups the points by window (sorted by (column, row), indices ascending)
+        ny = len(self._ys)
+        flat = np.asarray(kx, dtype=np.int64) * ny + np.asarray(ky, dtype=np.int64)
+        order = np.argsort(flat, kind="stable")
+        uniq, starts = np.unique(flat[order], return_index=True)
         groups = []
-        for k in sorted({(int(a), int(b)) for a, b in zip(kx, ky)}):
-            sel = np.flatnonzero((kx == k[0]) & (ky == k[1]))
+        for u, sel in zip(uniq.tolist(), np.split(order, starts[1:]), strict=True):
+            k = (u // ny, u % ny)
             groups.append((k, sel, work[sel] - np.array([self._xs[k[0]], self._ys[k[1]]], dtype=np.float64)))
         return groups
 
