@@ -172,6 +172,8 @@ class PointFeaturizer:
         work = xy * (self.image_mpp / self.mpp)
         kx, ky = assign_windows(work, self._xs, self._ys, self.window)
         # one stable sort groups the points by window (sorted by (column, row), indices ascending)
+        if len(xy) == 0:
+            return []
         ny = len(self._ys)
         flat = np.asarray(kx, dtype=np.int64) * ny + np.asarray(ky, dtype=np.int64)
         order = np.argsort(flat, kind="stable")
