@@ -116,7 +116,8 @@ def test_lora_and_full_modes(blobs, tmp_path: Path) -> None:  # type: ignore[no-
 
 
 def test_stain_augmented_passes_are_cached_and_reproducible(blobs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from denuc.train.features import augmented_gt_features, stain_jitter
+    from denuc.data.stain import stain_jitter
+    from denuc.train.features import augmented_gt_features
 
     img = np.full((8, 8, 3), 128, np.uint8)
     a = stain_jitter(img, np.random.default_rng(1))

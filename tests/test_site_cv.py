@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from denuc.errors import InputError
-from denuc.train.features import PointFeatures, stain_jitter
+from denuc.train.features import PointFeatures
 from denuc.train.head import HeadTrainConfig
 from denuc.train.site_cv import (
     leave_one_site_out,
@@ -77,18 +77,6 @@ def test_merge_features_keeps_stems_and_rejects_overlap() -> None:
     assert np.array_equal(m.subset(STEMS[4:]).feats, b.feats)
     with pytest.raises(InputError, match="share image stems"):
         merge_features([a, a])
-
-
-def test_hed_stain_jitter() -> None:
-    img = np.random.default_rng(0).integers(30, 250, (16, 16, 3)).astype(np.uint8)
-    same = stain_jitter(img, np.random.default_rng(3), 0.0, "hed")
-    assert np.abs(same.astype(int) - img).max() <= 1  # zero strength = identity up to rounding
-    a = stain_jitter(img, np.random.default_rng(3), 0.2, "hed")
-    assert np.array_equal(a, stain_jitter(img, np.random.default_rng(3), 0.2, "hed"))
-    assert not np.array_equal(a, stain_jitter(img, np.random.default_rng(3), 0.2, "od"))
-    assert np.abs(a.astype(int) - img).mean() > 1
-    with pytest.raises(InputError, match="space"):
-        stain_jitter(img, np.random.default_rng(3), 0.2, "lab")
 
 
 def test_train_head_cli_options_reach_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

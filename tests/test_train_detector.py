@@ -107,3 +107,7 @@ def test_cli_yaml_then_flags_and_class_aware_training(tmp_path: Path) -> None:
 
     with pytest.raises(InputError, match="unknown option"):
         detector_cli.resolve_config(p.parse_args(["--config", str(bad)]))
+    stain = detector_cli.resolve_config(p.parse_args(["--config", str(yml), "--stain-p", "0.5", "--stain-space", "od"]))
+    assert stain.stain_p == 0.5 and stain.stain_space == "od" and stain.stain_strength == 0.4
+    with pytest.raises(InputError, match="stain jitter"):
+        train(detector_cli.resolve_config(p.parse_args(["--config", str(yml), "--stain-space", "lab"])))

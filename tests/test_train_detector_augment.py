@@ -83,3 +83,17 @@ def test_photometric_changes_colours_not_shape() -> None:
     cfg = AugmentConfig(p_jitter=1.0, p_blur=1.0, p_noise=1.0)
     out = photometric(img, cfg, rng)
     assert out.shape == img.shape and out.dtype == np.uint8 and not np.array_equal(out, img)
+
+
+def test_stain_jitter_in_augment_recolours_and_keeps_points() -> None:
+    img = np.full((64, 64, 3), 235, np.uint8)
+    img[20:30, 20:30] = (90, 60, 140)  # a purple nucleus
+    xy = np.array([[25.0, 25.0]])
+    lab = np.zeros(1, np.int64)
+    geo_off = dict(p_scale=0.0, p_flip=0.0, p_rot90=0.0, p_jitter=0.0, p_blur=0.0, p_noise=0.0, crop=64)
+    plain, xy0, _ = augment(img, xy, lab, AugmentConfig(**geo_off), np.random.default_rng(0))
+    assert np.array_equal(plain, img)
+    stained, xy1, _ = augment(img, xy, lab, AugmentConfig(**geo_off, p_stain=1.0, stain_strength=0.4),
+                              np.random.default_rng(0))
+    assert np.array_equal(xy1, xy0) and not np.array_equal(stained, img)
+    assert stained[25, 25].astype(int).sum() < stained[5, 5].astype(int).sum()  # the nucleus stays darker

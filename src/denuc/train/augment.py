@@ -5,7 +5,8 @@ points exactly with the pixels (pixel-edge frame: pixel ``(col c, row r)`` spans
 Geometry: random rescale (zoom in/out, via :func:`denuc.data.resample.resample`), a random
 ``crop x crop`` window (images smaller than it are placed at a random offset on a canvas of
 :data:`PAD_VALUE`), horizontal/vertical flips and 90° rotations. Photometry (points
-unchanged): colour jitter (brightness .25, contrast .25, saturation .1, hue .05), Gaussian
+unchanged): optional H&E stain jitter (:func:`denuc.data.stain.stain_jitter`, off by
+default), colour jitter (brightness .25, contrast .25, saturation .1, hue .05), Gaussian
 blur and Gaussian noise.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from denuc.data.resample import resample
+from denuc.data.stain import stain_jitter
 
 #: Value of canvas pixels outside the image (white, like empty glass in H&E).
 PAD_VALUE = 255
@@ -40,6 +42,9 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.3, 1.2)
     p_noise: float = 0.2
     noise_sigma: tuple[float, float] = (2.0, 8.0)
+    p_stain: float = 0.0
+    stain_strength: float = 0.4
+    stain_space: str = "hed"
 
 
 def hflip(img: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,9 +89,11 @@ def random_crop(img: np.ndarray, xy: np.ndarray, labels: np.ndarray, size: int, 
 
 
 def photometric(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """Colour jitter, blur and noise on an ``(H, W, 3)`` uint8 image (geometry unchanged)."""
+    """Stain jitter, colour jitter, blur and noise on an ``(H, W, 3)`` uint8 image (geometry unchanged)."""
     import torchvision.transforms.v2.functional as TF
 
+    if cfg.p_stain > 0 and rng.random() < cfg.p_stain:
+        img = stain_jitter(img, rng, cfg.stain_strength, cfg.stain_space)
     t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
     if rng.random() < cfg.p_jitter:
         ops = [

@@ -32,6 +32,7 @@ from denuc.detect.checkpoint import save_detector
 from denuc.detect.model import DetectorConfig, PointDetector, build_detector, normalise
 from denuc.detect.windows import MARGIN, STRIDE, WINDOW, RawDetections, detect_images
 from denuc.errors import InputError
+from denuc.data.stain import STAIN_SPACES
 from denuc.train.augment import AugmentConfig, augment
 from denuc.train.detector_config import TrainConfig
 
@@ -146,6 +147,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     """
     if not cfg.datasets:
         raise InputError("no training datasets given")
+    if cfg.stain_space not in STAIN_SPACES or not 0.0 <= cfg.stain_p <= 1.0 or not 0.0 <= cfg.stain_strength < 1.0:
+        raise InputError(f"stain jitter needs stain_p in [0, 1], stain_strength in [0, 1) and stain_space in "
+                         f"{list(STAIN_SPACES)}; got {cfg.stain_p}, {cfg.stain_strength}, {cfg.stain_space!r}")
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -211,7 +215,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
         _set_rng_state(st["rng"], np_rng)
         log(f"resumed from {state_path} at epoch {start_epoch}")
 
-    aug = AugmentConfig(crop=cfg.crop)
+    aug = AugmentConfig(crop=cfg.crop, p_stain=cfg.stain_p, stain_strength=cfg.stain_strength,
+                        stain_space=cfg.stain_space)
     meta_base = {"mpp": cfg.mpp, "nms_radius_um": cfg.nms_radius_um, "window": WINDOW, "stride": STRIDE,
                  "margin": MARGIN, "datasets": [str(p) for p in cfg.datasets], "train": asdict(cfg),
                  "epochs": cfg.epochs}

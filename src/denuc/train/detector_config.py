@@ -30,6 +30,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     crop: int = 256
     crops_per_epoch: float = 1.0  # x ceil(H*W / crop²) crops per image and epoch
+    stain_p: float = 0.0  # probability of H&E stain jitter per crop (0 = off)
+    stain_strength: float = 0.4  # stain jitter strength s: scale U(1-s, 1+s), shift U(-s/5, s/5)
+    stain_space: str = "hed"  # hed (dyes) or od (RGB optical density channels)
     val_radius_um: float = 3.0
     nms_radius_um: float = 3.0
     score_threshold: float = 0.5

@@ -24,6 +24,7 @@ import numpy as np
 from denuc.core.files import atomic_target
 from denuc.core.result import Nuclei
 from denuc.data.base import PointDataset
+from denuc.data.stain import STAIN_SPACES, stain_jitter
 from denuc.errors import InputError
 from denuc.query.predictor import PointFeaturizer
 
@@ -122,41 +123,6 @@ def cache_key(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], point
         "points": points, **fz.geometry(),
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32], desc
-
-
-#: Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB) in optical density, unit rows.
-_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
-_RGB_FROM_HED /= np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
-_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
-
-#: colour spaces :func:`stain_jitter` can perturb.
-STAIN_SPACES = ("od", "hed")
-
-
-def stain_jitter(image: np.ndarray, rng: np.random.Generator, strength: float = 0.1, space: str = "od") -> np.ndarray:
-    """Random stain/brightness variation of an ``(H, W, 3)`` uint8 RGB image.
-
-    With optical density ``od = -log((I + 1) / 256)`` per pixel (3-vector):
-
-    * ``space="od"``: each RGB channel of ``od`` is scaled by ``U(1 - s, 1 + s)`` and shifted by
-      ``U(-s/5, s/5)`` (stain-intensity variation, channels independent);
-    * ``space="hed"``: ``od`` is unmixed into haematoxylin/eosin/DAB concentrations
-      (Ruifrok-Johnston vectors), each scaled by ``U(1 - s, 1 + s)`` and shifted by
-      ``U(-s/5, s/5)``, and mixed back (HED jitter after Tellez et al. 2018), so the variation
-      follows the dyes rather than the camera channels.
-    """
-    if space not in STAIN_SPACES:
-        raise InputError(f"stain jitter space must be one of {list(STAIN_SPACES)}; got {space!r}")
-    od = -np.log((image.astype(np.float32) + 1.0) / 256.0)
-    a = rng.uniform(1 - strength, 1 + strength, 3).astype(np.float32)
-    b = rng.uniform(-strength / 5, strength / 5, 3).astype(np.float32)
-    if space == "od":
-        od = od * a + b
-    else:
-        conc = od.reshape(-1, 3) @ _HED_FROM_RGB.astype(np.float32)
-        od = ((conc * a + b) @ _RGB_FROM_HED.astype(np.float32)).reshape(od.shape)
-    out = np.exp(-od) * 256.0 - 1.0
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 def _extract(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], want_gt: bool,

@@ -88,7 +88,7 @@ def train_head(
         mpp, window, stride, align: point-query geometry (defaults: the encoder's).
         config: head optimisation settings; ``finetune``: settings of lora/full training.
         stain_augment: extra passes of training features over stain-jittered images
-            (:func:`~denuc.train.features.stain_jitter` with ``stain_strength`` in ``stain_space``,
+            (:func:`~denuc.data.stain.stain_jitter` with ``stain_strength`` in ``stain_space``,
             ``od`` or ``hed``), cached like the plain pass.
 
     ``config.select``: ``val`` keeps the best epoch on val, ``last`` the last epoch of the
