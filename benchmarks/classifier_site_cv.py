@@ -5,7 +5,8 @@ mostly from others, so val (same sites as train) cannot show robustness to a new
 staining. Each recipe is trained on two sites and scored by macro-F1 at the GT points of the
 third (:mod:`denuc.train.site_cv`), and also on the official split (train -> val, GT points).
 Features come from the feature cache (efficientnet-lite0, s8+s16+s32, 0.25 µm/px; the
-stain-jittered passes and the 0.5 µm/px all-taps features are extracted on a first run).
+stain-jittered passes, the Macenko-normalised pass and the 0.5 µm/px all-taps features are
+extracted on a first run).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/classifier_site_cv.py
 
@@ -72,6 +73,7 @@ class Recipe:
     stop_epoch: int = 0  # >0: keep this epoch of the cosine run (what val selection picked for the shipped head)
     aug: tuple[str, float, int] = ("od", 0.0, 0)  # (space, strength, passes)
     multiscale: bool = False  # concatenate s8+s16+s32 features at 0.25 and 0.5 µm/px
+    norm: str = "none"  # stain normaliser before encoding; the stain-jittered passes skip it (as train-head does)
     notes: dict[str, object] = field(default_factory=dict)
 
 
@@ -101,6 +103,12 @@ def recipes() -> list[Recipe]:
         Recipe("30 ep, wd 1e-1, stain hed 0.4 x2", replace(e30, weight_decay=1e-1), aug=("hed", 0.4, 2)),
         Recipe("30 ep, wd 5e-2, stain hed 0.6 x1", replace(e30, weight_decay=5e-2), aug=("hed", 0.6, 1)),
         Recipe("30 ep, multi-scale 0.25+0.5", e30, multiscale=True),
+        Recipe("30 ep, wd 1e-1, macenko", replace(e30, weight_decay=1e-1), norm="macenko"),
+        Recipe("30 ep, wd 1e-2, macenko", replace(e30, weight_decay=1e-2), norm="macenko"),
+        Recipe("30 ep, wd 1e-1, macenko, stain hed 0.4 x2", replace(e30, weight_decay=1e-1), aug=("hed", 0.4, 2),
+               norm="macenko"),
+        Recipe("30 ep, wd 1e-2, macenko, stain hed 0.4 x2", replace(e30, weight_decay=1e-2), aug=("hed", 0.4, 2),
+               norm="macenko"),
         Recipe("30 ep, wd 5e-2, multi-scale 0.25+0.5", replace(e30, weight_decay=5e-2), multiscale=True),
     ]
 
@@ -140,6 +148,9 @@ def main() -> int:
         space, strength, n = r.aug
         augs = {sp: augmented_gt_features(fz, ds, st, n, strength=strength, space=space) if n else []
                 for sp, st in (("train", train), ("val", val))}
+        if r.norm != "none":
+            nz = fz.with_stain_norm(r.norm)
+            return {sp: cached_features(nz, ds, st)["gt"] for sp, st in (("train", train), ("val", val))}, augs
         return plain, augs
 
     rows = []
@@ -159,7 +170,7 @@ def main() -> int:
         s = summarize(folds)
         rows.append({"recipe": r.name, "train": asdict(r.cfg), "stop_epoch": r.stop_epoch,
                      "stain_augment": {"space": r.aug[0], "strength": r.aug[1], "passes": r.aug[2]},
-                     "multiscale": r.multiscale, "site_cv": s, "folds": [asdict(x) for x in folds],
+                     "multiscale": r.multiscale, "stain_norm": r.norm, "site_cv": s, "folds": [asdict(x) for x in folds],
                      "official_val_macro_f1": vf1, "seconds": round(time.perf_counter() - t0, 1)})
         print(f"{r.name:36} " + " ".join(f"{x.site}={x.macro_f1:.4f}" for x in folds)
               + f"  mean {s['mean']:.4f} ± {s['std']:.4f}  val {vf1:.4f}", flush=True)

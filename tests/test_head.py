@@ -15,7 +15,12 @@ from denuc.encode.tiny import register_tiny
 from denuc.errors import InputError, ModelError
 from denuc.query import PointFeaturizer
 from denuc.train.features import cached_features
-from denuc.train.head import HeadTrainConfig, class_weight_tensor, predict_probs, split_train_val
+from denuc.train.head import (
+    HeadTrainConfig,
+    class_weight_tensor,
+    predict_probs,
+    split_train_val,
+)
 from denuc.train.head_run import train_head
 from denuc.train.head_synthetic import make_blob_dataset
 

@@ -136,3 +136,16 @@ def test_no_detections_gives_empty_result_with_prob_columns(trained, tmp_path: P
     assert out.meta["windows_encoded"] == 0  # no point, no encoder pass
     out.to_csv(tmp_path / "e.csv")
     assert (tmp_path / "e.csv").read_text().splitlines()[0] == "x,y,class,score,prob_dark,prob_light"
+
+
+def test_stain_normalising_head_carries_its_normaliser_to_prediction(tmp_path: Path) -> None:
+    ds = make_blob_dataset(tmp_path / "blobs", n_images=4)
+    enc = build_encoder("tiny-uni", weights="random")
+    head = tmp_path / "norm.safetensors"
+    meta = train_head(ds, enc, head, cache_dir=tmp_path / "cache", config=HeadTrainConfig(epochs=2), window=64,
+                      stain_norm="macenko", stain_augment=1, log=lambda m: None)
+    assert meta.stain_norm == "macenko" and "stain norm macenko" in meta.describe()
+    model = DeNuC.load(detector=GridDetector(), encoder="tiny-uni", head=head, weights="random")
+    assert model.featurizer.stain_norm == "macenko"
+    img = read_image(ds.image_path(ds.stems("test")[0]))
+    assert len(model(img, mpp=0.25)) == len(GridDetector().detect(img, 0.25))

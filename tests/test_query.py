@@ -106,3 +106,25 @@ def test_sample_map_hits_cell_centres() -> None:
     xy = torch.stack([centres, torch.full((4,), 30.0)], 1)
     g = map_grid(xy, 64, 64, 16, (4, 4), "center")
     assert torch.allclose(sample_map(fmap, g)[:, 0], torch.arange(4.0))
+
+
+def test_stain_norm_restains_the_working_image_and_enters_the_geometry() -> None:
+    from denuc.data.stain import macenko_normalize
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :96]
+    h = sum(1.2 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 18.0) for cx, cy in rng.uniform(8, 88, (20, 2)))
+    e = (0.9 + 0.3 * rng.random((96, 96))) * np.exp(-3 * h)
+    od = h[..., None] * np.array([0.70, 0.65, 0.30]) + e[..., None] * np.array([0.22, 0.85, 0.48])
+    img = np.clip(np.round(np.exp(-od) * 256 - 1), 0, 255).astype(np.uint8)
+    enc = coord_encoder(input_size=64, window=64)
+    plain = PointFeaturizer(enc, mpp=0.25)
+    fz = plain.with_stain_norm("macenko")
+    assert "stain_norm" not in plain.geometry() and fz.geometry() == {**plain.geometry(), "stain_norm": "macenko"}
+    fz.set_image(img, 0.25)
+    want = torch.from_numpy(macenko_normalize(img).astype(np.float32)).permute(2, 0, 1) / 255
+    torch.testing.assert_close(fz._img[:, :96, :96], want)
+    plain.set_image(img, 0.25)
+    assert not torch.equal(plain._img, fz._img)
+    with pytest.raises(InputError, match="stain normaliser"):
+        PointFeaturizer(enc, stain_norm="reinhard-ish")

@@ -97,7 +97,7 @@ class DeNuC:
         self.device = p.device if p is not None else torch.device("cpu")
         self.head = head.to(self.device).eval()
         self.featurizer = PointFeaturizer(encoder, mpp=meta.mpp, window=meta.window, stride=meta.stride,
-                                          align=meta.align, batch_size=batch_size)
+                                          align=meta.align, batch_size=batch_size, stain_norm=meta.stain_norm)
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -62,6 +62,7 @@ class HeadMeta:
         window, stride, align, input_size: window geometry of the point query.
         val_scores: validation metrics of the selected epoch; ``train``: training settings.
         encoder_hash: hash of the encoder tensors stored in the checkpoint (lora/full), else "".
+        stain_norm: stain normaliser applied to images before encoding (``none``, ``macenko``).
     """
 
     classes: list[str]
@@ -79,12 +80,14 @@ class HeadMeta:
     val_scores: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     encoder_hash: str = ""
+    stain_norm: str = "none"
     version: str = ""
     format: int = FORMAT_VERSION
 
     def describe(self) -> str:
         return (f"{self.mode} head for encoder {self.encoder} (weights {self.weights_hash[:12]}), "
-                f"classes {self.classes}, {self.mpp} µm/px, window {self.window}/{self.stride}, align {self.align}")
+                f"classes {self.classes}, {self.mpp} µm/px, window {self.window}/{self.stride}, align {self.align}"
+                + (f", stain norm {self.stain_norm}" if self.stain_norm != "none" else ""))
 
 
 def save_head(path: str | os.PathLike[str], head: PointHead, meta: HeadMeta,

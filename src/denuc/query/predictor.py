@@ -13,7 +13,8 @@ an image smaller than a window is padded with white on the right/bottom). Each w
 resized to the encoder input size and encoded lazily: only windows that own a query point
 are encoded, each at most once per image. A point lying in several windows takes its
 feature from the window where it lies most inside (largest distance to that window's
-edges). Points outside the image raise :class:`~denuc.errors.InputError` (documented
+edges). With ``stain_norm`` (e.g. ``macenko``, :data:`denuc.data.stain.STAIN_NORMALIZERS`)
+each image is re-stained to a fixed H&E reference before anything else. Points outside the image raise :class:`~denuc.errors.InputError` (documented
 policy: callers drop or clip them first).
 """
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from denuc.core.mpp import check_mpp
+from denuc.data.stain import STAIN_NORMALIZERS
 from denuc.encode.encoder import Encoder
 from denuc.errors import InputError
 from denuc.merge.tiling import window_origins
@@ -68,6 +70,7 @@ class PointFeaturizer:
         align: ``center`` (right token-centre geometry) or ``corners`` (authors' code).
         batch_size: windows per encoder call.
         device: device of the encoder (default: where its parameters live).
+        stain_norm: stain normaliser applied to each image first (``none`` or ``macenko``).
 
     Attributes:
         n_encoded: windows encoded since construction (counts encoder work).
@@ -76,9 +79,12 @@ class PointFeaturizer:
 
     def __init__(self, encoder: Encoder, *, mpp: float | None = None, window: int | None = None,
                  stride: int | None = None, align: str = "center", batch_size: int = 16,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, stain_norm: str = "none") -> None:
         if align not in ALIGN_MODES:
             raise InputError(f"align must be one of {ALIGN_MODES}; got {align!r}")
+        if stain_norm not in STAIN_NORMALIZERS:
+            raise InputError(f"unknown stain normaliser {stain_norm!r}; known: {list(STAIN_NORMALIZERS)}")
+        self.stain_norm = stain_norm
         self.encoder = encoder
         self.mpp = float(mpp if mpp is not None else encoder.spec.mpp)
         self.window = int(window if window is not None else encoder.spec.window)
@@ -96,9 +102,18 @@ class PointFeaturizer:
 
     # ------------------------------------------------------------------ image
     def geometry(self) -> dict[str, object]:
-        """Settings that determine the features (for cache keys and checkpoints)."""
-        return {"mpp": self.mpp, "window": self.window, "stride": self.stride, "align": self.align,
-                "input_size": self.encoder.input_size}
+        """Settings that determine the features (for cache keys and checkpoints); ``stain_norm``
+        is listed only when one is used."""
+        g: dict[str, object] = {"mpp": self.mpp, "window": self.window, "stride": self.stride, "align": self.align,
+                                "input_size": self.encoder.input_size}
+        if self.stain_norm != "none":
+            g["stain_norm"] = self.stain_norm
+        return g
+
+    def with_stain_norm(self, stain_norm: str) -> PointFeaturizer:
+        """A featurizer with the same encoder and geometry but another stain normaliser."""
+        return PointFeaturizer(self.encoder, mpp=self.mpp, window=self.window, stride=self.stride, align=self.align,
+                               batch_size=self.batch_size, device=self.device, stain_norm=stain_norm)
 
     def set_image(self, image: np.ndarray, mpp: float | None) -> None:
         """Take an ``(H, W, 3)`` RGB image (uint8, or float in [0, 255]) at ``mpp`` µm/px.
@@ -110,6 +125,9 @@ class PointFeaturizer:
         if arr.ndim != 3 or arr.shape[2] != 3:
             raise InputError(f"image must be (H, W, 3) RGB; got shape {arr.shape}")
         self.image_hw = (int(arr.shape[0]), int(arr.shape[1]))
+        if self.stain_norm != "none":
+            u8 = arr if arr.dtype == np.uint8 else np.clip(np.round(arr), 0, 255).astype(np.uint8)
+            arr = STAIN_NORMALIZERS[self.stain_norm](u8)
         t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
         f = self.image_mpp / self.mpp
         if abs(f - 1.0) > 1e-6:  # same exact frame as denuc.data.resample: x_work = f * x

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from denuc.core.result import Nuclei
+from denuc.data.stain import STAIN_SPACES
 from denuc.detect.checkpoint import save_detector
 from denuc.detect.model import DetectorConfig, PointDetector, build_detector, normalise
 from denuc.detect.windows import MARGIN, STRIDE, WINDOW, RawDetections, detect_images
 from denuc.errors import InputError
-from denuc.data.stain import STAIN_SPACES
 from denuc.train.augment import AugmentConfig, augment
 from denuc.train.detector_config import TrainConfig
 

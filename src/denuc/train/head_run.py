@@ -72,6 +72,7 @@ def train_head(
     stain_augment: int = 0,
     stain_strength: float = 0.1,
     stain_space: str = "od",
+    stain_norm: str = "none",
     cache_dir: str | os.PathLike[str] | None = None,
     device: str | None = None,
     offline: bool | None = None,
@@ -90,6 +91,10 @@ def train_head(
         stain_augment: extra passes of training features over stain-jittered images
             (:func:`~denuc.data.stain.stain_jitter` with ``stain_strength`` in ``stain_space``,
             ``od`` or ``hed``), cached like the plain pass.
+        stain_norm: stain normaliser applied to every image before encoding, stored in the head
+            (so prediction does the same). The stain-jittered passes are encoded *without* it,
+            since it would undo the jitter: the head then sees both normalised images and raw
+            colour variation.
 
     ``config.select``: ``val`` keeps the best epoch on val, ``last`` the last epoch of the
     schedule (val is scored once, for the record).
@@ -107,7 +112,7 @@ def train_head(
         from denuc.train.head_finetune import check_lora_applies
 
         check_lora_applies(enc)
-    fz = PointFeaturizer(enc, mpp=mpp, window=window, stride=stride, align=align)
+    fz = PointFeaturizer(enc, mpp=mpp, window=window, stride=stride, align=align, stain_norm=stain_norm)
     cdir = Path(cache_dir) if cache_dir is not None else None
     train, val, carved = split_train_val(ds, cfg.seed, log=log)
     detect, det_id = (None, "")
@@ -116,7 +121,7 @@ def train_head(
     t0 = time.perf_counter()
     tr = cached_features(fz, ds, train, cache_dir=cdir, log=log)["gt"]
     if stain_augment:
-        tr = concat_features([tr, *augmented_gt_features(fz, ds, train, stain_augment, seed=cfg.seed,
+        tr = concat_features([tr, *augmented_gt_features(fz.with_stain_norm("none"), ds, train, stain_augment, seed=cfg.seed,
                                                          strength=stain_strength, space=stain_space,
                                                          cache_dir=cdir, log=log)])
     scorer, select_desc, _ = make_scorer(fz, ds, val, len(ds.classes), detect=detect, detector_id=det_id,
@@ -153,7 +158,7 @@ def train_head(
                "stain_augment": stain_augment, "stain_strength": stain_strength, "stain_space": stain_space,
                "detector": det_id, "feature_seconds": round(t_feat, 1), "train_seconds": round(t_train, 1),
                **({"finetune": finetune or {}} if mode in ("lora", "full") else {})},
-        encoder_hash=enc_hash,
+        encoder_hash=enc_hash, stain_norm=fz.stain_norm,
     )
     save_head(out, head, meta, enc_tensors)
     log(f"wrote {out}: {meta.describe()}; val {scores}")
