@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,8 @@ import numpy as np
 import torch
 from common import run_info, write_json
 
-from denuc.classify.head import read_meta
+from denuc.classify.head import load_head, read_meta, save_head
+from denuc.core.files import portable_meta
 from denuc.core.result import Nuclei
 from denuc.data import open_dataset
 from denuc.data.paths import brca_m2c_dir
@@ -92,6 +92,8 @@ def main() -> int:
                     help="keep the best val epoch or the last epoch of the schedule (linear/mlp)")
     ap.add_argument("--stain-space", choices=("od", "hed"), default="od")
     ap.add_argument("--stain-strength", type=float, default=0.1)
+    ap.add_argument("--stain-norm", choices=("none", "macenko"), default="none",
+                    help="stain normaliser before encoding (stored in the head)")
     ap.add_argument("--recipe-selection", default="epoch chosen on val at detected points",
                     help="how the linear recipe was chosen (recorded in the JSON)")
     ap.add_argument("--ft-epochs", type=int, default=3)
@@ -122,18 +124,21 @@ def main() -> int:
                                                      select=args.select if mode in ("linear", "mlp") else "val"),
                               finetune={"epochs": args.ft_epochs, "lr": args.ft_lr},
                               stain_augment=args.stain_augment if mode in ("linear", "mlp") else 0,
-                              stain_strength=args.stain_strength, stain_space=args.stain_space)
+                              stain_strength=args.stain_strength, stain_space=args.stain_space,
+                              stain_norm=args.stain_norm)
             train_s = time.perf_counter() - t0
         test = score_test(ckpt, args.detector, data)
         print(test.pop("table"))
         layers = "+".join(LITE0_DEFAULT_TAPS) if meta.encoder == "efficientnet-lite0" else "last block"
         rows.append({"mode": mode, "encoder": meta.encoder, "feature_layers": layers, "mpp": meta.mpp,
-                     "window": meta.window,
+                     "stain_norm": meta.stain_norm, "window": meta.window,
                      "stride": meta.stride, "align": meta.align, "input_size": meta.input_size, "dim": meta.dim,
                      "val": meta.val_scores, "train": meta.train, "train_wall_seconds": round(train_s, 1),
                      "test": test})
         if mode == "linear" and args.ship:
-            shutil.copyfile(ckpt, SHIPPED)
+            h, hmeta, enc_t = load_head(ckpt)
+            hmeta.train = portable_meta(hmeta.train)  # dataset folder names, not this machine's paths
+            save_head(SHIPPED, h, hmeta, enc_t)
             print(f"shipped {SHIPPED}")
     e2e = REPO / "benchmarks" / "reported" / "e2e_joint_brca.json"
     if e2e.is_file():

@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from denuc.core.files import portable_meta
 from denuc.detect.api import default_detector_path
 from denuc.detect.checkpoint import load_detector, save_detector
 
@@ -28,7 +29,7 @@ def main() -> None:
         meta["val_f1"] = res["f1"]["val"]["f1"]
         meta["benchmark"] = {k: res[k] for k in ("name", "command", "threshold_retuned_on_val") if k in res}
     meta["source_checkpoint"] = str(args.checkpoint)
-    meta = {k: v for k, v in meta.items() if k not in ("format", "version", "config")}
+    meta = portable_meta({k: v for k, v in meta.items() if k not in ("format", "version", "config")})
     dst = default_detector_path()
     save_detector(dst, model, meta)
     print(f"shipped {args.checkpoint} -> {dst} (threshold {model.config.score_threshold}, "

@@ -218,3 +218,16 @@ def test_pandas_round_trip() -> None:
     df = n.to_pandas()
     assert list(df.columns[:4]) == ["x", "y", "class", "score"]
     _assert_same(Nuclei.from_pandas(df, CLASSES), n)
+
+
+def test_portable_meta_cuts_local_paths_to_names() -> None:
+    from denuc.core.files import portable_meta
+
+    meta = {"datasets": ["/home/me/data/brca-m2c", "rel/ocelot"], "val_f1": 0.9,
+            "train": {"out": "/tmp/runs/x", "init": "", "dataset": "C:/data/puma", "lr": 1e-3,
+                      "nested": [{"source_checkpoint": "/a/b/best.safetensors"}]}}
+    out = portable_meta(meta)
+    assert out == {"datasets": ["brca-m2c", "ocelot"], "val_f1": 0.9,
+                   "train": {"out": "x", "init": "", "dataset": "puma", "lr": 1e-3,
+                             "nested": [{"source_checkpoint": "best.safetensors"}]}}
+    assert meta["datasets"][0] == "/home/me/data/brca-m2c"  # input untouched

@@ -95,3 +95,26 @@ def atomic_target(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
         os.replace(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+#: Metadata keys whose values are local file or folder paths (see :func:`portable_meta`).
+PATH_KEYS = ("datasets", "dataset", "out", "init", "source_checkpoint")
+
+
+def portable_meta(meta: object, keys: tuple[str, ...] = PATH_KEYS) -> object:
+    """A copy of checkpoint metadata with the local paths under ``keys`` cut to their last
+    component (``/home/me/data/brca-m2c`` -> ``brca-m2c``), at any depth of nested dicts and
+    lists, so a model shipped to others names its datasets without exposing this machine."""
+    if isinstance(meta, dict):
+        out = {}
+        for k, v in meta.items():
+            if k in keys and isinstance(v, str) and v:
+                out[k] = Path(v).name
+            elif k in keys and isinstance(v, list) and all(isinstance(x, str) for x in v):
+                out[k] = [Path(x).name for x in v]
+            else:
+                out[k] = portable_meta(v, keys)
+        return out
+    if isinstance(meta, list):
+        return [portable_meta(v, keys) for v in meta]
+    return meta
