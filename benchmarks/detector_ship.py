@@ -28,6 +28,12 @@ def main() -> None:
         meta["val_threshold"] = float(res["score_threshold"])
         meta["val_f1"] = res["f1"]["val"]["f1"]
         meta["benchmark"] = {k: res[k] for k in ("name", "command", "threshold_retuned_on_val") if k in res}
+        if res.get("tta", 1) != 1:
+            raise SystemExit(f"{args.result}: its main threshold is for tta x{res['tta']}; ship from a run "
+                             "of detector_brca.py whose first --tta is 1")
+        tta = {k: float(v["score_threshold"]) for k, v in (res.get("tta_results") or {}).items()}
+        if tta:
+            meta["tta_thresholds"] = tta  # val-chosen threshold per test-time augmentation pass count
     meta["source_checkpoint"] = str(args.checkpoint)
     meta = portable_meta({k: v for k, v in meta.items() if k not in ("format", "version", "config")})
     dst = default_detector_path()

@@ -7,26 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from model_fixtures import tiny_detector_checkpoint
 from PIL import Image
 
 from denuc.core.result import Nuclei
 from denuc.detect import cli as detect_cli
 from denuc.detect.api import Detector, default_detector_path
-from denuc.detect.checkpoint import save_detector
-from denuc.detect.model import DetectorConfig, build_detector
 from denuc.detect.windows import detect_images
 from denuc.errors import ResolutionError
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = build_detector(DetectorConfig(backbone="tiny", score_threshold=0.5, nms_radius_px=6.0)).eval()
-    torch.nn.init.normal_(model.head.offset.weight, std=0.05)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_detector(path, model, {"mpp": 0.5, "nms_radius_um": 3.0, "window": 256, "stride": 192, "margin": 32})
-    return path
+    return tiny_detector_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
 def _noise(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -21,6 +21,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", default=None, help="encoder name (default: the head's encoder)")
     p.add_argument("--weights", default=None, help="encoder weights file/folder/hf-hub:repo (default: the encoder's)")
     p.add_argument("--head", default=None, help="head checkpoint (default: the shipped BRCA-M2C head)")
+    p.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=1,
+                   help="detector test-time augmentation passes (default 1 = off; 4 = four rotations)")
     p.add_argument("--format", choices=tuple(FORMATS), default="csv",
                    help="csv (x,y,class,score,prob_*; what `denuc evaluate` reads) or geojson (QuPath detections)")
     p.add_argument("--overwrite", action="store_true", help="redo images whose output already exists")
@@ -72,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
     if not todo:
         return 0
     model = DeNuC.load(detector=args.detector, encoder=args.encoder, head=args.head, device=args.device,
-                       weights=args.weights, offline=True if args.offline else None)
+                       weights=args.weights, offline=True if args.offline else None, tta=args.tta)
     failed = 0
     for i, f in enumerate(todo, 1):
         t0 = time.perf_counter()

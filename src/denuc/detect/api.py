@@ -5,6 +5,11 @@
 ``mpp`` to the model's, runs window inference (256 px windows, stride 192, 32 px inner
 margin, global point NMS) and maps the points back exactly (:meth:`Nuclei.rescale`), so
 ``xy`` is in the INPUT image's pixels (x, y), pixel-edge frame.
+
+``tta=4`` (or 2, 8) runs the detector on rotated/mirrored copies of each image and fuses the
+passes (:mod:`denuc.detect.tta`, :func:`denuc.merge.fuse.fuse_points`): ``tta`` times the
+work, fewer spurious points. Its score threshold is the one chosen on val for that many
+passes when the checkpoint records one (``tta_thresholds``), else the checkpoint's own.
 """
 
 from __future__ import annotations
@@ -37,16 +42,26 @@ class Detector:
         config: the checkpoint metadata (architecture, classes, threshold, NMS radius, ...).
         threshold: score threshold (points with score > threshold are kept).
         class_names: ``("nucleus",)`` for a class-agnostic model, else the trained classes.
+        tta: test-time augmentation passes (1 = none; 2, 4, 8; class-agnostic models only).
     """
 
     def __init__(self, model: Any, meta: dict[str, Any], device: Any, threshold: float | None = None,
-                 batch_size: int = 16) -> None:
+                 batch_size: int = 16, tta: int = 1) -> None:
+        from denuc.detect.tta import tta_passes
+
         self.model = model
         self.config = meta
         self.device = device
         self.mpp = float(meta["mpp"])
-        self.threshold = float(model.config.score_threshold if threshold is None else threshold)
         self.class_names = tuple(model.config.class_names)
+        self.passes = tta_passes(int(tta))
+        self.tta = int(tta)
+        if self.tta > 1 and len(self.class_names) > 1:
+            raise InputError(f"test-time augmentation fuses class-agnostic points; this detector has classes "
+                             f"{list(self.class_names)} (use tta=1)")
+        tta_thr = (meta.get("tta_thresholds") or {}).get(str(self.tta)) if self.tta > 1 else None
+        default = tta_thr if tta_thr is not None else model.config.score_threshold
+        self.threshold = float(default if threshold is None else threshold)
         self.batch_size = batch_size
         self.window = int(meta.get("window", 256))
         self.stride = int(meta.get("stride", 192))
@@ -54,8 +69,9 @@ class Detector:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, device: Any = None,
-             threshold: float | None = None) -> Detector:
-        """Load a checkpoint (``None`` = the shipped default) onto ``device`` (default: cuda, mps, cpu)."""
+             threshold: float | None = None, tta: int = 1) -> Detector:
+        """Load a checkpoint (``None`` = the shipped default) onto ``device`` (default: cuda, mps, cpu);
+        ``tta``: test-time augmentation passes (1, 2, 4, 8)."""
         from denuc.detect.checkpoint import load_detector
         from denuc.train.detector import pick_device
 
@@ -64,7 +80,7 @@ class Detector:
             raise ModelError(f"no default detector shipped at {p}; pass a checkpoint path")
         dev = pick_device(str(device) if device is not None else None)
         model, meta = load_detector(p, dev)
-        return cls(model, meta, dev, threshold)
+        return cls(model, meta, dev, threshold, tta=tta)
 
     def _prepare(self, image: np.ndarray, mpp: float | None, name: str) -> tuple[np.ndarray, float]:
         from denuc.data.resample import resample, resample_factor
@@ -94,9 +110,12 @@ class Detector:
         if not (len(images) == len(mpps) == len(names)):
             raise InputError(f"{len(images)} images, {len(mpps)} mpps and {len(names)} names")
         prepared = [self._prepare(im, m, n) for im, m, n in zip(images, mpps, names, strict=True)]
-        dets = detect_images(self.model, [p[0] for p in prepared], threshold=self.threshold,
-                             window=self.window, stride=self.stride, margin=self.margin,
-                             batch_size=self.batch_size, device=self.device)
+        if self.tta > 1:
+            dets = self._detect_tta([p[0] for p in prepared])
+        else:
+            dets = detect_images(self.model, [p[0] for p in prepared], threshold=self.threshold,
+                                 window=self.window, stride=self.stride, margin=self.margin,
+                                 batch_size=self.batch_size, device=self.device)
         out = []
         for img, (work, mpp_v), d, n in zip(images, prepared, dets, names, strict=True):
             nuc = Nuclei(d.xy, d.scores, d.labels, self.class_names,
@@ -107,10 +126,32 @@ class Detector:
             out.append(nuc.select(nuc.inside(*nuc.image_size)))
         return out
 
+    def _detect_tta(self, works: list[np.ndarray]) -> list[Any]:
+        """Fused detections of every pass of :attr:`passes` on each working-mpp image."""
+        from denuc.detect.tta import points_to_original, transform_image
+        from denuc.detect.windows import RawDetections, detect_images
+        from denuc.merge.fuse import fuse_points
+
+        floor = min(0.05, self.threshold / 2)  # proposals kept per pass; the fused score is thresholded
+        batch = [transform_image(w, k, f) for w in works for k, f in self.passes]
+        raw = detect_images(self.model, batch, threshold=floor, window=self.window, stride=self.stride,
+                            margin=self.margin, batch_size=self.batch_size, device=self.device)
+        radius = float(self.model.config.nms_radius_px)
+        out = []
+        for i, w in enumerate(works):
+            hw = (int(w.shape[0]), int(w.shape[1]))
+            per = raw[i * len(self.passes):(i + 1) * len(self.passes)]
+            xy, sc = fuse_points([(points_to_original(d.xy, k, f, hw), d.scores)
+                                  for d, (k, f) in zip(per, self.passes, strict=True)], radius)
+            n = len(sc)
+            out.append(RawDetections(xy, sc, np.zeros(n, np.int64), np.ones((n, 1), np.float32))
+                       .filter(self.threshold))
+        return out
+
     def detect(self, image: np.ndarray, mpp: float | None, name: str = "") -> Nuclei:
         """Nuclei of one ``(H, W, 3)`` uint8 image at ``mpp`` µm/px (``class_names=("nucleus",)``)."""
         return self.detect_many([image], [mpp], [name])[0]
 
     def __repr__(self) -> str:
         return (f"Detector({self.model.config.backbone}, mpp={self.mpp}, threshold={self.threshold}, "
-                f"classes={list(self.class_names)})")
+                f"classes={list(self.class_names)}" + (f", tta={self.tta})" if self.tta > 1 else ")"))

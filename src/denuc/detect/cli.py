@@ -21,6 +21,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mpp", type=float, default=None, help="µm per pixel of the input images (required)")
     parser.add_argument("--detector", type=Path, default=None, help="detector checkpoint (default: shipped model)")
     parser.add_argument("--threshold", type=float, default=None, help="score threshold (default: the checkpoint's)")
+    parser.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=1,
+                        help="test-time augmentation: fuse 2/4/8 mirrored or rotated passes (that many times the work; "
+                             "default 1 = off)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: first available)")
     parser.add_argument("--overwrite", action="store_true", help="recompute images whose CSV already exists")
 
@@ -50,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     check_mpp(args.mpp, "--mpp")
     files = collect_images(args.inputs)
     args.out.mkdir(parents=True, exist_ok=True)
-    det = Detector.load(args.detector, device=args.device, threshold=args.threshold)
+    det = Detector.load(args.detector, device=args.device, threshold=args.threshold, tta=args.tta)
     failed: list[str] = []
     done = skipped = 0
     for f in files:

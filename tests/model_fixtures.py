@@ -1,0 +1,21 @@
+"""Tiny random-weight detector checkpoints for tests (tests only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from denuc.detect.checkpoint import save_detector
+from denuc.detect.model import DetectorConfig, build_detector
+
+
+def tiny_detector_checkpoint(path: Path, *, seed: int = 0, score_threshold: float = 0.5, **meta: Any) -> Path:
+    """A ``tiny``-backbone detector at 0.5 µm/px (NMS 3 µm = 6 px) with random offsets, saved at ``path``;
+    ``meta`` adds checkpoint metadata (e.g. ``tta_thresholds``)."""
+    torch.manual_seed(seed)
+    model = build_detector(DetectorConfig(backbone="tiny", score_threshold=score_threshold, nms_radius_px=6.0)).eval()
+    torch.nn.init.normal_(model.head.offset.weight, std=0.05)
+    save_detector(path, model, {"mpp": 0.5, "nms_radius_um": 3.0, "window": 256, "stride": 192, "margin": 32, **meta})
+    return path
