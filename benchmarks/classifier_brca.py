@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "src" / "denuc" / "assets" / "head-efficientnet-lite0-brca.safetensors"
 
 
-def score_test(head: Path, detector: str | None, data: Path) -> dict:
+def score_test(head: Path, detector: str | None, data: Path, tta: int = 1) -> dict:
     """Run the pipeline on every test image once and score it (denuc protocol, 3 µm).
 
     The same encoder pass also classifies the GT points (diagnostic: classification alone,
@@ -50,7 +50,7 @@ def score_test(head: Path, detector: str | None, data: Path) -> dict:
     from denuc.train.head import macro_f1
 
     ds = open_dataset(data)
-    model = DeNuC.load(detector=detector, head=head)
+    model = DeNuC.load(detector=detector, head=head, tta=tta)
     preds, t0 = {}, time.perf_counter()
     speed = {"detect": 0.0, "encode": 0.0, "classify": 0.0}
     y_true, y_pred = [], []
@@ -100,6 +100,8 @@ def main() -> int:
     ap.add_argument("--stain-augment", type=int, default=0, help="extra stain-jittered feature passes (linear/mlp)")
     ap.add_argument("--ft-lr", type=float, default=1e-4)
     ap.add_argument("--detector", default=None, help="detector checkpoint (default: the shipped one)")
+    ap.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=1,
+                    help="detector test-time augmentation passes when scoring test (default 1 = off)")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "classifier_brca")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "classifier_brca.json")
     ap.add_argument("--ship", action="store_true", help="copy the linear head into src/denuc/assets")
@@ -127,7 +129,7 @@ def main() -> int:
                               stain_strength=args.stain_strength, stain_space=args.stain_space,
                               stain_norm=args.stain_norm)
             train_s = time.perf_counter() - t0
-        test = score_test(ckpt, args.detector, data)
+        test = score_test(ckpt, args.detector, data, args.tta)
         print(test.pop("table"))
         layers = "+".join(LITE0_DEFAULT_TAPS) if meta.encoder == "efficientnet-lite0" else "last block"
         rows.append({"mode": mode, "encoder": meta.encoder, "feature_layers": layers, "mpp": meta.mpp,
@@ -161,7 +163,8 @@ def main() -> int:
               + f" {cells[-3]:8.4f} {cells[-2]:7.4f} {cells[-1]:9.4f} {secs}")
     out = {"benchmark": "classifier_brca", "split": "test", "protocol": "denuc", "radius_um": 3.0,
            **run_info("classifier_brca.py", one_thread=True), "cpu_threads": 1,
-           "detector": args.detector or "shipped default", "recipe_selection": args.recipe_selection,
+           "detector": args.detector or "shipped default", "detector_tta": args.tta,
+           "recipe_selection": args.recipe_selection,
            "results": rows}
     write_json(args.out, out)
     return 0

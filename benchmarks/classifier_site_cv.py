@@ -109,6 +109,10 @@ def recipes() -> list[Recipe]:
                norm="macenko"),
         Recipe("30 ep, wd 1e-2, macenko, stain hed 0.4 x2", replace(e30, weight_decay=1e-2), aug=("hed", 0.4, 2),
                norm="macenko"),
+        Recipe("30 ep, wd 1e-1, macenko, stain hed 0.6 x2", replace(e30, weight_decay=1e-1), aug=("hed", 0.6, 2),
+               norm="macenko"),
+        Recipe("30 ep, wd 1e-1, macenko, stain hed 0.4 x4", replace(e30, weight_decay=1e-1), aug=("hed", 0.4, 4),
+               norm="macenko"),
         Recipe("30 ep, wd 5e-2, multi-scale 0.25+0.5", replace(e30, weight_decay=5e-2), multiscale=True),
     ]
 
