@@ -128,7 +128,7 @@ def main() -> None:
         "cpu_train_s": round(train_s, 1), "init_from": init or None, "init_chain": chain,
         "tta": main_tta, "tta_results": {str(k): v for k, v in by_tta.items() if k != main_tta},
         "cpu_train_s_including_init_run": round(train_s + init_s, 1), "cpu_infer_val_test_s": round(infer_s, 1),
-        "cpu": f"{platform.machine()}, shared 2-core CPU, 1 torch thread",
+        "cpu": f"{platform.machine()}, shared 2-core CPU, {args.threads} torch thread(s)",
         "f1": rows,
         "reference": {"mcspatnet_test_f1": 0.854, "paper_denuc_f1": 0.8752},
         "command": f"python benchmarks/detector_brca.py --run {args.run}" + (" --retune" if args.retune else "")

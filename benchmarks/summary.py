@@ -58,9 +58,22 @@ def rows(folder: Path) -> list[str]:
     if det:
         out.append(_row(f"DeNuC shipped detector ({det['backbone']}, {det['train_mpp']} µm/px)",
                         det["f1"]["test"]["f1"], {}, None, f"{det_name}.json"))
-    clf = _load(folder, "classifier_brca")
+        for n, r in sorted((det.get("tta_results") or {}).items()):
+            out.append(_row(f"DeNuC shipped detector, test-time augmentation x{n} (`--tta {n}`)",
+                            r["f1"]["test"]["f1"], {}, None, f"{det_name}.json"))
+    for name in ("classifier_brca", "classifier_brca_tta4"):
+        out.extend(_classifier_rows(folder, name))
+    return out
+
+
+def _classifier_rows(folder: Path, name: str) -> list[str]:
+    out: list[str] = []
+    clf = _load(folder, name)
+    tta = (clf or {}).get("detector_tta", 1)
     if clf:
         for r in clf["results"]:
+            if tta != 1 and r.get("mode") == "e2e-joint":
+                continue  # listed once, from classifier_brca.json
             t = r.get("test") or (r.get("reported") or {}).get("test")
             if not t:
                 continue
@@ -76,7 +89,9 @@ def rows(folder: Path) -> list[str]:
                 "lora": "DeNuC, LoRA",
                 "e2e-joint": "End-to-end joint (one efficientnet-lite0 for both)",
             }.get(r["mode"], r["mode"])
-            out.append(_row(label, det_f1, per, t["mean_f1"], "classifier_brca.json", t.get("gt_points_macro_f1")))
+            if tta != 1:
+                label = label.replace(" (shipped)", "") + f", detector `--tta {tta}`"
+            out.append(_row(label, det_f1, per, t["mean_f1"], f"{name}.json", t.get("gt_points_macro_f1")))
     return out
 
 

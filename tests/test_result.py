@@ -229,5 +229,7 @@ def test_portable_meta_cuts_local_paths_to_names() -> None:
     out = portable_meta(meta)
     assert out == {"datasets": ["brca-m2c", "ocelot"], "val_f1": 0.9,
                    "train": {"out": "x", "init": "", "dataset": "puma", "lr": 1e-3,
-                             "nested": [{"source_checkpoint": "best.safetensors"}]}}
+                             "nested": [{"source_checkpoint": "b/best.safetensors"}]}}
     assert meta["datasets"][0] == "/home/me/data/brca-m2c"  # input untouched
+    assert portable_meta({"init": "C:\\runs\\det\\best.safetensors", "out": "/"}) == {
+        "init": "det/best.safetensors", "out": ""}

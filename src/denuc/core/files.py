@@ -97,24 +97,33 @@ def atomic_target(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
         tmp.unlink(missing_ok=True)
 
 
-#: Metadata keys whose values are local file or folder paths (see :func:`portable_meta`).
-PATH_KEYS = ("datasets", "dataset", "out", "init", "source_checkpoint")
+#: Metadata keys whose values are local folder paths, and file paths (see :func:`portable_meta`).
+PATH_KEYS = ("datasets", "dataset", "out")
+FILE_KEYS = ("init", "source_checkpoint")
 
 
-def portable_meta(meta: object, keys: tuple[str, ...] = PATH_KEYS) -> object:
-    """A copy of checkpoint metadata with the local paths under ``keys`` cut to their last
-    component (``/home/me/data/brca-m2c`` -> ``brca-m2c``), at any depth of nested dicts and
-    lists, so a model shipped to others names its datasets without exposing this machine."""
+def _short(path: str, parts: int) -> str:
+    """The last ``parts`` components of ``path``, joined by ``/``."""
+    return "/".join(path.replace("\\", "/").strip("/").split("/")[-parts:])
+
+
+def portable_meta(meta: object, keys: tuple[str, ...] = PATH_KEYS, file_keys: tuple[str, ...] = FILE_KEYS) -> object:
+    """A copy of checkpoint metadata with local paths cut short, at any depth of nested dicts
+    and lists, so a model shipped to others names its datasets and parent checkpoints without
+    exposing this machine: folders under ``keys`` keep their last component
+    (``/home/me/data/brca-m2c`` -> ``brca-m2c``), files under ``file_keys`` their folder and
+    name (``/home/me/runs/det/best.safetensors`` -> ``det/best.safetensors``)."""
     if isinstance(meta, dict):
         out = {}
         for k, v in meta.items():
-            if k in keys and isinstance(v, str) and v:
-                out[k] = Path(v).name
-            elif k in keys and isinstance(v, list) and all(isinstance(x, str) for x in v):
-                out[k] = [Path(x).name for x in v]
+            n = 1 if k in keys else 2 if k in file_keys else 0
+            if n and isinstance(v, str) and v:
+                out[k] = _short(v, n)
+            elif n and isinstance(v, list) and all(isinstance(x, str) for x in v):
+                out[k] = [_short(x, n) for x in v]
             else:
-                out[k] = portable_meta(v, keys)
+                out[k] = portable_meta(v, keys, file_keys)
         return out
     if isinstance(meta, list):
-        return [portable_meta(v, keys) for v in meta]
+        return [portable_meta(v, keys, file_keys) for v in meta]
     return meta
