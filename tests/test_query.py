@@ -128,3 +128,20 @@ def test_stain_norm_restains_the_working_image_and_enters_the_geometry() -> None
     assert not torch.equal(plain._img, fz._img)
     with pytest.raises(InputError, match="stain normaliser"):
         PointFeaturizer(enc, stain_norm="reinhard-ish")
+
+
+def test_precision_option_and_bf16_autocast_stay_close_to_fp32() -> None:
+    enc = coord_encoder(input_size=64, window=64)
+    img = ramp_image(100, 90)
+    xy = np.array([[10.0, 20.0], [80.0, 95.0]])
+    full = PointFeaturizer(enc, mpp=0.25, precision="fp32")
+    half = PointFeaturizer(enc, mpp=0.25, precision="bf16")
+    assert full.autocast_dtype is None and half.autocast_dtype == torch.bfloat16
+    assert PointFeaturizer(enc, mpp=0.25).autocast_dtype is None  # auto: fp32 on the CPU
+    full.set_image(img, 0.25)
+    half.set_image(img, 0.25)
+    a, b = full.features_at(xy), half.features_at(xy)
+    assert a.dtype == b.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
+    with pytest.raises(InputError, match="precision"):
+        PointFeaturizer(enc, precision="fp8")

@@ -33,6 +33,9 @@ from denuc.errors import InputError
 from denuc.merge.tiling import window_origins
 from denuc.query.sample import ALIGN_MODES, map_grid, sample_map
 
+#: encoder precisions of :class:`PointFeaturizer`.
+PRECISIONS = ("auto", "fp32", "bf16")
+
 
 def best_window(coord: np.ndarray, origins: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
     """Along one axis: index of the window each coordinate lies most inside, and that depth.
@@ -71,6 +74,8 @@ class PointFeaturizer:
         batch_size: windows per encoder call.
         device: device of the encoder (default: where its parameters live).
         stain_norm: stain normaliser applied to each image first (``none`` or ``macenko``).
+        precision: ``auto`` = bf16 autocast on CUDA and fp32 elsewhere, ``fp32``, or ``bf16``
+            (autocast on any device); maps are stored and sampled in fp32 either way.
 
     Attributes:
         n_encoded: windows encoded since construction (counts encoder work).
@@ -79,7 +84,8 @@ class PointFeaturizer:
 
     def __init__(self, encoder: Encoder, *, mpp: float | None = None, window: int | None = None,
                  stride: int | None = None, align: str = "center", batch_size: int = 16,
-                 device: str | torch.device | None = None, stain_norm: str = "none") -> None:
+                 device: str | torch.device | None = None, stain_norm: str = "none",
+                 precision: str = "auto") -> None:
         if align not in ALIGN_MODES:
             raise InputError(f"align must be one of {ALIGN_MODES}; got {align!r}")
         if stain_norm not in STAIN_NORMALIZERS:
@@ -95,6 +101,9 @@ class PointFeaturizer:
         self.batch_size = int(batch_size)
         p = next(encoder.parameters(), None)
         self.device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+        if precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+        self.precision = precision
         self.n_encoded = 0
         self.encode_ms = 0.0
         self._img: torch.Tensor | None = None
@@ -113,7 +122,15 @@ class PointFeaturizer:
     def with_stain_norm(self, stain_norm: str) -> PointFeaturizer:
         """A featurizer with the same encoder and geometry but another stain normaliser."""
         return PointFeaturizer(self.encoder, mpp=self.mpp, window=self.window, stride=self.stride, align=self.align,
-                               batch_size=self.batch_size, device=self.device, stain_norm=stain_norm)
+                               batch_size=self.batch_size, device=self.device, stain_norm=stain_norm,
+                               precision=self.precision)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """bf16 when the encoder runs under autocast, else None (fp32)."""
+        if self.precision == "bf16" or (self.precision == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
 
     def set_image(self, image: np.ndarray, mpp: float | None) -> None:
         """Take an ``(H, W, 3)`` RGB image (uint8, or float in [0, 255]) at ``mpp`` µm/px.
@@ -128,7 +145,11 @@ class PointFeaturizer:
         if self.stain_norm != "none":
             u8 = arr if arr.dtype == np.uint8 else np.clip(np.round(arr), 0, 255).astype(np.uint8)
             arr = STAIN_NORMALIZERS[self.stain_norm](u8)
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
+        # to the encoder's device first (as uint8 when it is), so resizing and cropping run there
+        src = np.ascontiguousarray(arr if arr.dtype == np.uint8 else arr.astype(np.float32))
+        if not src.flags.writeable:  # torch wants writable memory; a uint8 copy is cheap
+            src = src.copy()
+        t = torch.from_numpy(src).to(self.device).permute(2, 0, 1)[None].float() / 255.0
         f = self.image_mpp / self.mpp
         if abs(f - 1.0) > 1e-6:  # same exact frame as denuc.data.resample: x_work = f * x
             t = F.interpolate(t, scale_factor=f, mode="bilinear", align_corners=False,
@@ -147,9 +168,10 @@ class PointFeaturizer:
     def prepare(self, crops: torch.Tensor) -> torch.Tensor:
         """``(B, 3, window, window)`` RGB in [0, 1] -> normalised encoder input ``(B, 3, S, S)``."""
         s = self.encoder.input_size
+        crops = crops.to(self.device)
         if s != self.window:
             crops = F.interpolate(crops, size=(s, s), mode="bilinear", align_corners=False, antialias=s < self.window)
-        return self.encoder.normalize(crops.to(self.device))
+        return self.encoder.normalize(crops)
 
     def crop(self, key: tuple[int, int]) -> torch.Tensor:
         """``(3, window, window)`` RGB in [0, 1] of window ``key`` = (column, row) grid index."""
@@ -161,7 +183,9 @@ class PointFeaturizer:
         t0 = time.perf_counter()
         for i in range(0, len(keys), self.batch_size):
             chunk = keys[i:i + self.batch_size]
-            with torch.inference_mode():
+            dt = self.autocast_dtype
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=dt or torch.bfloat16,
+                                                        enabled=dt is not None):
                 maps = self.encoder(self.prepare(torch.stack([self.crop(k) for k in chunk]))).float()
             for k, m in zip(chunk, maps):
                 self._maps[k] = m
