@@ -14,8 +14,10 @@ resized to the encoder input size and encoded lazily: only windows that own a qu
 are encoded, each at most once per image. A point lying in several windows takes its
 feature from the window where it lies most inside (largest distance to that window's
 edges). With ``stain_norm`` (e.g. ``macenko``, :data:`denuc.data.stain.STAIN_NORMALIZERS`)
-each image is re-stained to a fixed H&E reference before anything else. Points outside the image raise :class:`~denuc.errors.InputError` (documented
-policy: callers drop or clip them first).
+each image is re-stained to a fixed H&E reference before anything else. Points outside the
+image raise :class:`~denuc.errors.InputError` (documented policy: callers drop or clip them
+first). The image is uploaded to the encoder's device as uint8; resizing, cropping and
+sampling run there.
 """
 
 from __future__ import annotations
