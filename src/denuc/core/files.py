@@ -114,7 +114,7 @@ def portable_meta(meta: object, keys: tuple[str, ...] = PATH_KEYS, file_keys: tu
     (``/home/me/data/brca-m2c`` -> ``brca-m2c``), files under ``file_keys`` their folder and
     name (``/home/me/runs/det/best.safetensors`` -> ``det/best.safetensors``)."""
     if isinstance(meta, dict):
-        out = {}
+        out: dict[object, object] = {}
         for k, v in meta.items():
             n = 1 if k in keys else 2 if k in file_keys else 0
             if n and isinstance(v, str) and v:
