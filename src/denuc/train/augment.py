@@ -19,6 +19,7 @@ import torch
 
 from denuc.data.resample import resample
 from denuc.data.stain import stain_jitter
+from denuc.detect.tta import points_to_transformed
 
 #: Value of canvas pixels outside the image (white, like empty glass in H&E).
 PAD_VALUE = 255
@@ -49,9 +50,7 @@ class AugmentConfig:
 
 def hflip(img: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mirror left-right: ``x' = W - x``."""
-    out = xy.copy()
-    out[:, 0] = img.shape[1] - xy[:, 0]
-    return img[:, ::-1], out
+    return img[:, ::-1], points_to_transformed(xy, 0, True, img.shape[:2])
 
 
 def vflip(img: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,12 +61,9 @@ def vflip(img: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rot90(img: np.ndarray, xy: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rotate by ``k`` x 90° counter-clockwise (as ``np.rot90``): ``(x, y) -> (y, W - x)`` per turn."""
-    for _ in range(k % 4):
-        w = img.shape[1]
-        img = np.rot90(img)
-        xy = np.stack([xy[:, 1], w - xy[:, 0]], axis=1)
-    return img, xy
+    """Rotate by ``k`` x 90° counter-clockwise (as ``np.rot90``): ``(x, y) -> (y, W - x)`` per turn
+    (the same mapping as the detector's test-time augmentation, :mod:`denuc.detect.tta`)."""
+    return np.rot90(img, k % 4), points_to_transformed(xy, k, False, img.shape[:2])
 
 
 def random_crop(img: np.ndarray, xy: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator
