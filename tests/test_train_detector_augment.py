@@ -77,6 +77,34 @@ def test_scaling_keeps_points_at_blob_centre() -> None:
     assert n >= 5
 
 
+def test_scaling_a_large_image_rescales_only_the_crop_region_and_keeps_points_on_blobs() -> None:
+    # image much larger than the crop: augment crops a region before rescaling it
+    rng = np.random.default_rng(2)
+    cfg = AugmentConfig(crop=48, p_scale=1.0, scale_range=(0.8, 1.25), p_flip=0.5, p_rot90=0.75, p_jitter=0,
+                        p_blur=0, p_noise=0)
+    img = np.zeros((256, 256, 3), dtype=np.uint8)
+    centres = [(16.0 + 32 * i, 16.0 + 32 * j) for i in range(8) for j in range(8)]
+    for cx, cy in centres:
+        img[int(cy) - 2:int(cy) + 2, int(cx) - 2:int(cx) + 2, 0] = 200
+    checked = 0
+    for _ in range(30):
+        out, pts, _ = augment(img, np.array(centres), np.zeros(len(centres), np.int64), cfg, rng)
+        assert out.shape == (48, 48, 3)
+        red = out[..., 0].astype(float) * (out[..., 1] == 0)
+        for px, py in pts:
+            x0, x1 = int(px) - 5, int(px) + 6
+            y0, y1 = int(py) - 5, int(py) + 6
+            if x0 < 0 or y0 < 0 or x1 > 48 or y1 > 48:
+                continue  # blob may be cut by the crop edge
+            win = red[y0:y1, x0:x1]
+            ys, xs = np.nonzero(win)
+            cx = (win[ys, xs] * (xs + x0 + 0.5)).sum() / win[ys, xs].sum()
+            cy = (win[ys, xs] * (ys + y0 + 0.5)).sum() / win[ys, xs].sum()
+            assert abs(cx - px) < 0.3 and abs(cy - py) < 0.3
+            checked += 1
+    assert checked >= 20
+
+
 def test_photometric_changes_colours_not_shape() -> None:
     rng = np.random.default_rng(2)
     img = np.random.default_rng(3).integers(0, 255, (16, 16, 3), dtype=np.uint8)

@@ -116,6 +116,11 @@ def augment(img: np.ndarray, xy: np.ndarray, labels: np.ndarray, cfg: AugmentCon
     """One training sample: ``(crop (S, S, 3) uint8, xy (N, 2) float64 px, labels (N,))``."""
     if rng.random() < cfg.p_scale:
         f = float(np.exp(rng.uniform(np.log(cfg.scale_range[0]), np.log(cfg.scale_range[1]))))
+        # crop a region a little larger than the crop's footprint first, then rescale only
+        # that region (rescaling the whole image for every crop dominated the cost)
+        region = int(np.ceil(cfg.crop / f)) + 4
+        if region < max(img.shape[:2]):
+            img, xy, labels = random_crop(img, xy, labels, region, rng)
         img, xy = resample(img, f), xy * f
     img, xy, labels = random_crop(img, xy, labels, cfg.crop, rng)
     if rng.random() < cfg.p_flip:
