@@ -1,11 +1,12 @@
-"""Detection throughput of a detector (default: the shipped one) on this machine's CPU.
+"""Detection throughput of a detector (default: the shipped one) on this machine's CPU (or a GPU with
+``--device cuda``).
 
 Input: BRCA-M2C test images (0.5 µm/px, the input mpp) or, without the data, synthetic
 noise images of the same size. Throughput = input megapixels per second at the input mpp
 (the model resamples to its own mpp; at 0.25 µm/px training that is 4x the pixels).
 Prints a table and writes ``benchmarks/results/detector_speed.json``.
 
-    python benchmarks/detector_speed.py [--detector CKPT] [--threads 1 2] [--tta 1 4] [--reps 2]
+    python benchmarks/detector_speed.py [--detector CKPT] [--threads 1 2] [--tta 1 4] [--reps 2] [--device cuda]
 
 Rows for several ``--tta`` pass counts are measured in the same run, so their ratio holds
 even on this shared, noisy machine.
@@ -23,41 +24,32 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import write_result
+from pipeline_speed import load_images
 
-from denuc.data.paths import brca_m2c_dir
 from denuc.detect.api import Detector
-
-
-def load_images(n: int) -> tuple[list[np.ndarray], str]:
-    root = brca_m2c_dir()
-    if (root / "brca_ds_test.txt").is_file():
-        from denuc.data.base import open_dataset
-
-        ds = open_dataset(root)
-        return [ds.read_image(s) for s in ds.stems("test")[:n]], "BRCA-M2C test"
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, (490, 490, 3), dtype=np.uint8) for _ in range(n)], "synthetic 490x490 noise"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--detector", type=Path, default=None)
     ap.add_argument("--images", type=int, default=10)
+    ap.add_argument("--split", default="test", help="BRCA-M2C split to take the images from")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--tta", type=int, nargs="+", default=[1], choices=(1, 2, 4, 8),
                     help="test-time augmentation pass counts to time")
     ap.add_argument("--mpp", type=float, default=0.5, help="input µm/px of the images")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on cuda --threads only sets the host threads)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
-    det = Detector.load(args.detector, device="cpu")
-    imgs, source = load_images(args.images)
+    det = Detector.load(args.detector, device=args.device)
+    imgs, source = load_images(args.images, args.split)
     mpx = sum(im.shape[0] * im.shape[1] for im in imgs) / 1e6
     rows = []
     for th in args.threads:
         torch.set_num_threads(th)
         for n_tta in args.tta:
-            d = Detector.load(args.detector, device="cpu", tta=n_tta)
+            d = Detector.load(args.detector, device=args.device, tta=n_tta)
             d.detect(imgs[0], args.mpp)  # warm-up
             best = float("inf")
             for _ in range(args.reps):
@@ -71,7 +63,9 @@ def main() -> None:
         "detector": str(args.detector or "shipped default"), "backbone": cfg["backbone"],
         "model_mpp": det.mpp, "input_mpp": args.mpp, "images": len(imgs), "source": source,
         "input_megapixels": round(mpx, 3), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-        "cpu": f"{platform.machine()} {platform.processor() or ''}".strip() + " (2 logical cores, shared with other jobs)",
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+        "cpu": f"{platform.machine()} {platform.processor() or ''}".strip() + f" ({os.cpu_count()} logical cores)",
         "rows": rows, "command": "python benchmarks/detector_speed.py " + " ".join(sys.argv[1:]),
     }
     print(f"{cfg['backbone']} (model {det.mpp} µm/px) on {len(imgs)} {source} images at {args.mpp} µm/px "
@@ -80,7 +74,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['threads']:7d} {r['tta']:4d} {r['seconds']:8.2f} {r['mpx_per_s']:8.3f} {r['images_per_s']:7.2f} "
               f"{r['nuclei']:7d}")
-    write_result("detector_speed", result, args.report)
+    write_result("detector_speed" if args.device == "cpu" else f"detector_speed_{args.device.split(':')[0]}", result,
+                 args.report)
 
 
 if __name__ == "__main__":
