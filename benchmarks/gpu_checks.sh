@@ -3,6 +3,7 @@
 #
 #   [STEPS="speed ablation-train ablation-score pytest"] bash benchmarks/gpu_checks.sh
 #
+# (a step's parts can be chosen alone, e.g. STEPS="speed:detector pytest")
 # speed           encoder + point query vs bare forward (UNI2-h architecture and EfficientNet-Lite0,
 #                 random weights, bf16 autocast; target >= 0.9), detector and whole-pipeline
 #                 throughput of the shipped models on BRCA-M2C $SPEED_SPLIT images
@@ -31,10 +32,10 @@ ABLATION_DEADLINE_S="${ABLATION_DEADLINE_S:-0}"
 ABLATION_ROOT="${ABLATION_ROOT:-runs/ablation_gpu}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-step() {  # step GROUP[:PART] COMMAND...: run when GROUP is in $STEPS; log to $OUT/log.txt and $OUT/steps.txt
+step() {  # step GROUP[:PART] COMMAND...: run when GROUP or GROUP:PART is in $STEPS; log to $OUT/log.txt and $OUT/steps.txt
     local name=$1 t0 rc
     shift
-    [[ " $STEPS " == *" ${name%%:*} "* ]] || return 0
+    [[ " $STEPS " == *" ${name%%:*} "* || " $STEPS " == *" $name "* ]] || return 0
     echo "== $name: $*" | tee -a "$OUT/log.txt"
     t0=$(date +%s)
     "$@" 2>&1 | tee -a "$OUT/log.txt"
@@ -59,7 +60,8 @@ step ablation-train "$PY" benchmarks/detector_ablation.py train --variants $ABLA
     --epochs "$ABLATION_EPOCHS" --concurrent --threads 2 --deadline-s "$ABLATION_DEADLINE_S" --out-root "$ABLATION_ROOT" \
     --device "$DEVICE" ${ABLATION_ARGS:-}
 step ablation-score "$PY" benchmarks/detector_ablation.py score --device "$DEVICE" --out-root "$ABLATION_ROOT"
-step pytest "$PY" -m pytest -q -x -p no:cacheprovider
+# shellcheck disable=SC2086
+step pytest "$PY" -m pytest -q -x -p no:cacheprovider ${PYTEST_ARGS:-}
 for f in encode_query_speed "detector_speed_${DEVICE%%:*}" "pipeline_speed_${DEVICE%%:*}" detector_ablation; do
     [[ -f benchmarks/results/$f.json ]] && cp "benchmarks/results/$f.json" "$OUT/"
 done
