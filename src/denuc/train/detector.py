@@ -10,7 +10,8 @@ Optimisation: AdamW (lr 1e-3, wd 1e-4, no decay on biases and norm weights), per
 cosine from ``lr`` to ``min_lr``, AMP on CUDA only. After every epoch: val detection F1
 (denuc protocol, radius ``val_radius_um``) at several score thresholds; ``last`` and
 ``best`` checkpoints (safetensors + metadata) and ``state.pt`` (optimizer, step, RNGs) for
-an exact ``resume``; one JSON line per epoch in ``log.jsonl``.
+``resume`` (bit-exact on the CPU; on CUDA up to its non-deterministic kernels); one JSON line
+per epoch in ``log.jsonl``.
 """
 
 from __future__ import annotations
@@ -129,12 +130,18 @@ def val_scores(gt: dict[str, Nuclei], pred: dict[str, RawDetections], mpp: float
 
 
 def _rng_state(np_rng: np.random.Generator) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": json.dumps(np_rng.bit_generator.state),
-            "python": json.dumps(random.getstate())}
+    st = {"torch": torch.get_rng_state(), "numpy": json.dumps(np_rng.bit_generator.state),
+          "python": json.dumps(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return st
 
 
 def _set_rng_state(state: dict[str, Any], np_rng: np.random.Generator) -> None:
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(cuda))
     np_rng.bit_generator.state = json.loads(state["numpy"])
     py = json.loads(state["python"])
     random.setstate((py[0], tuple(py[1]), py[2]))
