@@ -145,3 +145,27 @@ def test_precision_option_and_bf16_autocast_stay_close_to_fp32() -> None:
     torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
     with pytest.raises(InputError, match="precision"):
         PointFeaturizer(enc, precision="fp8")
+
+
+@pytest.mark.parametrize("chunk_values", [None, 7])
+@pytest.mark.parametrize("align", ["center", "corners"])
+def test_batched_sampling_equals_sampling_each_window_alone(chunk_values: int | None, align: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import denuc.query.predictor as predictor
+
+    if chunk_values is not None:  # tiny budget: every window sampled in its own chunk
+        monkeypatch.setattr(predictor, "SAMPLE_CHUNK_VALUES", chunk_values)
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (150, 170, 3), dtype=np.uint8)
+    fp = PointFeaturizer(coord_encoder(input_size=96, stride=8, window=64), window=64, stride=48, batch_size=3,
+                         align=align)
+    fp.set_image(img, 0.25)
+    xy = np.stack([rng.uniform(0, 170, 400), rng.uniform(0, 150, 400)], axis=1)
+    first = fp.features_at(xy[:150])  # some windows encoded by an earlier query (other batches)
+    got = fp.features_at(xy)
+    ref = torch.zeros_like(got)
+    for k, sel, local in fp.group_points(xy):
+        ref[torch.from_numpy(sel)] = fp.sample(fp._maps[k], local)
+    assert len(fp._batches) > 1
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    torch.testing.assert_close(first, ref[:150], rtol=0, atol=0)

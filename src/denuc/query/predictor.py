@@ -33,10 +33,13 @@ from denuc.data.stain import STAIN_NORMALIZERS
 from denuc.encode.encoder import Encoder
 from denuc.errors import InputError
 from denuc.merge.tiling import window_origins
-from denuc.query.sample import ALIGN_MODES, map_grid, sample_map
+from denuc.query.sample import ALIGN_MODES, map_grid, sample_map, sample_maps
 
 #: encoder precisions of :class:`PointFeaturizer`.
 PRECISIONS = ("auto", "fp32", "bf16")
+
+#: most feature values one batched sampling call may produce (bounds its memory: 2**26 fp32 = 256 MiB)
+SAMPLE_CHUNK_VALUES = 2**26
 
 
 def best_window(coord: np.ndarray, origins: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,6 +113,8 @@ class PointFeaturizer:
         self.encode_ms = 0.0
         self._img: torch.Tensor | None = None
         self._maps: dict[tuple[int, int], torch.Tensor] = {}
+        self._batches: list[torch.Tensor] = []  # (B, C, h, w) maps as encoded, batch by batch
+        self._where: dict[tuple[int, int], tuple[int, int]] = {}  # window key -> (batch, row)
 
     # ------------------------------------------------------------------ image
     def geometry(self) -> dict[str, object]:
@@ -164,7 +169,7 @@ class PointFeaturizer:
         self.work_hw = (int(h), int(w))
         self._xs = window_origins(max(w, self.window), self.window, self.stride)
         self._ys = window_origins(max(h, self.window), self.window, self.stride)
-        self._maps = {}
+        self._maps, self._batches, self._where = {}, [], {}
 
     # --------------------------------------------------------------- queries
     def prepare(self, crops: torch.Tensor) -> torch.Tensor:
@@ -189,8 +194,10 @@ class PointFeaturizer:
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=dt or torch.bfloat16,
                                                         enabled=dt is not None):
                 maps = self.encoder(self.prepare(torch.stack([self.crop(k) for k in chunk]))).float()
-            for k, m in zip(chunk, maps):
+            for r, (k, m) in enumerate(zip(chunk, maps)):
                 self._maps[k] = m
+                self._where[k] = (len(self._batches), r)
+            self._batches.append(maps)
             self.n_encoded += len(chunk)
         self.encode_ms += (time.perf_counter() - t0) * 1e3
 
@@ -250,6 +257,36 @@ class PointFeaturizer:
         groups = self.group_points(xy)
         out = torch.zeros((len(xy), self.encoder.dim), dtype=torch.float32, device=self.device)
         self._encode([k for k, _, _ in groups if k not in self._maps])
+        # one grid_sample per encoded batch (not per window): host-device traffic and kernel
+        # launches do not grow with the number of windows
+        by_batch: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
         for k, sel, local in groups:
-            out[torch.from_numpy(sel).to(self.device)] = self.sample(self._maps[k], local)
+            b, r = self._where[k]
+            by_batch.setdefault(b, []).append((r, sel, local))
+        for b, items in by_batch.items():
+            fmaps = self._batches[b]
+            per_map = fmaps.shape[1] * max(len(sel) for _, sel, _ in items)
+            step = max(1, SAMPLE_CHUNK_VALUES // max(per_map, 1))
+            for i in range(0, len(items), step):
+                self._sample_into(out, fmaps, items[i:i + step])
         return out
+
+    def _sample_into(self, out: torch.Tensor, fmaps: torch.Tensor,
+                     items: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+        """Sample maps ``fmaps[row]`` at their windows' points and write the rows ``sel`` of ``out``."""
+        counts = [len(sel) for _, sel, _ in items]
+        n_max = max(counts)
+        slot = np.concatenate([np.arange(c) for c in counts])
+        which = np.repeat(np.arange(len(items)), counts)
+        local = np.concatenate([loc for _, _, loc in items])
+        g = map_grid(torch.from_numpy(local), self.window, self.encoder.input_size, self.encoder.stride,
+                     (fmaps.shape[-2], fmaps.shape[-1]), self.align)
+        grid = torch.zeros((len(items), n_max, 2), dtype=torch.float32)
+        grid[torch.from_numpy(which), torch.from_numpy(slot)] = g
+        rows = torch.tensor([r for r, _, _ in items], dtype=torch.long)
+        maps = fmaps if len(items) == len(fmaps) and bool((rows == torch.arange(len(fmaps))).all()) \
+            else fmaps.index_select(0, rows.to(fmaps.device))
+        feats = sample_maps(maps, grid.to(fmaps.device), self.align)  # (B, n_max, C)
+        flat = torch.from_numpy(which * n_max + slot).to(fmaps.device)
+        dest = torch.from_numpy(np.concatenate([sel for _, sel, _ in items])).to(self.device)
+        out[dest] = feats.reshape(-1, feats.shape[-1])[flat].float()

@@ -60,3 +60,20 @@ def sample_map(fmap: torch.Tensor, grid: torch.Tensor, align: str = "center") ->
     g = grid.to(fmap.dtype).view(1, 1, -1, 2)
     out = F.grid_sample(fmap[None], g, mode="bilinear", padding_mode="border", align_corners=(align == "corners"))
     return out[0, :, 0, :].transpose(0, 1)
+
+
+def sample_maps(fmaps: torch.Tensor, grid: torch.Tensor, align: str = "center") -> torch.Tensor:
+    """Bilinear features of a batch of maps at normalised points, one call for all of them.
+
+    Args:
+        fmaps: ``(B, C, h, w)`` feature maps.
+        grid: ``(B, n, 2)`` normalised (x, y) from :func:`map_grid`, ``n`` points per map
+            (pad maps with fewer points; padded slots are sampled and should be discarded).
+
+    Returns:
+        ``(B, n, C)`` features (same dtype as ``fmaps``); ``[b, i]`` equals
+        ``sample_map(fmaps[b], grid[b])[i]``.
+    """
+    g = grid.to(fmaps.dtype)[:, None]  # (B, 1, n, 2)
+    out = F.grid_sample(fmaps, g, mode="bilinear", padding_mode="border", align_corners=(align == "corners"))
+    return out[:, :, 0, :].transpose(1, 2)
