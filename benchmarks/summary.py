@@ -95,6 +95,43 @@ def _classifier_rows(folder: Path, name: str) -> list[str]:
     return out
 
 
+def gpu_tables(folder: Path) -> list[str]:
+    """The GPU results (``*_h100.json``): detector ablation, then throughput."""
+    out: list[str] = []
+    abl = _load(folder, "detector_ablation_h100")
+    if abl:
+        rec = abl["train"]["recipe"]
+        out += ["", f"Detector ablation on one {abl['train']['device']['gpu']} (detector_ablation_h100.json): "
+                f"{rec['mpp']} µm/px, {len(abl['rows'])} runs at once, each stopped after "
+                f"{rec['deadline_s']:.0f} s; BRCA-M2C, denuc protocol, 3 µm", "",
+                "| backbone | matcher | params | epochs done | val F1 | test F1 | test precision | test recall |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in abl["rows"]:
+            if "error" in r:
+                continue
+            v, t = r.get("val") or {}, r.get("test") or {}
+            out.append(f"| {r['backbone']} | {r['matcher']} | {r['params'] / 1e6:.2f} M | "
+                       f"{r['epochs_done']}/{r['epochs']} | {_fmt(v.get('f1'))} | {_fmt(t.get('f1'))} | "
+                       f"{_fmt(t.get('precision'))} | {_fmt(t.get('recall'))} |")
+    speed = [(n, _load(folder, n)) for n in ("detector_speed_h100", "pipeline_speed_h100")]
+    if any(d for _, d in speed):
+        out += ["", "Throughput on one NVIDIA H100, BRCA-M2C test images at 0.5 µm/px (Mpx/s of input)", "",
+                "| what | tta | Mpx/s | images/s | nuclei/s | JSON |", "|---|---|---|---|---|---|"]
+        for n, d in speed:
+            for r in (d or {}).get("rows", []):
+                what = r.get("stage", "detect (detector_speed)")
+                nps = r.get("nuclei_per_s") or round(r["nuclei"] / r["seconds"], 1)
+                out.append(f"| {what} | {r['tta']} | {r['mpx_per_s']:.2f} | {r['images_per_s']:.1f} | {nps:.0f} | {n}.json |")
+    eq = _load(folder, "encode_query_speed_h100")
+    if eq:
+        out += ["", f"Encoder + point query vs bare encoder forward, {eq['device']} (encode_query_speed_h100.json)", "",
+                "| encoder | precision | bare windows/s | query windows/s | query / bare |", "|---|---|---|---|---|"]
+        for r in eq["results"]:
+            out.append(f"| {r['encoder']} | {r['precision']} | {r['bare_windows_per_s']:.0f} | "
+                       f"{r['query_windows_per_s']:.0f} | {r['query_over_bare']:.2f} |")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reported", type=Path, default=HERE / "reported")
@@ -104,6 +141,8 @@ def main() -> int:
     print("| method | det F1 | lymphocyte | tumor | stromal | mean class F1 | macro F1 at GT points | JSON |")
     print("|---|---|---|---|---|---|---|---|")
     for line in rows(args.reported):
+        print(line)
+    for line in gpu_tables(args.reported):
         print(line)
     return 0
 
