@@ -215,3 +215,21 @@ def test_shufflenet_loads_torchvision_format_weights(tmp_path) -> None:  # type:
     bb = BACKBONES.get("shufflenetv2_0.5x")(pretrained_path=str(tmp_path / "tv.pth"))
     assert torch.equal(bb.conv1[0].weight, ref.conv1[0].weight)
     assert torch.equal(bb.stage4[0].branch1[0].weight, ref.stage4[0].branch1[0].weight)
+
+
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_candidates_numpy_equals_candidates(num_classes: int) -> None:
+    torch.manual_seed(5)
+    cfg = tiny_config(num_classes=num_classes, class_names=tuple(f"c{i}" for i in range(num_classes)))
+    model = build_detector(cfg).eval()
+    torch.nn.init.normal_(model.head.offset.weight, std=0.5)  # some points land outside the window
+    imgs, _ = blob_images(3, 64, 6, seed=6)
+    x = normalise(imgs, model.config.mean, model.config.std)
+    with torch.no_grad():
+        ref = model.candidates(x, threshold=0.3)
+    got = model.candidates_numpy(x, threshold=0.3)
+    assert len(got) == len(ref) == 3
+    for g, r in zip(got, ref, strict=True):
+        assert len(r["scores"]) > 0
+        for k in ("points", "scores", "labels", "probs"):
+            np.testing.assert_array_equal(g[k], r[k].numpy(), err_msg=k)

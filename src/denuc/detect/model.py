@@ -176,6 +176,26 @@ class PointDetector(nn.Module):
         return out
 
     @torch.no_grad()
+    def candidates_numpy(self, images: torch.Tensor, threshold: float | None = None
+                         ) -> list[dict[str, np.ndarray]]:
+        """:meth:`candidates` as numpy arrays, with one device-to-host copy per output for the
+        whole batch (selection per image happens on the host): on a GPU this avoids a
+        synchronisation for every image of the batch."""
+        thr = self.config.score_threshold if threshold is None else threshold
+        h, w = int(images.shape[-2]), int(images.shape[-1])
+        logits, points = self.raw(images)
+        prob = logits.float().softmax(-1)
+        scores = 1.0 - prob[..., 0]
+        pts = points.float()
+        keep = (scores > thr) & (pts[..., 0] >= 0) & (pts[..., 0] < w) & (pts[..., 1] >= 0) & (pts[..., 1] < h)
+        cls_prob = prob[..., 1:]
+        cls_prob = cls_prob / cls_prob.sum(-1, keepdim=True).clamp_min(1e-12)
+        labels = cls_prob.argmax(-1)
+        keep_h, pts_h, sc_h, lab_h, cp_h = (t.cpu().numpy() for t in (keep, pts, scores, labels, cls_prob))
+        return [{"points": pts_h[i][keep_h[i]], "scores": sc_h[i][keep_h[i]], "labels": lab_h[i][keep_h[i]],
+                 "probs": cp_h[i][keep_h[i]]} for i in range(len(keep_h))]
+
+    @torch.no_grad()
     def postprocess(self, logits: torch.Tensor, points: torch.Tensor, hw: torch.Size | tuple[int, int],
                     threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
         out = []

@@ -71,17 +71,16 @@ def detect_images(model: PointDetector, images: Sequence[np.ndarray], *, thresho
     for b in range(0, len(jobs), batch_size):
         chunk = jobs[b:b + batch_size]
         crops = np.stack([padded[i][y0:y0 + window, x0:x0 + window] for i, (x0, y0) in chunk])
-        cands = model.candidates(normalise(crops, cfg.mean, cfg.std, device), threshold)
+        cands = model.candidates_numpy(normalise(crops, cfg.mean, cfg.std, device), threshold)
         for (i, (x0, y0)), d in zip(chunk, cands, strict=True):
-            xy = d["points"].cpu().double().numpy()
+            xy = d["points"].astype(np.float64)
             hp, wp = padded[i].shape[:2]
             keep = inner_margin_mask(xy, (x0, y0), window, (hp, wp), margin)
             g = xy[keep] + np.array([x0, y0], dtype=np.float64)
             h, w = images[i].shape[:2]
             inside = (g[:, 0] < w) & (g[:, 1] < h)
             keep_idx = np.flatnonzero(keep)[inside]
-            parts[i].append((g[inside], d["scores"].cpu().numpy()[keep_idx], d["labels"].cpu().numpy()[keep_idx],
-                             d["probs"].cpu().numpy()[keep_idx]))
+            parts[i].append((g[inside], d["scores"][keep_idx], d["labels"][keep_idx], d["probs"][keep_idx]))
     out = []
     for p in parts:
         xy = np.concatenate([q[0] for q in p]) if p else np.zeros((0, 2))
