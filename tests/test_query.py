@@ -151,7 +151,7 @@ def test_precision_option_and_bf16_autocast_stay_close_to_fp32() -> None:
 @pytest.mark.parametrize("align", ["center", "corners"])
 def test_batched_sampling_equals_sampling_each_window_alone(chunk_values: int | None, align: str,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import denuc.query.predictor as predictor
+    from denuc.query import predictor
 
     if chunk_values is not None:  # tiny budget: every window sampled in its own chunk
         monkeypatch.setattr(predictor, "SAMPLE_CHUNK_VALUES", chunk_values)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from denuc.detect.checkpoint import read_meta
+from denuc.errors import InputError
 from denuc.train import detector_cli
 from denuc.train.detector import TrainConfig, cosine_lr, train
 
@@ -117,3 +118,16 @@ def test_cli_yaml_then_flags_and_class_aware_training(tmp_path: Path) -> None:
     assert stain.stain_p == 0.5 and stain.stain_space == "od" and stain.stain_strength == 0.4
     with pytest.raises(InputError, match="stain jitter"):
         train(detector_cli.resolve_config(p.parse_args(["--config", str(yml), "--stain-space", "lab"])))
+
+
+def test_loader_workers_do_not_change_training(tmp_path: Path) -> None:
+    ds = write_blob_dataset(tmp_path / "ds", n_train=3, n_val=1)
+    for w in (0, 2):
+        train(_cfg(ds, tmp_path / f"w{w}", epochs=2, workers=w, stain_p=0.5, device="cpu"), log=lambda s: None)
+    sa = torch.load(tmp_path / "w0" / "state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "w2" / "state.pt", weights_only=True)
+    assert sa["step"] == sb["step"] > 0
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+    with pytest.raises(InputError, match="workers"):
+        train(_cfg(ds, tmp_path / "bad", workers=-1), log=lambda s: None)

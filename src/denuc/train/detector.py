@@ -2,7 +2,8 @@
 
 Data: any mix of dataset folders (:func:`denuc.data.base.open_dataset`), every image and
 its points resampled to one training resolution ``mpp`` (µm/px). An epoch draws
-``ceil(H * W / crop²)`` augmented random crops per training image. Class-agnostic by
+``ceil(H * W / crop²)`` augmented random crops per training image, prepared by ``workers``
+processes when set (each crop has its own seed, so results do not depend on the count). Class-agnostic by
 default (every point is a "nucleus"); ``classes=True`` keeps the datasets' classes (union of
 their vocabularies) for an end-to-end joint detector-classifier.
 
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from denuc.core.result import Nuclei
 from denuc.data.stain import STAIN_SPACES
@@ -95,6 +97,48 @@ def load_items(paths: Sequence[str], split: str, mpp: float, keep_classes: bool,
     return items, vocab
 
 
+class CropSource(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Augmented training crops addressed by ``(item index, epoch, position in the epoch)``.
+
+    Each crop draws from its own generator seeded with ``(seed, epoch, position)``, so a crop
+    is the same whichever process makes it and in whatever order: training does not depend
+    on the number of loader workers, and a resumed run repeats the crops of the epochs it redoes.
+    """
+
+    def __init__(self, items: list[Item], aug: AugmentConfig, seed: int) -> None:
+        self.items, self.aug, self.seed = items, aug, seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        i, epoch, pos = key
+        it = self.items[i]
+        rng = np.random.default_rng((self.seed, epoch, pos))
+        return augment(it.image, it.xy, it.labels, self.aug, rng)
+
+
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def crop_batches(source: CropSource, order: np.ndarray, epoch: int, batch_size: int, steps: int,
+                 workers: int) -> Any:
+    """Iterator over ``steps`` batches (lists of ``(crop, xy, labels)``) of the crops ``order``
+    (item indices) of ``epoch``, prepared by ``workers`` processes (0 = here)."""
+    keys = [(int(i), epoch, pos) for pos, i in enumerate(order)]
+    chunks = [keys[b * batch_size:(b + 1) * batch_size] for b in range(steps)]
+    if workers <= 0:
+        return ([source[k] for k in chunk] for chunk in chunks)
+    return iter(torch.utils.data.DataLoader(source, batch_sampler=chunks, num_workers=workers,
+                                            collate_fn=_as_list, worker_init_fn=_one_thread,
+                                            prefetch_factor=4))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases and 1-d (norm) parameters."""
     decay, no_decay = [], []
@@ -154,6 +198,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     """
     if not cfg.datasets:
         raise InputError("no training datasets given")
+    if cfg.workers < 0:
+        raise InputError(f"workers must be >= 0; got {cfg.workers}")
     if cfg.stain_space not in STAIN_SPACES or not 0.0 <= cfg.stain_p <= 1.0 or not 0.0 <= cfg.stain_strength < 1.0:
         raise InputError(f"stain jitter needs stain_p in [0, 1], stain_strength in [0, 1) and stain_space in "
                          f"{list(STAIN_SPACES)}; got {cfg.stain_p}, {cfg.stain_strength}, {cfg.stain_space!r}")
@@ -224,6 +270,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
 
     aug = AugmentConfig(crop=cfg.crop, p_stain=cfg.stain_p, stain_strength=cfg.stain_strength,
                         stain_space=cfg.stain_space)
+    source = CropSource(train_items, aug, cfg.seed)
     meta_base = {"mpp": cfg.mpp, "nms_radius_um": cfg.nms_radius_um, "window": WINDOW, "stride": STRIDE,
                  "margin": MARGIN, "datasets": [str(p) for p in cfg.datasets], "train": asdict(cfg),
                  "epochs": cfg.epochs}
@@ -234,17 +281,14 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
         np_rng.shuffle(order)
         sums = {"loss": 0.0, "loss_cls": 0.0, "loss_offset": 0.0}
         te = time.time()
-        batches = range(steps_per_epoch)
+        batches = crop_batches(source, order, epoch, cfg.batch_size, steps_per_epoch, cfg.workers)
         if cfg.progress:
             from tqdm import tqdm
 
-            batches = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        for b in batches:
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for batch in batches:
             imgs, targets = [], []
-            for i in idx:
-                it = train_items[i]
-                im, xy, lab = augment(it.image, it.xy, it.labels, aug, np_rng)
+            for im, xy, lab in batch:
                 imgs.append(im)
                 targets.append({"points": torch.as_tensor(xy, dtype=torch.float32, device=device),
                                 "labels": torch.as_tensor(lab, dtype=torch.long, device=device)})
