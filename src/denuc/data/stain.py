@@ -126,8 +126,10 @@ def estimate_stains(image: np.ndarray, *, od_threshold: float = 0.15, alpha: flo
 
 
 def _concentrations(od: np.ndarray, stains: np.ndarray) -> np.ndarray:
-    """Least-squares concentrations ``(N, 2)`` of ``od (N, 3)`` in the two ``stains (2, 3)``."""
-    return np.linalg.lstsq(stains.T, od.T, rcond=None)[0].T
+    """Least-squares concentrations ``(N, 2)`` of ``od (N, 3)`` in the two ``stains (2, 3)``
+    (through the pseudo-inverse of the 3 x 2 stain matrix: one matrix product, where a
+    per-call ``lstsq`` over all pixels took half of the normalisation time)."""
+    return od @ np.linalg.pinv(stains.T).T
 
 
 def _max_conc(od: np.ndarray, stains: np.ndarray, od_threshold: float) -> np.ndarray:
