@@ -3,9 +3,9 @@
 Data: any mix of dataset folders (:func:`denuc.data.base.open_dataset`), every image and
 its points resampled to one training resolution ``mpp`` (µm/px). An epoch draws
 ``ceil(H * W / crop²)`` augmented random crops per training image, prepared by ``workers``
-processes when set (each crop has its own seed, so results do not depend on the count). Class-agnostic by
-default (every point is a "nucleus"); ``classes=True`` keeps the datasets' classes (union of
-their vocabularies) for an end-to-end joint detector-classifier.
+processes when set (each crop has its own seed, so results do not depend on the count).
+Class-agnostic by default (every point is a "nucleus"); ``classes=True`` keeps the datasets'
+classes (union of their vocabularies) for an end-to-end joint detector-classifier.
 
 Optimisation: AdamW (lr 1e-3, wd 1e-4, no decay on biases and norm weights), per-step
 cosine from ``lr`` to ``min_lr``, AMP on CUDA only. After every epoch: val detection F1
