@@ -109,3 +109,48 @@ def test_hed_stain_jitter() -> None:
     assert np.abs(a.astype(int) - img).mean() > 1
     with pytest.raises(InputError, match="space"):
         stain_jitter(img, np.random.default_rng(3), 0.2, "lab")
+
+
+@pytest.mark.parametrize("max_pixels", [250_000, 3_000])
+def test_tensor_macenko_equals_numpy(max_pixels: int) -> None:
+    import torch
+
+    from denuc.data.stain import (
+        STAIN_NORMALIZERS_TENSOR,
+        estimate_stains,
+        macenko_normalize_tensor,
+    )
+
+    img = _render(_concentrations(128, seed=2), H_SITE_B, E_SITE_B)
+    if max_pixels < 250_000:  # more tissue than max_pixels: both sample the same pixels
+        est = estimate_stains(img, max_pixels=max_pixels)
+        ref = macenko_normalize(img, estimate=est)
+    else:
+        ref = macenko_normalize(img)
+    got = macenko_normalize_tensor(torch.from_numpy(img.copy()), max_pixels=max_pixels).numpy()
+    assert got.dtype == np.uint8 and got.shape == img.shape
+    assert np.abs(got.astype(int) - ref).max() <= 1 and (got != ref).mean() < 1e-3  # last-bit rounding only
+    assert (got != img).mean() > 0.5  # it did re-stain
+    blank = np.full((40, 40, 3), 250, np.uint8)  # no tissue: unchanged
+    assert torch.equal(STAIN_NORMALIZERS_TENSOR["macenko"](torch.from_numpy(blank)), torch.from_numpy(blank))
+    with pytest.raises(InputError, match="uint8"):
+        macenko_normalize_tensor(torch.zeros(8, 8, 3))
+
+
+def test_featurizer_normalises_on_the_device_like_on_the_host() -> None:
+    import torch
+
+    from denuc.encode import build_encoder
+    from denuc.query import PointFeaturizer
+
+    img = _render(_concentrations(300, seed=3), H_SITE_B, E_SITE_B)
+    enc = build_encoder("efficientnet-lite0", weights="random", device="cpu")
+    xy = np.random.default_rng(0).uniform(10, 290, (50, 2))
+    feats = []
+    for on_device in (False, True):
+        fz = PointFeaturizer(enc, stain_norm="macenko")
+        fz.stain_on_device = on_device
+        fz.set_image(img, 0.25)
+        feats.append(fz.features_at(xy))
+    assert fz.stain_on_device and not PointFeaturizer(enc).stain_on_device  # CPU default: numpy
+    torch.testing.assert_close(feats[0], feats[1], atol=1e-3, rtol=1e-3)

@@ -8,10 +8,14 @@ Both work in optical density, ``od = -log((I + 1) / 256)`` per pixel and RGB cha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from denuc.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 #: Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB) in optical density, unit rows.
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
@@ -163,8 +167,66 @@ def macenko_normalize(image: np.ndarray, reference: StainReference = MACENKO_REF
     return from_od(out.reshape(image.shape).astype(np.float32))
 
 
+def macenko_normalize_tensor(image: torch.Tensor, reference: StainReference = MACENKO_REFERENCE, *,
+                             od_threshold: float = 0.15, alpha: float = 1.0, min_pixels: int = 500,
+                             max_pixels: int = 250_000, seed: int = 0) -> torch.Tensor:
+    """:func:`macenko_normalize` for an ``(H, W, 3)`` uint8 tensor, computed on its device.
+
+    The same float64 arithmetic as the numpy version (and the same tissue-pixel sample when
+    there are more than ``max_pixels``), so the result equals it up to rounding of the last
+    bit; on a GPU it spares the host a pass over every pixel. Returns an ``(H, W, 3)`` uint8
+    tensor on the same device (the input itself when there is too little tissue).
+    """
+    import torch
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != torch.uint8:
+        raise InputError(f"stain normalisation needs an (H, W, 3) uint8 RGB image; got {tuple(image.shape)} "
+                         f"{image.dtype}")
+    # float32 optical density like to_od, then float64 like estimate_stains
+    od = (-torch.log((image.to(torch.float32) + 1.0) / 256.0)).reshape(-1, 3).to(torch.float64)
+    mask = (od > od_threshold).all(dim=1)
+    n_tissue = int(mask.sum())
+    if n_tissue < min_pixels:
+        return image
+    tissue = od[mask]
+    if n_tissue > max_pixels:
+        pick = np.random.default_rng(seed).choice(n_tissue, max_pixels, replace=False)
+        tissue = tissue[torch.from_numpy(pick).to(tissue.device)]
+    centred = tissue - tissue.mean(0, keepdim=True)
+    cov = centred.T @ centred / (len(tissue) - 1)
+    _, vecs = torch.linalg.eigh(cov)
+    plane = vecs[:, 1:3]
+    plane = plane * torch.where(plane.sum(0) < 0, -1.0, 1.0).to(plane.dtype)
+    proj = tissue @ plane
+    phi = torch.atan2(proj[:, 1], proj[:, 0])
+    q = torch.tensor([alpha / 100.0, 1.0 - alpha / 100.0], dtype=phi.dtype, device=phi.device)
+    lo, hi = torch.quantile(phi, q).tolist()
+    v1 = plane @ torch.tensor([np.cos(lo), np.sin(lo)], dtype=plane.dtype, device=plane.device)
+    v2 = plane @ torch.tensor([np.cos(hi), np.sin(hi)], dtype=plane.dtype, device=plane.device)
+    stains = torch.stack([v1, v2] if float(v1[0]) > float(v2[0]) else [v2, v1])
+    stains = stains.abs() / torch.linalg.norm(stains, dim=1, keepdim=True)
+    if not bool(torch.isfinite(stains).all()) or abs(float(stains[0] @ stains[1])) > 0.995:
+        return image
+    pinv = torch.linalg.pinv(stains.T).T  # (3, 2): od @ pinv = least-squares concentrations
+    conc_t = od[mask] @ pinv
+    max_conc = torch.quantile(conc_t, 0.99, dim=0) if len(conc_t) <= 16_000_000 else \
+        torch.from_numpy(np.percentile(conc_t.cpu().numpy(), 99, axis=0)).to(conc_t.device)
+    max_conc = torch.where(max_conc > 1e-6, max_conc, torch.ones_like(max_conc))
+    ref_conc = torch.tensor(reference.max_conc, dtype=torch.float64, device=od.device)
+    ref_stains = torch.tensor(reference.stains, dtype=torch.float64, device=od.device)
+    out = ((od @ pinv) * (ref_conc / max_conc)) @ ref_stains
+    rgb = torch.exp(-out.to(torch.float32)) * 256.0 - 1.0
+    return rgb.round().clamp(0, 255).to(torch.uint8).reshape(image.shape)
+
+
 #: Stain normalisers by name (``none`` = identity): ``fn(image (H, W, 3) uint8) -> same shape``.
 STAIN_NORMALIZERS = {
     "none": lambda image: image,
     "macenko": macenko_normalize,
+}
+
+#: The same normalisers on ``(H, W, 3)`` uint8 tensors, computed on the tensor's device.
+STAIN_NORMALIZERS_TENSOR = {
+    "none": lambda image: image,
+    "macenko": macenko_normalize_tensor,
 }

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from denuc.core.mpp import check_mpp
-from denuc.data.stain import STAIN_NORMALIZERS
+from denuc.data.stain import STAIN_NORMALIZERS, STAIN_NORMALIZERS_TENSOR
 from denuc.encode.encoder import Encoder
 from denuc.errors import InputError
 from denuc.merge.tiling import window_origins
@@ -109,6 +109,8 @@ class PointFeaturizer:
         if precision not in PRECISIONS:
             raise InputError(f"precision must be one of {PRECISIONS}; got {precision!r}")
         self.precision = precision
+        #: normalise stains on the encoder's device (default: unless it is the CPU, where numpy is faster)
+        self.stain_on_device = self.device.type != "cpu"
         self.n_encoded = 0
         self.encode_ms = 0.0
         self._img: torch.Tensor | None = None
@@ -149,14 +151,20 @@ class PointFeaturizer:
         if arr.ndim != 3 or arr.shape[2] != 3:
             raise InputError(f"image must be (H, W, 3) RGB; got shape {arr.shape}")
         self.image_hw = (int(arr.shape[0]), int(arr.shape[1]))
+        on_device = self.stain_norm != "none" and self.stain_on_device
         if self.stain_norm != "none":
-            u8 = arr if arr.dtype == np.uint8 else np.clip(np.round(arr), 0, 255).astype(np.uint8)
-            arr = STAIN_NORMALIZERS[self.stain_norm](u8)
-        # to the encoder's device first (as uint8 when it is), so resizing and cropping run there
+            arr = arr if arr.dtype == np.uint8 else np.clip(np.round(arr), 0, 255).astype(np.uint8)
+            if not on_device:
+                arr = STAIN_NORMALIZERS[self.stain_norm](arr)
+        # to the encoder's device first (as uint8 when it is), so normalising, resizing and
+        # cropping run there (the numpy and tensor normalisers agree to the last rounding bit)
         src = np.ascontiguousarray(arr if arr.dtype == np.uint8 else arr.astype(np.float32))
         if not src.flags.writeable:  # torch wants writable memory; a uint8 copy is cheap
             src = src.copy()
-        t = torch.from_numpy(src).to(self.device).permute(2, 0, 1)[None].float() / 255.0
+        t = torch.from_numpy(src).to(self.device)
+        if on_device:
+            t = STAIN_NORMALIZERS_TENSOR[self.stain_norm](t)
+        t = t.permute(2, 0, 1)[None].float() / 255.0
         f = self.image_mpp / self.mpp
         if abs(f - 1.0) > 1e-6:  # same exact frame as denuc.data.resample: x_work = f * x
             t = F.interpolate(t, scale_factor=f, mode="bilinear", align_corners=False,
