@@ -159,21 +159,26 @@ class PointDetector(nn.Module):
         logits, points = self.raw(images)
         return self._select(logits, points, images.shape[-2:], threshold)
 
-    def _select(self, logits: torch.Tensor, points: torch.Tensor, hw: torch.Size | tuple[int, int],
-                threshold: float | None) -> list[dict[str, torch.Tensor]]:
+    def _proposals(self, logits: torch.Tensor, points: torch.Tensor, hw: torch.Size | tuple[int, int],
+                   threshold: float | None) -> dict[str, torch.Tensor]:
+        """Per anchor of the batch: ``keep (B, A)`` (score > threshold and inside the image),
+        ``points (B, A, 2)``, ``scores (B, A)``, ``labels (B, A)``, ``probs (B, A, C)``
+        (class probabilities renormalised without the background)."""
         thr = self.config.score_threshold if threshold is None else threshold
         h, w = int(hw[0]), int(hw[1])
-        prob = logits.softmax(-1)
+        prob = logits.float().softmax(-1)
         scores = 1.0 - prob[..., 0]
-        out = []
-        for i in range(len(logits)):
-            pt = points[i]
-            keep = (scores[i] > thr) & (pt[:, 0] >= 0) & (pt[:, 0] < w) & (pt[:, 1] >= 0) & (pt[:, 1] < h)
-            cls_prob = prob[i, keep, 1:]
-            cls_prob = cls_prob / cls_prob.sum(-1, keepdim=True).clamp_min(1e-12)
-            out.append({"points": pt[keep], "scores": scores[i, keep], "labels": cls_prob.argmax(-1),
-                        "probs": cls_prob})
-        return out
+        pts = points.float()
+        keep = (scores > thr) & (pts[..., 0] >= 0) & (pts[..., 0] < w) & (pts[..., 1] >= 0) & (pts[..., 1] < h)
+        cls_prob = prob[..., 1:]
+        cls_prob = cls_prob / cls_prob.sum(-1, keepdim=True).clamp_min(1e-12)
+        return {"keep": keep, "points": pts, "scores": scores, "labels": cls_prob.argmax(-1), "probs": cls_prob}
+
+    def _select(self, logits: torch.Tensor, points: torch.Tensor, hw: torch.Size | tuple[int, int],
+                threshold: float | None) -> list[dict[str, torch.Tensor]]:
+        p = self._proposals(logits, points, hw, threshold)
+        return [{k: p[k][i][p["keep"][i]] for k in ("points", "scores", "labels", "probs")}
+                for i in range(len(logits))]
 
     @torch.no_grad()
     def candidates_numpy(self, images: torch.Tensor, threshold: float | None = None
@@ -181,19 +186,10 @@ class PointDetector(nn.Module):
         """:meth:`candidates` as numpy arrays, with one device-to-host copy per output for the
         whole batch (selection per image happens on the host): on a GPU this avoids a
         synchronisation for every image of the batch."""
-        thr = self.config.score_threshold if threshold is None else threshold
-        h, w = int(images.shape[-2]), int(images.shape[-1])
         logits, points = self.raw(images)
-        prob = logits.float().softmax(-1)
-        scores = 1.0 - prob[..., 0]
-        pts = points.float()
-        keep = (scores > thr) & (pts[..., 0] >= 0) & (pts[..., 0] < w) & (pts[..., 1] >= 0) & (pts[..., 1] < h)
-        cls_prob = prob[..., 1:]
-        cls_prob = cls_prob / cls_prob.sum(-1, keepdim=True).clamp_min(1e-12)
-        labels = cls_prob.argmax(-1)
-        keep_h, pts_h, sc_h, lab_h, cp_h = (t.cpu().numpy() for t in (keep, pts, scores, labels, cls_prob))
-        return [{"points": pts_h[i][keep_h[i]], "scores": sc_h[i][keep_h[i]], "labels": lab_h[i][keep_h[i]],
-                 "probs": cp_h[i][keep_h[i]]} for i in range(len(keep_h))]
+        p = {k: v.cpu().numpy() for k, v in self._proposals(logits, points, images.shape[-2:], threshold).items()}
+        return [{k: p[k][i][p["keep"][i]] for k in ("points", "scores", "labels", "probs")}
+                for i in range(len(p["keep"]))]
 
     @torch.no_grad()
     def postprocess(self, logits: torch.Tensor, points: torch.Tensor, hw: torch.Size | tuple[int, int],
