@@ -74,6 +74,7 @@ class Recipe:
     aug: tuple[str, float, int] = ("od", 0.0, 0)  # (space, strength, passes)
     multiscale: bool = False  # concatenate s8+s16+s32 features at 0.25 and 0.5 µm/px
     norm: str = "none"  # stain normaliser before encoding; the stain-jittered passes skip it (as train-head does)
+    tta: int = 1  # features averaged over this many dihedral passes of each image (train-head --feature-tta)
     notes: dict[str, object] = field(default_factory=dict)
 
 
@@ -114,6 +115,9 @@ def recipes() -> list[Recipe]:
         Recipe("30 ep, wd 1e-1, macenko, stain hed 0.4 x4", replace(e30, weight_decay=1e-1), aug=("hed", 0.4, 4),
                norm="macenko"),
         Recipe("30 ep, wd 5e-2, multi-scale 0.25+0.5", replace(e30, weight_decay=5e-2), multiscale=True),
+        Recipe("30 ep, wd 1e-1, macenko, rot4 features", replace(e30, weight_decay=1e-1), norm="macenko", tta=4),
+        Recipe("30 ep, wd 1e-1, macenko, stain hed 0.4 x2, rot4 features", replace(e30, weight_decay=1e-1),
+               aug=("hed", 0.4, 2), norm="macenko", tta=4),
     ]
 
 
@@ -132,8 +136,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", default=None, help="recipe names to run (default all)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "classifier_site_cv.json")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     ds = open_dataset(brca_m2c_dir())
     k = len(ds.classes)
     train, val = ds.stems("train"), ds.stems("val")
@@ -150,10 +155,11 @@ def main() -> int:
                 out[sp] = replace(a, feats=np.concatenate([a.feats[:, cols], b.feats[:, cols]], 1))
             return out, {"train": [], "val": []}
         space, strength, n = r.aug
-        augs = {sp: augmented_gt_features(fz, ds, st, n, strength=strength, space=space) if n else []
+        fr = fz if r.tta == 1 else PointFeaturizer(fz.encoder, feature_tta=r.tta)
+        augs = {sp: augmented_gt_features(fr, ds, st, n, strength=strength, space=space) if n else []
                 for sp, st in (("train", train), ("val", val))}
         if r.norm != "none":
-            nz = fz.with_stain_norm(r.norm)
+            nz = fr.with_stain_norm(r.norm)
             return {sp: cached_features(nz, ds, st)["gt"] for sp, st in (("train", train), ("val", val))}, augs
         return plain, augs
 
@@ -174,7 +180,7 @@ def main() -> int:
         s = summarize(folds)
         rows.append({"recipe": r.name, "train": asdict(r.cfg), "stop_epoch": r.stop_epoch,
                      "stain_augment": {"space": r.aug[0], "strength": r.aug[1], "passes": r.aug[2]},
-                     "multiscale": r.multiscale, "stain_norm": r.norm, "site_cv": s, "folds": [asdict(x) for x in folds],
+                     "multiscale": r.multiscale, "stain_norm": r.norm, "feature_tta": r.tta, "site_cv": s, "folds": [asdict(x) for x in folds],
                      "official_val_macro_f1": vf1, "seconds": round(time.perf_counter() - t0, 1)})
         print(f"{r.name:36} " + " ".join(f"{x.site}={x.macro_f1:.4f}" for x in folds)
               + f"  mean {s['mean']:.4f} ± {s['std']:.4f}  val {vf1:.4f}", flush=True)
@@ -187,7 +193,8 @@ def main() -> int:
     out = {"benchmark": "classifier_site_cv", "metric": "macro-F1 at GT points of the held-out TCGA site",
            "pool": "train+val (90 images)", "sites": {s: len(v) for s, v in site_groups(train + val).items()},
            "encoder": "efficientnet-lite0", "feature_layers": "+".join(LITE0_DEFAULT_TAPS), "mpp": fz.mpp,
-           **run_info("classifier_site_cv.py", one_thread=True), "cpu_threads": 1, "results": rows}
+           **run_info("classifier_site_cv.py", one_thread=args.threads == 1), "cpu_threads": args.threads,
+           "results": rows}
     write_json(args.out, out)
     return 0
 

@@ -149,3 +149,17 @@ def test_stain_normalising_head_carries_its_normaliser_to_prediction(tmp_path: P
     assert model.featurizer.stain_norm == "macenko"
     img = read_image(ds.image_path(ds.stems("test")[0]))
     assert len(model(img, mpp=0.25)) == len(GridDetector().detect(img, 0.25))
+
+
+def test_feature_tta_head_carries_its_passes_to_prediction(tmp_path: Path) -> None:
+    ds = make_blob_dataset(tmp_path / "blobs", n_images=4)
+    enc = build_encoder("tiny-uni", weights="random")
+    head = tmp_path / "tta.safetensors"
+    meta = train_head(ds, enc, head, cache_dir=tmp_path / "cache", config=HeadTrainConfig(epochs=2), window=64,
+                      feature_tta=2, stain_norm="macenko", log=lambda m: None)
+    assert meta.feature_tta == 2 and "averaged over 2 passes" in meta.describe()
+    model = DeNuC.load(detector=GridDetector(), encoder="tiny-uni", head=head, weights="random")
+    assert model.featurizer.feature_tta == 2 and model.featurizer.stain_norm == "macenko"
+    img = read_image(ds.image_path(ds.stems("test")[0]))
+    out = model(img, mpp=0.25)
+    assert len(out) == len(GridDetector().detect(img, 0.25)) and out.meta["windows_encoded"] > 0

@@ -169,3 +169,29 @@ def test_batched_sampling_equals_sampling_each_window_alone(chunk_values: int | 
     assert len(fp._batches) > 1
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     torch.testing.assert_close(first, ref[:150], rtol=0, atol=0)
+
+
+def test_feature_tta_averages_the_features_of_flipped_and_rotated_passes() -> None:
+    from denuc.detect.tta import points_to_transformed, tta_passes, transform_image
+
+    rng = np.random.default_rng(4)
+    img = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
+    xy = np.vstack([rng.uniform(0, [130, 90], (40, 2)), [[0.0, 0.0], [129.9, 89.9]]])  # edges too
+    enc = coord_encoder(input_size=96, stride=8, window=64)
+    fz = PointFeaturizer(enc, window=64, stride=48, feature_tta=4)
+    assert fz.geometry()["feature_tta"] == 4 and "feature_tta" not in PointFeaturizer(enc).geometry()
+    fz.set_image(img, 0.25)
+    got = fz.features_at(xy)
+    ref = torch.zeros_like(got)
+    for k, flip in tta_passes(4):
+        one = PointFeaturizer(enc, window=64, stride=48)
+        one.set_image(transform_image(img, k, flip), 0.25)
+        q = points_to_transformed(xy, k, flip, img.shape[:2])
+        h, w = one.image_hw
+        ref += one.features_at(np.clip(q, 0, [np.nextafter(w, 0), np.nextafter(h, 0)]))
+    torch.testing.assert_close(got, ref / 4)
+    assert fz.windows_encoded > 0 and fz.n_encoded == fz.windows_encoded
+    with pytest.raises(InputError, match="outside"):
+        fz.features_at(np.array([[130.0, 10.0]]))
+    with pytest.raises(InputError, match="feature_tta"):
+        PointFeaturizer(enc, feature_tta=3)

@@ -97,7 +97,8 @@ class DeNuC:
         self.device = p.device if p is not None else torch.device("cpu")
         self.head = head.to(self.device).eval()
         self.featurizer = PointFeaturizer(encoder, mpp=meta.mpp, window=meta.window, stride=meta.stride,
-                                          align=meta.align, batch_size=batch_size, stain_norm=meta.stain_norm)
+                                          align=meta.align, batch_size=batch_size, stain_norm=meta.stain_norm,
+                                          feature_tta=meta.feature_tta)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -160,7 +161,7 @@ class DeNuC:
         out = Nuclei(points.xy, scores, ids, self.class_names, probs, mpp, tuple(image.shape[:2]), points.name,
                      dict(points.meta))
         out.meta["speed"] = {"encode": round(enc_ms, 2), "classify": round(total - enc_ms, 2)}
-        out.meta["windows_encoded"] = len(self.featurizer._maps)
+        out.meta["windows_encoded"] = self.featurizer.windows_encoded
         return out
 
     def __call__(self, image: np.ndarray | str | os.PathLike[str], mpp: float | None) -> Nuclei:

@@ -63,6 +63,7 @@ class HeadMeta:
         val_scores: validation metrics of the selected epoch; ``train``: training settings.
         encoder_hash: hash of the encoder tensors stored in the checkpoint (lora/full), else "".
         stain_norm: stain normaliser applied to images before encoding (``none``, ``macenko``).
+        feature_tta: dihedral passes whose point features are averaged (1 = none).
     """
 
     classes: list[str]
@@ -81,13 +82,15 @@ class HeadMeta:
     train: dict[str, Any] = field(default_factory=dict)
     encoder_hash: str = ""
     stain_norm: str = "none"
+    feature_tta: int = 1
     version: str = ""
     format: int = FORMAT_VERSION
 
     def describe(self) -> str:
         return (f"{self.mode} head for encoder {self.encoder} (weights {self.weights_hash[:12]}), "
                 f"classes {self.classes}, {self.mpp} µm/px, window {self.window}/{self.stride}, align {self.align}"
-                + (f", stain norm {self.stain_norm}" if self.stain_norm != "none" else ""))
+                + (f", stain norm {self.stain_norm}" if self.stain_norm != "none" else "")
+                + (f", features averaged over {self.feature_tta} passes" if self.feature_tta != 1 else ""))
 
 
 def save_head(path: str | os.PathLike[str], head: PointHead, meta: HeadMeta,

@@ -81,6 +81,9 @@ class PointFeaturizer:
         stain_norm: stain normaliser applied to each image first (``none`` or ``macenko``).
         precision: ``auto`` = bf16 autocast on CUDA and fp32 elsewhere, ``fp32``, or ``bf16``
             (autocast on any device); maps are stored and sampled in fp32 either way.
+        feature_tta: 1, or 2/4/8 dihedral passes of the image (:data:`denuc.detect.tta.TTA_PASSES`):
+            each point's feature is the mean of its features in the flipped/rotated images
+            (costs that many encodings; nuclei classes do not depend on orientation).
 
     Attributes:
         n_encoded: windows encoded since construction (counts encoder work).
@@ -90,7 +93,7 @@ class PointFeaturizer:
     def __init__(self, encoder: Encoder, *, mpp: float | None = None, window: int | None = None,
                  stride: int | None = None, align: str = "center", batch_size: int = 16,
                  device: str | torch.device | None = None, stain_norm: str = "none",
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", feature_tta: int = 1) -> None:
         if align not in ALIGN_MODES:
             raise InputError(f"align must be one of {ALIGN_MODES}; got {align!r}")
         if stain_norm not in STAIN_NORMALIZERS:
@@ -109,6 +112,12 @@ class PointFeaturizer:
         if precision not in PRECISIONS:
             raise InputError(f"precision must be one of {PRECISIONS}; got {precision!r}")
         self.precision = precision
+        from denuc.detect.tta import TTA_PASSES
+
+        if feature_tta not in TTA_PASSES:
+            raise InputError(f"feature_tta must be one of {sorted(TTA_PASSES)}; got {feature_tta!r}")
+        self.feature_tta = int(feature_tta)
+        self._passes: list[tuple[tuple[int, bool], PointFeaturizer]] = []
         #: normalise stains on the encoder's device (default: unless it is the CPU, where numpy is faster)
         self.stain_on_device = self.device.type != "cpu"
         self.n_encoded = 0
@@ -126,13 +135,15 @@ class PointFeaturizer:
                                 "input_size": self.encoder.input_size}
         if self.stain_norm != "none":
             g["stain_norm"] = self.stain_norm
+        if self.feature_tta != 1:
+            g["feature_tta"] = self.feature_tta
         return g
 
     def with_stain_norm(self, stain_norm: str) -> PointFeaturizer:
         """A featurizer with the same encoder and geometry but another stain normaliser."""
         return PointFeaturizer(self.encoder, mpp=self.mpp, window=self.window, stride=self.stride, align=self.align,
                                batch_size=self.batch_size, device=self.device, stain_norm=stain_norm,
-                               precision=self.precision)
+                               precision=self.precision, feature_tta=self.feature_tta)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -151,6 +162,9 @@ class PointFeaturizer:
         if arr.ndim != 3 or arr.shape[2] != 3:
             raise InputError(f"image must be (H, W, 3) RGB; got shape {arr.shape}")
         self.image_hw = (int(arr.shape[0]), int(arr.shape[1]))
+        if self.feature_tta > 1:
+            self._set_passes(arr)
+            return
         on_device = self.stain_norm != "none" and self.stain_on_device
         if self.stain_norm != "none":
             arr = arr if arr.dtype == np.uint8 else np.clip(np.round(arr), 0, 255).astype(np.uint8)
@@ -178,6 +192,48 @@ class PointFeaturizer:
         self._xs = window_origins(max(w, self.window), self.window, self.stride)
         self._ys = window_origins(max(h, self.window), self.window, self.stride)
         self._maps, self._batches, self._where = {}, [], {}
+
+    def _set_passes(self, arr: np.ndarray) -> None:
+        """Stain-normalise once, then give every dihedral pass of the image to its own featurizer."""
+        from denuc.detect.tta import tta_passes, transform_image
+
+        if self.stain_norm != "none":
+            u8 = arr if arr.dtype == np.uint8 else np.clip(np.round(arr), 0, 255).astype(np.uint8)
+            arr = STAIN_NORMALIZERS[self.stain_norm](u8)
+        if not self._passes:
+            self._passes = [(p, PointFeaturizer(self.encoder, mpp=self.mpp, window=self.window, stride=self.stride,
+                                                align=self.align, batch_size=self.batch_size, device=self.device,
+                                                precision=self.precision)) for p in tta_passes(self.feature_tta)]
+        for (k, flip), sub in self._passes:
+            sub.set_image(transform_image(arr, k, flip), self.image_mpp)
+        self._img = self._passes[0][1]._img
+        self._maps = {}
+
+    @property
+    def windows_encoded(self) -> int:
+        """Windows encoded for the current image (all passes)."""
+        return sum(len(sub._maps) for _, sub in self._passes) if self._passes else len(self._maps)
+
+    def _features_tta(self, xy: np.ndarray) -> torch.Tensor:
+        from denuc.detect.tta import points_to_transformed
+
+        h, w = self.image_hw
+        bad = ~((xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h))
+        if bad.any():
+            raise InputError(f"{int(bad.sum())} query point(s) lie outside the {w}x{h} image, "
+                             f"e.g. (x, y) = {tuple(np.round(xy[bad][0], 2))}")
+        out = None
+        n0, ms0 = sum(sub.n_encoded for _, sub in self._passes), sum(sub.encode_ms for _, sub in self._passes)
+        for (k, flip), sub in self._passes:
+            th, tw = sub.image_hw
+            # a point on the left/top edge lands on the right/bottom edge: keep it inside
+            q = np.clip(points_to_transformed(xy, k, flip, (h, w)), 0.0, [np.nextafter(tw, 0), np.nextafter(th, 0)])
+            f = sub.features_at(q)
+            out = f if out is None else out + f
+        self.n_encoded += sum(sub.n_encoded for _, sub in self._passes) - n0
+        self.encode_ms += sum(sub.encode_ms for _, sub in self._passes) - ms0
+        assert out is not None
+        return out / len(self._passes)
 
     # --------------------------------------------------------------- queries
     def prepare(self, crops: torch.Tensor) -> torch.Tensor:
@@ -262,6 +318,8 @@ class PointFeaturizer:
             InputError: a point lies outside the image (``0 <= x < W``, ``0 <= y < H``).
         """
         xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        if self._passes and self.feature_tta > 1:
+            return self._features_tta(xy)
         groups = self.group_points(xy)
         out = torch.zeros((len(xy), self.encoder.dim), dtype=torch.float32, device=self.device)
         self._encode([k for k, _, _ in groups if k not in self._maps])

@@ -40,6 +40,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="add N passes of training features over stain-jittered images (cached)")
     p.add_argument("--stain-strength", type=float, default=0.1,
                    help="jitter strength s: stain scale U(1-s, 1+s), shift U(-s/5, s/5) (default 0.1)")
+    p.add_argument("--feature-tta", type=int, choices=(1, 2, 4, 8), default=1,
+                   help="average each point's features over this many flipped/rotated passes of the image "
+                        "(stored in the head and repeated at prediction; costs that many encodings)")
     p.add_argument("--stain-norm", choices=("none", "macenko"), default="none",
                    help="re-stain every image to a fixed H&E reference before encoding (stored in the head; "
                         "stain-jittered passes skip it) (default none)")
@@ -64,6 +67,6 @@ def main(args: argparse.Namespace) -> int:
                use_detector=args.select_with_detector, mode=args.mode, mpp=args.mpp, window=args.window,
                stride=args.stride, align=args.align, config=cfg, finetune=ft, stain_augment=args.stain_augment,
                stain_strength=args.stain_strength, stain_space=args.stain_space, stain_norm=args.stain_norm,
-               cache_dir=args.cache_dir,
+               feature_tta=args.feature_tta, cache_dir=args.cache_dir,
                device=args.device, offline=True if args.offline else None)
     return 0

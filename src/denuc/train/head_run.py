@@ -73,6 +73,7 @@ def train_head(
     stain_strength: float = 0.1,
     stain_space: str = "od",
     stain_norm: str = "none",
+    feature_tta: int = 1,
     cache_dir: str | os.PathLike[str] | None = None,
     device: str | None = None,
     offline: bool | None = None,
@@ -91,6 +92,7 @@ def train_head(
         stain_augment: extra passes of training features over stain-jittered images
             (:func:`~denuc.data.stain.stain_jitter` with ``stain_strength`` in ``stain_space``,
             ``od`` or ``hed``), cached like the plain pass.
+        feature_tta: dihedral passes whose features are averaged (1, 2, 4, 8), stored in the head
         stain_norm: stain normaliser applied to every image before encoding, stored in the head
             (so prediction does the same). The stain-jittered passes are encoded *without* it,
             since it would undo the jitter: the head then sees both normalised images and raw
@@ -112,7 +114,8 @@ def train_head(
         from denuc.train.head_finetune import check_lora_applies
 
         check_lora_applies(enc)
-    fz = PointFeaturizer(enc, mpp=mpp, window=window, stride=stride, align=align, stain_norm=stain_norm)
+    fz = PointFeaturizer(enc, mpp=mpp, window=window, stride=stride, align=align, stain_norm=stain_norm,
+                         feature_tta=feature_tta)
     cdir = Path(cache_dir) if cache_dir is not None else None
     train, val, carved = split_train_val(ds, cfg.seed, log=log)
     detect, det_id = (None, "")
@@ -158,7 +161,7 @@ def train_head(
                "stain_augment": stain_augment, "stain_strength": stain_strength, "stain_space": stain_space,
                "detector": det_id, "feature_seconds": round(t_feat, 1), "train_seconds": round(t_train, 1),
                **({"finetune": finetune or {}} if mode in ("lora", "full") else {})},
-        encoder_hash=enc_hash, stain_norm=fz.stain_norm,
+        encoder_hash=enc_hash, stain_norm=fz.stain_norm, feature_tta=fz.feature_tta,
     )
     save_head(out, head, meta, enc_tensors)
     log(f"wrote {out}: {meta.describe()}; val {scores}")
