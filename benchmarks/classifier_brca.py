@@ -97,6 +97,8 @@ def main() -> int:
     ap.add_argument("--recipe-selection", default="epoch chosen on val at detected points",
                     help="how the linear recipe was chosen (recorded in the JSON)")
     ap.add_argument("--ft-epochs", type=int, default=3)
+    ap.add_argument("--feature-tta", type=int, choices=(1, 2, 4, 8), default=1,
+                    help="features averaged over this many flipped/rotated passes (linear/mlp heads)")
     ap.add_argument("--stain-augment", type=int, default=0, help="extra stain-jittered feature passes (linear/mlp)")
     ap.add_argument("--ft-lr", type=float, default=1e-4)
     ap.add_argument("--detector", default=None, help="detector checkpoint (default: the shipped one)")
@@ -127,13 +129,14 @@ def main() -> int:
                               finetune={"epochs": args.ft_epochs, "lr": args.ft_lr},
                               stain_augment=args.stain_augment if mode in ("linear", "mlp") else 0,
                               stain_strength=args.stain_strength, stain_space=args.stain_space,
-                              stain_norm=args.stain_norm)
+                              stain_norm=args.stain_norm,
+                              feature_tta=args.feature_tta if mode in ("linear", "mlp") else 1)
             train_s = time.perf_counter() - t0
         test = score_test(ckpt, args.detector, data, args.tta)
         print(test.pop("table"))
         layers = "+".join(LITE0_DEFAULT_TAPS) if meta.encoder == "efficientnet-lite0" else "last block"
         rows.append({"mode": mode, "encoder": meta.encoder, "feature_layers": layers, "mpp": meta.mpp,
-                     "stain_norm": meta.stain_norm, "window": meta.window,
+                     "stain_norm": meta.stain_norm, "feature_tta": meta.feature_tta, "window": meta.window,
                      "stride": meta.stride, "align": meta.align, "input_size": meta.input_size, "dim": meta.dim,
                      "val": meta.val_scores, "train": meta.train, "train_wall_seconds": round(train_s, 1),
                      "test": test})

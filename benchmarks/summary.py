@@ -61,7 +61,7 @@ def rows(folder: Path) -> list[str]:
         for n, r in sorted((det.get("tta_results") or {}).items()):
             out.append(_row(f"DeNuC shipped detector, test-time augmentation x{n} (`--tta {n}`)",
                             r["f1"]["test"]["f1"], {}, None, f"{det_name}.json"))
-    for name in ("classifier_brca", "classifier_brca_tta4"):
+    for name in ("classifier_brca", "classifier_brca_tta4", "classifier_brca_feature_tta4"):
         out.extend(_classifier_rows(folder, name))
     return out
 
@@ -91,6 +91,8 @@ def _classifier_rows(folder: Path, name: str) -> list[str]:
             }.get(r["mode"], r["mode"])
             if tta != 1:
                 label = label.replace(" (shipped)", "") + f", detector `--tta {tta}`"
+            if r.get("feature_tta", 1) != 1:
+                label = label.replace(" (shipped)", "") + f", features averaged over {r['feature_tta']} rotations"
             out.append(_row(label, det_f1, per, t["mean_f1"], f"{name}.json", t.get("gt_points_macro_f1")))
     return out
 
