@@ -42,6 +42,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 SAMPLE_CHUNK_VALUES = 2**26
 
 
+def _as_uint8(arr: np.ndarray) -> np.ndarray:
+    """uint8 as is; float in [0, 255] rounded and clipped (stain normalisers take uint8)."""
+    return arr if arr.dtype == np.uint8 else np.clip(np.round(arr), 0, 255).astype(np.uint8)
+
+
 def best_window(coord: np.ndarray, origins: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
     """Along one axis: index of the window each coordinate lies most inside, and that depth.
 
@@ -167,7 +172,7 @@ class PointFeaturizer:
             return
         on_device = self.stain_norm != "none" and self.stain_on_device
         if self.stain_norm != "none":
-            arr = arr if arr.dtype == np.uint8 else np.clip(np.round(arr), 0, 255).astype(np.uint8)
+            arr = _as_uint8(arr)
             if not on_device:
                 arr = STAIN_NORMALIZERS[self.stain_norm](arr)
         # to the encoder's device first (as uint8 when it is), so normalising, resizing and
@@ -198,8 +203,7 @@ class PointFeaturizer:
         from denuc.detect.tta import tta_passes, transform_image
 
         if self.stain_norm != "none":
-            u8 = arr if arr.dtype == np.uint8 else np.clip(np.round(arr), 0, 255).astype(np.uint8)
-            arr = STAIN_NORMALIZERS[self.stain_norm](u8)
+            arr = STAIN_NORMALIZERS[self.stain_norm](_as_uint8(arr))
         if not self._passes:
             self._passes = [(p, PointFeaturizer(self.encoder, mpp=self.mpp, window=self.window, stride=self.stride,
                                                 align=self.align, batch_size=self.batch_size, device=self.device,
@@ -217,11 +221,8 @@ class PointFeaturizer:
     def _features_tta(self, xy: np.ndarray) -> torch.Tensor:
         from denuc.detect.tta import points_to_transformed
 
+        self._check_inside(xy)
         h, w = self.image_hw
-        bad = ~((xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h))
-        if bad.any():
-            raise InputError(f"{int(bad.sum())} query point(s) lie outside the {w}x{h} image, "
-                             f"e.g. (x, y) = {tuple(np.round(xy[bad][0], 2))}")
         out = None
         n0, ms0 = sum(sub.n_encoded for _, sub in self._passes), sum(sub.encode_ms for _, sub in self._passes)
         for (k, flip), sub in self._passes:
@@ -265,6 +266,14 @@ class PointFeaturizer:
             self.n_encoded += len(chunk)
         self.encode_ms += (time.perf_counter() - t0) * 1e3
 
+    def _check_inside(self, xy: np.ndarray) -> None:
+        """Raise :class:`InputError` if a point lies outside the image (``0 <= x < W``, ``0 <= y < H``)."""
+        h, w = self.image_hw
+        bad = ~((xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h))
+        if bad.any():
+            raise InputError(f"{int(bad.sum())} query point(s) lie outside the {w}x{h} image, "
+                             f"e.g. (x, y) = {tuple(np.round(xy[bad][0], 2))}")
+
     def group_points(self, xy: np.ndarray) -> list[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
         """Points grouped by the window that owns them.
 
@@ -279,11 +288,7 @@ class PointFeaturizer:
         """
         if self._img is None:
             raise InputError("call set_image(image, mpp) before querying points")
-        h, w = self.image_hw
-        bad = ~((xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h))
-        if bad.any():
-            raise InputError(f"{int(bad.sum())} query point(s) lie outside the {w}x{h} image, "
-                             f"e.g. (x, y) = {tuple(np.round(xy[bad][0], 2))}")
+        self._check_inside(xy)
         work = xy * (self.image_mpp / self.mpp)
         kx, ky = assign_windows(work, self._xs, self._ys, self.window)
         # one stable sort groups the points by window (sorted by (column, row), indices ascending)
