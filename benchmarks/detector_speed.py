@@ -37,6 +37,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--tta", type=int, nargs="+", default=[1], choices=(1, 2, 4, 8),
                     help="test-time augmentation pass counts to time")
+    ap.add_argument("--batch", type=int, nargs="+", default=[0],
+                    help="windows per forward pass to time (0 = the Detector's default for the device)")
+    ap.add_argument("--window", type=int, nargs="+", default=[0],
+                    help="inference window sizes to time (0 = the checkpoint's)")
     ap.add_argument("--mpp", type=float, default=0.5, help="input µm/px of the images")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on cuda --threads only sets the host threads)")
     ap.add_argument("--report", action="store_true")
@@ -48,15 +52,19 @@ def main() -> None:
     for th in args.threads:
         torch.set_num_threads(th)
         for n_tta in args.tta:
-            d = Detector.load(args.detector, device=args.device, tta=n_tta)
-            d.detect(imgs[0], args.mpp)  # warm-up
-            best = float("inf")
-            for _ in range(args.reps):
-                t0 = time.perf_counter()
-                n = sum(len(x) for x in d.detect_many(imgs, [args.mpp] * len(imgs)))
-                best = min(best, time.perf_counter() - t0)
-            rows.append({"threads": th, "tta": n_tta, "seconds": round(best, 3), "mpx_per_s": round(mpx / best, 3),
-                         "images_per_s": round(len(imgs) / best, 2), "nuclei": n})
+            for bs, win in [(b, w) for w in args.window for b in args.batch]:
+                d = Detector.load(args.detector, device=args.device, tta=n_tta, batch_size=bs or None,
+                                  window=win or None)
+                d.detect_many(imgs[:2], [args.mpp] * 2)  # warm-up
+                best = float("inf")
+                for _ in range(args.reps):
+                    t0 = time.perf_counter()
+                    n = sum(len(x) for x in d.detect_many(imgs, [args.mpp] * len(imgs)))
+                    best = min(best, time.perf_counter() - t0)
+                rows.append({"threads": th, "tta": n_tta, "window": d.window, "batch": d.batch_size,
+                             "seconds": round(best, 3),
+                             "mpx_per_s": round(mpx / best, 3), "images_per_s": round(len(imgs) / best, 2),
+                             "nuclei": n})
     cfg = det.config["config"]
     result = {
         "detector": str(args.detector or "shipped default"), "backbone": cfg["backbone"],
@@ -69,10 +77,10 @@ def main() -> None:
     }
     print(f"{cfg['backbone']} (model {det.mpp} µm/px) on {len(imgs)} {source} images at {args.mpp} µm/px "
           f"({mpx:.2f} Mpx)")
-    print(f"{'threads':>7} {'tta':>4} {'s':>8} {'Mpx/s':>8} {'img/s':>7} {'nuclei':>7}")
+    print(f"{'threads':>7} {'tta':>4} {'window':>6} {'batch':>5} {'s':>8} {'Mpx/s':>8} {'img/s':>7} {'nuclei':>7}")
     for r in rows:
-        print(f"{r['threads']:7d} {r['tta']:4d} {r['seconds']:8.2f} {r['mpx_per_s']:8.3f} {r['images_per_s']:7.2f} "
-              f"{r['nuclei']:7d}")
+        print(f"{r['threads']:7d} {r['tta']:4d} {r['window']:6d} {r['batch']:5d} {r['seconds']:8.2f} {r['mpx_per_s']:8.3f} "
+              f"{r['images_per_s']:7.2f} {r['nuclei']:7d}")
     write_result("detector_speed" if args.device == "cpu" else f"detector_speed_{args.device.split(':')[0]}", result,
                  args.report)
 

@@ -58,13 +58,16 @@ def bare_rate(fz: PointFeaturizer, n_windows: int, reps: int) -> float:
     return 1.0 / best
 
 
-def query_rate(fz: PointFeaturizer, grid: int, points: int, reps: int) -> tuple[float, int]:
-    """Windows per second of set_image + features_at (best of ``reps``), and windows per image."""
+def query_rate(fz: PointFeaturizer, grid: int, points: int, reps: int) -> tuple[float, int, dict[str, float]]:
+    """Windows per second of set_image + features_at (best of ``reps``), windows per image, and
+    milliseconds per image of its parts (best of ``reps``): ``set_image`` (upload, conversion) and
+    ``sample`` (a second ``features_at`` on the encoded maps: grouping + sampling only)."""
     side = grid * fz.window
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
     xy = rng.uniform(0, side, (grid * grid * points, 2))
     best = float("inf")
+    parts = {"set_image_ms": float("inf"), "sample_ms": float("inf")}
     n = 0
     for _ in range(reps):
         sync(fz.device)
@@ -74,7 +77,15 @@ def query_rate(fz: PointFeaturizer, grid: int, points: int, reps: int) -> tuple[
         sync(fz.device)
         n = fz.windows_encoded
         best = min(best, (time.perf_counter() - t0) / n)
-    return 1.0 / best, n
+        t0 = time.perf_counter()
+        fz.features_at(xy)
+        sync(fz.device)
+        parts["sample_ms"] = min(parts["sample_ms"], (time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        fz.set_image(img, fz.mpp)
+        sync(fz.device)
+        parts["set_image_ms"] = min(parts["set_image_ms"], (time.perf_counter() - t0) * 1e3)
+    return 1.0 / best, n, {k: round(v, 2) for k, v in parts.items()}
 
 
 def main() -> None:
@@ -99,21 +110,24 @@ def main() -> None:
         bare_rate(fz, n_win, 1)  # warm-up
         query_rate(fz, 1, args.points, 1)
         bare = bare_rate(fz, n_win, args.reps)
-        query, n = query_rate(fz, args.grid, args.points, args.reps)
+        query, n, parts = query_rate(fz, args.grid, args.points, args.reps)
         mpx = fz.window**2 / 1e6
         row = {"encoder": name, "input_size": enc.input_size, "window": fz.window, "mpp": fz.mpp,
                "precision": str(fz.autocast_dtype or torch.float32).replace("torch.", ""),
                "windows_per_image": n, "points_per_window": args.points,
                "bare_windows_per_s": round(bare, 3), "query_windows_per_s": round(query, 3),
-               "query_over_bare": round(query / bare, 4), "query_mpx_per_s_at_mpp": round(query * mpx, 3)}
+               "query_over_bare": round(query / bare, 4), "query_mpx_per_s_at_mpp": round(query * mpx, 3),
+               "bare_ms_per_image": round(n_win / bare * 1e3, 2), **parts}
         rows.append(row)
         del fz, enc
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"{'encoder':20} {'precision':9} {'bare win/s':>11} {'query win/s':>12} {'ratio':>6} {'Mpx/s':>7}")
+    print(f"{'encoder':20} {'precision':9} {'bare win/s':>11} {'query win/s':>12} {'ratio':>6} {'Mpx/s':>7} "
+          f"{'bare ms':>8} {'set_image ms':>12} {'sample ms':>9}")
     for r in rows:
         print(f"{r['encoder']:20} {r['precision']:9} {r['bare_windows_per_s']:11.2f} {r['query_windows_per_s']:12.2f} "
-              f"{r['query_over_bare']:6.3f} {r['query_mpx_per_s_at_mpp']:7.3f}")
+              f"{r['query_over_bare']:6.3f} {r['query_mpx_per_s_at_mpp']:7.3f} {r['bare_ms_per_image']:8.1f} "
+              f"{r['set_image_ms']:12.1f} {r['sample_ms']:9.1f}")
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
     write_result("encode_query_speed", {
         "benchmark": "encode_query_speed", "device": dev_name, "threads": torch.get_num_threads(),

@@ -6,7 +6,9 @@
 # (a step's parts can be chosen alone, e.g. STEPS="speed:detector pytest")
 # speed           encoder + point query vs bare forward (UNI2-h architecture and EfficientNet-Lite0,
 #                 random weights, bf16 autocast; target >= 0.9), detector and whole-pipeline
-#                 throughput of the shipped models on BRCA-M2C $SPEED_SPLIT images
+#                 throughput of the shipped models on BRCA-M2C $SPEED_SPLIT images (with a host-side
+#                 profile of the pipeline), detector training crops/s with 0/4/8 loader workers
+#                 (first $TRAIN_SPEED_IMAGES BRCA-M2C train images)
 # ablation-train  the detector backbone/matcher ablation (benchmarks/detector_ablation.py), all
 #                 variants at once on the one GPU, $ABLATION_EPOCHS epochs, stopped after
 #                 $ABLATION_DEADLINE_S s
@@ -26,6 +28,7 @@ if [[ -z "${PY:-}" ]]; then
 fi
 STEPS="${STEPS:-speed ablation-train ablation-score pytest}"
 SPEED_SPLIT="${SPEED_SPLIT:-test}"
+TRAIN_SPEED_IMAGES="${TRAIN_SPEED_IMAGES:-16}"
 ABLATION_VARIANTS="${ABLATION_VARIANTS:-shufflenetv2_0.5x shufflenetv2_1.0x shufflenetv2_1.5x shufflenetv2_2.0x resnet50 efficientnet-lite0 efficientnet-lite0:hungarian}"
 ABLATION_EPOCHS="${ABLATION_EPOCHS:-15}"
 ABLATION_DEADLINE_S="${ABLATION_DEADLINE_S:-0}"
@@ -51,10 +54,13 @@ fi
 
 step speed:encode "$PY" benchmarks/encode_query_speed.py --encoders uni2-h efficientnet-lite0 --device "$DEVICE" --grid 16 \
     --batch 64 --reps 3
-step speed:detector "$PY" benchmarks/detector_speed.py --device "$DEVICE" --split "$SPEED_SPLIT" --threads 4 --tta 1 4 --reps 3
+step speed:detector "$PY" benchmarks/detector_speed.py --device "$DEVICE" --split "$SPEED_SPLIT" --threads 4 --tta 1 4 --reps 3 \
+    --batch 0 16 --window 256 1024
 # shellcheck disable=SC2086
 step speed:pipeline "$PY" benchmarks/pipeline_speed.py --device "$DEVICE" --split "$SPEED_SPLIT" --threads 4 --tta 1 4 \
-    --reps 3 ${PIPELINE_SPEED_ARGS:-}
+    --reps 3 --profile 30 ${PIPELINE_SPEED_ARGS:-}
+step speed:train "$PY" benchmarks/detector_train_speed.py --device "$DEVICE" --images "$TRAIN_SPEED_IMAGES" --workers 0 4 8 \
+    --steps 40
 # shellcheck disable=SC2086
 step ablation-train "$PY" benchmarks/detector_ablation.py train --variants $ABLATION_VARIANTS --mpp 0.25 \
     --epochs "$ABLATION_EPOCHS" --concurrent --threads 2 --deadline-s "$ABLATION_DEADLINE_S" --out-root "$ABLATION_ROOT" \
@@ -62,7 +68,8 @@ step ablation-train "$PY" benchmarks/detector_ablation.py train --variants $ABLA
 step ablation-score "$PY" benchmarks/detector_ablation.py score --device "$DEVICE" --out-root "$ABLATION_ROOT"
 # shellcheck disable=SC2086
 step pytest "$PY" -m pytest -q -x -p no:cacheprovider ${PYTEST_ARGS:-}
-for f in encode_query_speed "detector_speed_${DEVICE%%:*}" "pipeline_speed_${DEVICE%%:*}" detector_ablation; do
+for f in encode_query_speed "detector_speed_${DEVICE%%:*}" "pipeline_speed_${DEVICE%%:*}" \
+    "detector_train_speed_${DEVICE%%:*}" detector_ablation; do
     [[ -f benchmarks/results/$f.json ]] && cp "benchmarks/results/$f.json" "$OUT/"
 done
 true

@@ -8,7 +8,7 @@ The shipped detector and head are used; ``--random-encoder`` builds the head's e
 random weights instead of its own (speed does not depend on weight values; for machines where
 the weights file is absent).
 
-    python benchmarks/pipeline_speed.py [--device cuda] [--images 10] [--reps 2] [--tta 1 4]
+    python benchmarks/pipeline_speed.py [--device cuda] [--images 10] [--reps 2] [--tta 1 4] [--profile 25]
 
 Prints a table and writes ``benchmarks/results/pipeline_speed[_cuda].json``.
 """
@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--mpp", type=float, default=0.5, help="input µm/px of the images")
     ap.add_argument("--random-encoder", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile one detect+classify pass over the images (cProfile, host "
+                         "side; device waits show up in the calls that synchronise) and print the top N")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -98,6 +101,17 @@ def main() -> None:
             rows.append({"stage": stage, "tta": n_tta, "seconds": round(best, 3), "mpx_per_s": round(mpx / best, 3),
                          "images_per_s": round(len(imgs) / best, 2), "nuclei_per_s": round(n / best, 1),
                          "nuclei": n, "ms_per_image_by_stage": stages})
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        [model(im, args.mpp) for im in imgs]
+        sync(device)
+        prof.disable()
+        print(f"host profile of one detect+classify pass over {len(imgs)} images (tta {args.tta[-1]}), by own time:")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
     result = {
         **run_info("pipeline_speed.py"),
         "device": args.device, "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,

@@ -88,7 +88,7 @@ def test_train_writes_self_describing_checkpoints_and_resume_is_exact(tmp_path: 
     init = tmp_path / "a" / "best.safetensors"
     train(_cfg(ds, tmp_path / "c", epochs=1, init=str(init), lr=0.0, min_lr=0.0), log=lambda s: None)
     ref, _ = load_detector(init)
-    got = torch.load(tmp_path / "c" / "state.pt", weights_only=True)["model"]
+    got = torch.load(tmp_path / "c" / "state.pt", map_location="cpu", weights_only=True)["model"]
     for k, v in ref.state_dict().items():
         if "running" not in k and "num_batches" not in k:  # BN statistics still move at lr 0
             assert torch.equal(v, got[k]), k

@@ -14,6 +14,7 @@ passes when the checkpoint records one (``tta_thresholds``), else the checkpoint
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from importlib import resources
@@ -46,7 +47,7 @@ class Detector:
     """
 
     def __init__(self, model: Any, meta: dict[str, Any], device: Any, threshold: float | None = None,
-                 batch_size: int = 16, tta: int = 1) -> None:
+                 batch_size: int | None = None, tta: int = 1, window: int | None = None) -> None:
         from denuc.detect.tta import tta_passes
 
         self.model = model
@@ -62,16 +63,34 @@ class Detector:
         tta_thr = (meta.get("tta_thresholds") or {}).get(str(self.tta)) if self.tta > 1 else None
         default = tta_thr if tta_thr is not None else model.config.score_threshold
         self.threshold = float(default if threshold is None else threshold)
-        self.batch_size = batch_size
-        self.window = int(meta.get("window", 256))
-        self.stride = int(meta.get("stride", 192))
         self.margin = float(meta.get("margin", 32))
+        if window is None:
+            self.window = int(meta.get("window", 256))
+            self.stride = int(meta.get("stride", 192))
+        else:  # any window: neighbours overlap by the two margins, so every point has a window that keeps it
+            self.window = int(window)
+            self.stride = self.window - 2 * int(math.ceil(self.margin))
+            if self.stride < 1 or self.window % 32:
+                raise InputError(f"detector window must be a multiple of 32 larger than twice the margin "
+                                 f"({self.margin:g} px); got {window}")
+        if batch_size is None:  # about 4 Mpx per forward pass on a GPU, 1 Mpx elsewhere
+            on_gpu = getattr(device, "type", str(device)) == "cuda"
+            batch_size = max(1, (4 if on_gpu else 1) * 2**20 // self.window**2)
+        self.batch_size = int(batch_size)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, device: Any = None,
-             threshold: float | None = None, tta: int = 1) -> Detector:
-        """Load a checkpoint (``None`` = the shipped default) onto ``device`` (default: cuda, mps, cpu);
-        ``tta``: test-time augmentation passes (1, 2, 4, 8)."""
+             threshold: float | None = None, tta: int = 1, batch_size: int | None = None,
+             window: int | None = None) -> Detector:
+        """Load a checkpoint (``None`` = the shipped default) onto ``device`` (default: cuda, mps, cpu).
+
+        Args:
+            tta: test-time augmentation passes (1, 2, 4, 8).
+            batch_size: windows per forward pass (default: 4 Mpx of windows on CUDA, 1 Mpx
+                elsewhere); results do not depend on it.
+            window: inference window side in pixels at the model's mpp (default: the
+                checkpoint's); windows overlap by twice the checkpoint's margin.
+        """
         from denuc.detect.checkpoint import load_detector
         from denuc.train.detector import pick_device
 
@@ -80,7 +99,7 @@ class Detector:
             raise ModelError(f"no default detector shipped at {p}; pass a checkpoint path")
         dev = pick_device(str(device) if device is not None else None)
         model, meta = load_detector(p, dev)
-        return cls(model, meta, dev, threshold, tta=tta)
+        return cls(model, meta, dev, threshold, batch_size=batch_size, tta=tta, window=window)
 
     def _prepare(self, image: np.ndarray, mpp: float | None, name: str) -> tuple[np.ndarray, float]:
         from denuc.data.resample import resample, resample_factor

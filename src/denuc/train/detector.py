@@ -139,6 +139,31 @@ def crop_batches(source: CropSource, order: np.ndarray, epoch: int, batch_size: 
                                             prefetch_factor=4))
 
 
+def train_step(model: PointDetector, batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+               opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, lr: float,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """One optimisation step on a batch of ``(crop (S, S, 3) uint8, xy (n, 2) crop px, labels (n,))``.
+
+    Sets every parameter group's learning rate to ``lr``; autocast (AMP) when ``scaler`` is
+    enabled. Returns the model's loss dict (tensors on ``device``, not synchronised).
+    """
+    imgs, targets = [], []
+    for im, xy, lab in batch:
+        imgs.append(im)
+        targets.append({"points": torch.as_tensor(xy, dtype=torch.float32, device=device),
+                        "labels": torch.as_tensor(lab, dtype=torch.long, device=device)})
+    x = normalise(np.stack(imgs), model.config.mean, model.config.std, device)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with torch.autocast(device.type, enabled=scaler.is_enabled()):
+        losses = model(x, targets)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(losses["loss"]).backward()
+    scaler.step(opt)
+    scaler.update()
+    return losses
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases and 1-d (norm) parameters."""
     decay, no_decay = [], []
@@ -287,21 +312,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
 
             batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for batch in batches:
-            imgs, targets = [], []
-            for im, xy, lab in batch:
-                imgs.append(im)
-                targets.append({"points": torch.as_tensor(xy, dtype=torch.float32, device=device),
-                                "labels": torch.as_tensor(lab, dtype=torch.long, device=device)})
-            x = normalise(np.stack(imgs), dcfg.mean, dcfg.std, device)
             lr = cosine_lr(step, total_steps, cfg.lr, cfg.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast(device.type, enabled=use_amp):
-                losses = model(x, targets)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            scaler.step(opt)
-            scaler.update()
+            losses = train_step(model, batch, opt, scaler, lr, device)
             step += 1
             for k in sums:
                 sums[k] += float(losses[k].detach())
