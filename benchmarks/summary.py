@@ -118,19 +118,35 @@ def gpu_tables(folder: Path) -> list[str]:
     speed = [(n, _load(folder, n)) for n in ("detector_speed_h100", "pipeline_speed_h100")]
     if any(d for _, d in speed):
         out += ["", "Throughput on one NVIDIA H100, BRCA-M2C test images at 0.5 µm/px (Mpx/s of input)", "",
-                "| what | tta | Mpx/s | images/s | nuclei/s | JSON |", "|---|---|---|---|---|---|"]
+                "| what | tta | detector window / batch | Mpx/s | images/s | nuclei/s | JSON |",
+                "|---|---|---|---|---|---|---|"]
         for n, d in speed:
             for r in (d or {}).get("rows", []):
                 what = r.get("stage", "detect (detector_speed)")
                 nps = r.get("nuclei_per_s") or round(r["nuclei"] / r["seconds"], 1)
-                out.append(f"| {what} | {r['tta']} | {r['mpx_per_s']:.2f} | {r['images_per_s']:.1f} | {nps:.0f} | {n}.json |")
+                wb = f"{r['window']} / {r['batch']}" if "window" in r else "256 / 64"
+                out.append(f"| {what} | {r['tta']} | {wb} | {r['mpx_per_s']:.2f} | {r['images_per_s']:.1f} | "
+                           f"{nps:.0f} | {n}.json |")
     eq = _load(folder, "encode_query_speed_h100")
     if eq:
-        out += ["", f"Encoder + point query vs bare encoder forward, {eq['device']} (encode_query_speed_h100.json)", "",
-                "| encoder | precision | bare windows/s | query windows/s | query / bare |", "|---|---|---|---|---|"]
+        out += ["", f"Encoder + point query vs bare encoder forward, {eq['device']} (encode_query_speed_h100.json; "
+                f"{eq['results'][0]['windows_per_image']} windows of 256 px and "
+                f"{eq['results'][0]['points_per_window']} points each per image)", "",
+                "| encoder | precision | bare windows/s | query windows/s | query / bare | bare ms | set_image ms "
+                "| sampling ms |", "|---|---|---|---|---|---|---|---|"]
         for r in eq["results"]:
             out.append(f"| {r['encoder']} | {r['precision']} | {r['bare_windows_per_s']:.0f} | "
-                       f"{r['query_windows_per_s']:.0f} | {r['query_over_bare']:.2f} |")
+                       f"{r['query_windows_per_s']:.0f} | {r['query_over_bare']:.2f} | {r['bare_ms_per_image']:.1f} | "
+                       f"{r['set_image_ms']:.1f} | {r['sample_ms']:.1f} |")
+    tr = _load(folder, "detector_train_speed_h100")
+    if tr:
+        out += ["", f"Detector training throughput, {tr['device']} with {tr['cpu_count']} CPU cores "
+                f"(detector_train_speed_h100.json; {tr['backbone']}, batch {tr['batch']}, {tr['crop']} px crops at "
+                f"{tr['mpp']} µm/px, stain jitter p {tr['stain_p']})", "",
+                "| what | loader workers | crops/s |", "|---|---|---|"]
+        for r in tr["rows"]:
+            w = "" if r["workers"] is None else r["workers"]
+            out.append(f"| {r['what']} | {w} | {r['crops_per_s']:.0f} |")
     return out
 
 

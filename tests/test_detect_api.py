@@ -106,3 +106,25 @@ def test_cli_writes_csvs_skips_existing_and_reports_bad_images(tiny_ckpt: Path, 
     assert len(Nuclei.read_csv(out / "good1.csv")) == len(n1)
     with pytest.raises(ResolutionError):
         detect_cli.main(p.parse_args([str(src), "--out", str(out), "--detector", str(tiny_ckpt)]))
+
+
+def test_window_option_sets_the_grid_and_agrees_away_from_window_edges(tiny_ckpt: Path) -> None:
+    from denuc.errors import InputError
+
+    base = Detector.load(tiny_ckpt, device="cpu", threshold=0.3)
+    assert (base.window, base.stride, base.batch_size) == (256, 192, 16)  # the checkpoint's grid; 1 Mpx batches
+    big = Detector.load(tiny_ckpt, device="cpu", threshold=0.3, window=512)
+    assert (big.window, big.stride, big.batch_size) == (512, 448, 4)
+    assert Detector.load(tiny_ckpt, device="cpu", window=512, batch_size=3).batch_size == 3
+    for bad in (64, 100):  # not larger than the two margins; not a multiple of 32
+        with pytest.raises(InputError, match="multiple of 32"):
+            Detector.load(tiny_ckpt, device="cpu", window=bad)
+    # the detector runs the window grid it reports (window inference itself is tested against
+    # whole-image inference in test_detect_model.py)
+    img = _noise(700, 600, 3)
+    for d in (base, big):
+        ref = detect_images(d.model, [img], threshold=0.3, window=d.window, stride=d.stride, margin=32)[0]
+        got = d.detect(img, 0.5)
+        assert len(got) == len(ref.xy) > 20
+        np.testing.assert_array_equal(got.xy, ref.xy)
+    assert len(big.detect(img, 0.5)) != len(base.detect(img, 0.5))  # another grid: a (slightly) different result

@@ -108,7 +108,7 @@ class DeNuC:
     def load(cls, detector: str | os.PathLike[str] | PointDetector | None = None,
              encoder: str | Encoder | None = None, head: str | os.PathLike[str] | None = None,
              device: str | torch.device | None = None, *, weights: str | None = None,
-             offline: bool | None = None, tta: int = 1) -> DeNuC:
+             offline: bool | None = None, tta: int = 1, detector_window: int | None = None) -> DeNuC:
         """Build the pipeline.
 
         Args:
@@ -119,6 +119,8 @@ class DeNuC:
             weights: encoder weights source when building by name (default: the encoder's own).
             tta: detector test-time augmentation passes (1 = off, 2, 4, 8), for a detector given
                 as a checkpoint or None; a detector object keeps its own setting.
+            detector_window: the detector's inference window in px at its mpp (default: the
+                checkpoint's), likewise.
         """
         device = device if device is not None else auto_device()
         head_path = Path(head) if head is not None else DEFAULT_HEAD
@@ -138,7 +140,7 @@ class DeNuC:
         if detector is None or isinstance(detector, (str, os.PathLike)):
             from denuc.detect.api import Detector
 
-            det: PointDetector = Detector.load(detector, device=device, tta=tta)
+            det: PointDetector = Detector.load(detector, device=device, tta=tta, window=detector_window)
         else:
             det = detector
         return cls(det, enc, h, meta)

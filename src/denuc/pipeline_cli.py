@@ -23,6 +23,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", default=None, help="head checkpoint (default: the shipped BRCA-M2C head)")
     p.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=1,
                    help="detector test-time augmentation passes (default 1 = off; 4 = four rotations)")
+    p.add_argument("--detector-window", type=int, default=None, metavar="PX",
+                   help="detector inference window side at its mpp (default: the checkpoint's, 256); larger windows "
+                        "are faster and may lose a little F1 (README, Results)")
     p.add_argument("--format", choices=tuple(FORMATS), default="csv",
                    help="csv (x,y,class,score,prob_*; what `denuc evaluate` reads) or geojson (QuPath detections)")
     p.add_argument("--overwrite", action="store_true", help="redo images whose output already exists")
@@ -74,7 +77,8 @@ def main(args: argparse.Namespace) -> int:
     if not todo:
         return 0
     model = DeNuC.load(detector=args.detector, encoder=args.encoder, head=args.head, device=args.device,
-                       weights=args.weights, offline=True if args.offline else None, tta=args.tta)
+                       weights=args.weights, offline=True if args.offline else None, tta=args.tta,
+                       detector_window=args.detector_window)
     failed = 0
     for i, f in enumerate(todo, 1):
         t0 = time.perf_counter()

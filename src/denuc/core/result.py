@@ -311,8 +311,9 @@ class Nuclei:
         if not text.strip():
             return cls.empty(class_names or (), mpp=mpp, name=p.stem)
         try:
-            df = pd.read_csv(p, keep_default_na=False, na_values=[""], dtype={"class": str},
-                             float_precision="round_trip")  # exact on every pandas version
+            # pandas >= 3 parses floats exactly by default (and deprecates the option); 2.x needs round_trip
+            exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+            df = pd.read_csv(p, keep_default_na=False, na_values=[""], dtype={"class": str}, **exact)
         except Exception as e:  # pandas raises several parser error types
             raise InputError(f"{p}: not a valid CSV ({e})") from None
         df.columns = [str(c).strip() for c in df.columns]

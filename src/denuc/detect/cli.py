@@ -24,6 +24,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=1,
                         help="test-time augmentation: fuse 2/4/8 mirrored or rotated passes (that many times the work; "
                              "default 1 = off)")
+    parser.add_argument("--detector-window", type=int, default=None, metavar="PX",
+                        help="inference window side at the detector's mpp (default: the checkpoint's, 256); larger "
+                             "windows are faster and may lose a little F1 (README, Results)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: first available)")
     parser.add_argument("--overwrite", action="store_true", help="recompute images whose CSV already exists")
 
@@ -53,7 +56,8 @@ def main(args: argparse.Namespace) -> int:
     check_mpp(args.mpp, "--mpp")
     files = collect_images(args.inputs)
     args.out.mkdir(parents=True, exist_ok=True)
-    det = Detector.load(args.detector, device=args.device, threshold=args.threshold, tta=args.tta)
+    det = Detector.load(args.detector, device=args.device, threshold=args.threshold, tta=args.tta,
+                        window=args.detector_window)
     failed: list[str] = []
     done = skipped = 0
     for f in files:
