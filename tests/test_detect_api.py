@@ -112,9 +112,9 @@ def test_window_option_sets_the_grid_and_agrees_away_from_window_edges(tiny_ckpt
     from denuc.errors import InputError
 
     base = Detector.load(tiny_ckpt, device="cpu", threshold=0.3)
-    assert (base.window, base.stride, base.batch_size) == (256, 192, 16)  # the checkpoint's grid; 1 Mpx batches
+    assert (base.window, base.stride, base.batch_size) == (256, 192, 4)  # the checkpoint's grid; 0.25 Mpx batches
     big = Detector.load(tiny_ckpt, device="cpu", threshold=0.3, window=512)
-    assert (big.window, big.stride, big.batch_size) == (512, 448, 4)
+    assert (big.window, big.stride, big.batch_size) == (512, 448, 1)
     assert Detector.load(tiny_ckpt, device="cpu", window=512, batch_size=3).batch_size == 3
     for bad in (64, 100):  # not larger than the two margins; not a multiple of 32
         with pytest.raises(InputError, match="multiple of 32"):

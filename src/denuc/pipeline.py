@@ -85,11 +85,11 @@ class DeNuC:
         detector: anything with ``detect(image (H, W, 3) uint8, mpp) -> Nuclei``.
         encoder: the frozen encoder the head was trained with.
         head: the :class:`PointHead`; ``meta``: its checkpoint metadata.
-        batch_size: windows per encoder call.
+        batch_size: windows per encoder call (default: the featurizer's for the device).
     """
 
     def __init__(self, detector: PointDetector, encoder: Encoder, head: PointHead, meta: HeadMeta,
-                 batch_size: int = 16) -> None:
+                 batch_size: int | None = None) -> None:
         self.detector = detector
         self.encoder = encoder
         self.meta = meta

@@ -73,9 +73,10 @@ class Detector:
             if self.stride < 1 or self.window % 32:
                 raise InputError(f"detector window must be a multiple of 32 larger than twice the margin "
                                  f"({self.margin:g} px); got {window}")
-        if batch_size is None:  # about 4 Mpx per forward pass on a GPU, 1 Mpx elsewhere
+        if batch_size is None:  # about 4 Mpx per forward pass on a GPU; 0.25 Mpx on a CPU, where
+            # larger batches leave the caches and run slower (benchmarks/detector_speed.py --batch)
             on_gpu = getattr(device, "type", str(device)) == "cuda"
-            batch_size = max(1, (4 if on_gpu else 1) * 2**20 // self.window**2)
+            batch_size = max(1, (2**22 if on_gpu else 2**18) // self.window**2)
         self.batch_size = int(batch_size)
 
     @classmethod
@@ -86,7 +87,7 @@ class Detector:
 
         Args:
             tta: test-time augmentation passes (1, 2, 4, 8).
-            batch_size: windows per forward pass (default: 4 Mpx of windows on CUDA, 1 Mpx
+            batch_size: windows per forward pass (default: 4 Mpx of windows on CUDA, 0.25 Mpx
                 elsewhere); results do not depend on it.
             window: inference window side in pixels at the model's mpp (default: the
                 checkpoint's); windows overlap by twice the checkpoint's margin.

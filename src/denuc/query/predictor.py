@@ -81,7 +81,8 @@ class PointFeaturizer:
         window: window side in pixels at the working mpp (default: the encoder's, 256).
         stride: window step in pixels (default ``window - window // 4``).
         align: ``center`` (right token-centre geometry) or ``corners`` (authors' code).
-        batch_size: windows per encoder call.
+        batch_size: windows per encoder call (default: 64 on CUDA; 4 elsewhere, where larger
+            batches leave the CPU caches and run slower).
         device: device of the encoder (default: where its parameters live).
         stain_norm: stain normaliser applied to each image first (``none`` or ``macenko``).
         precision: ``auto`` = bf16 autocast on CUDA and fp32 elsewhere, ``fp32``, or ``bf16``
@@ -96,7 +97,7 @@ class PointFeaturizer:
     """
 
     def __init__(self, encoder: Encoder, *, mpp: float | None = None, window: int | None = None,
-                 stride: int | None = None, align: str = "center", batch_size: int = 16,
+                 stride: int | None = None, align: str = "center", batch_size: int | None = None,
                  device: str | torch.device | None = None, stain_norm: str = "none",
                  precision: str = "auto", feature_tta: int = 1) -> None:
         if align not in ALIGN_MODES:
@@ -111,9 +112,9 @@ class PointFeaturizer:
         if not 0 < self.stride <= self.window:
             raise InputError(f"need 0 < stride <= window; got window={self.window}, stride={self.stride}")
         self.align = align
-        self.batch_size = int(batch_size)
         p = next(encoder.parameters(), None)
         self.device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+        self.batch_size = int(batch_size if batch_size is not None else 64 if self.device.type == "cuda" else 4)
         if precision not in PRECISIONS:
             raise InputError(f"precision must be one of {PRECISIONS}; got {precision!r}")
         self.precision = precision
