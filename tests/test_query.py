@@ -171,6 +171,20 @@ def test_batched_sampling_equals_sampling_each_window_alone(chunk_values: int | 
     torch.testing.assert_close(first, ref[:150], rtol=0, atol=0)
 
 
+def test_sampling_points_of_one_inner_window_and_no_points() -> None:
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 256, (150, 170, 3), dtype=np.uint8)
+    fp = PointFeaturizer(coord_encoder(input_size=96, stride=8, window=64), window=64, stride=48, batch_size=4)
+    fp.set_image(img, 0.25)
+    assert fp.features_at(np.zeros((0, 2))).shape == (0, fp.encoder.dim)
+    fp.features_at(np.array([[1.0, 1.0], [169.0, 149.0], [90.0, 70.0]]))  # three windows: rows 0-2 of batch 0
+    xy = np.array([[90.0, 70.0], [85.0, 75.0], [95.5, 66.25]])  # the middle one (row 1) alone, sampled again
+    got = fp.features_at(xy)
+    (k, sel, local), = fp.group_points(xy)
+    assert fp._where[k][1] > 0
+    torch.testing.assert_close(got[torch.from_numpy(sel)], fp.sample(fp._maps[k], local), rtol=0, atol=0)
+
+
 def test_feature_tta_averages_the_features_of_flipped_and_rotated_passes() -> None:
     from denuc.detect.tta import points_to_transformed, tta_passes, transform_image
 

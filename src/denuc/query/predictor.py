@@ -275,6 +275,17 @@ class PointFeaturizer:
             raise InputError(f"{int(bad.sum())} query point(s) lie outside the {w}x{h} image, "
                              f"e.g. (x, y) = {tuple(np.round(xy[bad][0], 2))}")
 
+    def _locate(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per point the flat index ``column * rows + row`` of the window that owns it and its
+        ``(n, 2)`` window-local (x, y) at the working mpp."""
+        if self._img is None:
+            raise InputError("call set_image(image, mpp) before querying points")
+        self._check_inside(xy)
+        work = xy * (self.image_mpp / self.mpp)
+        kx, ky = assign_windows(work, self._xs, self._ys, self.window)
+        local = work - np.stack([self._xs[kx], self._ys[ky]], axis=1).astype(np.float64)
+        return np.asarray(kx, np.int64) * len(self._ys) + np.asarray(ky, np.int64), local
+
     def group_points(self, xy: np.ndarray) -> list[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
         """Points grouped by the window that owns them.
 
@@ -282,28 +293,20 @@ class PointFeaturizer:
             xy: ``(N, 2)`` (x, y) in pixels of the image given to :meth:`set_image`.
 
         Returns:
-            ``[(key, indices into xy, (n, 2) window-local xy at the working mpp), ...]``.
+            ``[(key, indices into xy, (n, 2) window-local xy at the working mpp), ...]``, sorted
+            by key = (column, row), indices ascending.
 
         Raises:
             InputError: a point lies outside the image (``0 <= x < W``, ``0 <= y < H``).
         """
-        if self._img is None:
-            raise InputError("call set_image(image, mpp) before querying points")
-        self._check_inside(xy)
-        work = xy * (self.image_mpp / self.mpp)
-        kx, ky = assign_windows(work, self._xs, self._ys, self.window)
-        # one stable sort groups the points by window (sorted by (column, row), indices ascending)
+        flat, local = self._locate(xy)
         if len(xy) == 0:
             return []
         ny = len(self._ys)
-        flat = np.asarray(kx, dtype=np.int64) * ny + np.asarray(ky, dtype=np.int64)
         order = np.argsort(flat, kind="stable")
         uniq, starts = np.unique(flat[order], return_index=True)
-        groups = []
-        for u, sel in zip(uniq.tolist(), np.split(order, starts[1:]), strict=True):
-            k = (u // ny, u % ny)
-            groups.append((k, sel, work[sel] - np.array([self._xs[k[0]], self._ys[k[1]]], dtype=np.float64)))
-        return groups
+        return [((u // ny, u % ny), sel, local[sel])
+                for u, sel in zip(uniq.tolist(), np.split(order, starts[1:]), strict=True)]
 
     def sample(self, fmap: torch.Tensor, local_xy: np.ndarray) -> torch.Tensor:
         """``(C, h, w)`` map of one window, ``(n, 2)`` window-local points -> ``(n, C)`` features."""
@@ -326,39 +329,48 @@ class PointFeaturizer:
         xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
         if self._passes and self.feature_tta > 1:
             return self._features_tta(xy)
-        groups = self.group_points(xy)
+        flat, local = self._locate(xy)
         out = torch.zeros((len(xy), self.encoder.dim), dtype=torch.float32, device=self.device)
-        self._encode([k for k, _, _ in groups if k not in self._maps])
+        if len(xy) == 0:
+            return out
+        ny = len(self._ys)
+        need = np.unique(flat)
+        keys = [(u // ny, u % ny) for u in need.tolist()]
+        self._encode([k for k in keys if k not in self._maps])
+        # (batch, row) of every point's map, without a loop over points or windows
+        where = np.array([self._where[k] for k in keys], dtype=np.int64)[np.searchsorted(need, flat)]
         # one grid_sample per encoded batch (not per window): host-device traffic and kernel
         # launches do not grow with the number of windows
-        by_batch: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
-        for k, sel, local in groups:
-            b, r = self._where[k]
-            by_batch.setdefault(b, []).append((r, sel, local))
-        for b, items in by_batch.items():
-            fmaps = self._batches[b]
-            per_map = fmaps.shape[1] * max(len(sel) for _, sel, _ in items)
-            step = max(1, SAMPLE_CHUNK_VALUES // max(per_map, 1))
-            for i in range(0, len(items), step):
-                self._sample_into(out, fmaps, items[i:i + step])
+        for b in np.unique(where[:, 0]).tolist():
+            sel = np.flatnonzero(where[:, 0] == b)
+            self._sample_into(out, self._batches[b], where[sel, 1], sel, local[sel])
         return out
 
-    def _sample_into(self, out: torch.Tensor, fmaps: torch.Tensor,
-                     items: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
-        """Sample maps ``fmaps[row]`` at their windows' points and write the rows ``sel`` of ``out``."""
-        counts = [len(sel) for _, sel, _ in items]
-        n_max = max(counts)
-        slot = np.concatenate([np.arange(c) for c in counts])
-        which = np.repeat(np.arange(len(items)), counts)
-        local = np.concatenate([loc for _, _, loc in items])
-        g = map_grid(torch.from_numpy(local), self.window, self.encoder.input_size, self.encoder.stride,
+    def _sample_into(self, out: torch.Tensor, fmaps: torch.Tensor, rows: np.ndarray, dest: np.ndarray,
+                     local: np.ndarray) -> None:
+        """Sample the maps ``fmaps[rows[i]]`` at window-local points ``local[i]`` (working-mpp px)
+        and write the features to ``out[dest[i]]``.
+
+        The points are laid out as a ``(maps, n_max, 2)`` grid (slot = rank of the point among
+        those of its map) and sampled in chunks of maps of at most :data:`SAMPLE_CHUNK_VALUES` values.
+        """
+        order = np.lexsort((dest, rows))  # by map, then by output row
+        rows, dest = rows[order], dest[order]
+        g = map_grid(torch.from_numpy(local[order]), self.window, self.encoder.input_size, self.encoder.stride,
                      (fmaps.shape[-2], fmaps.shape[-1]), self.align)
-        grid = torch.zeros((len(items), n_max, 2), dtype=torch.float32)
-        grid[torch.from_numpy(which), torch.from_numpy(slot)] = g
-        rows = torch.tensor([r for r, _, _ in items], dtype=torch.long)
-        maps = fmaps if len(items) == len(fmaps) and bool((rows == torch.arange(len(fmaps))).all()) \
-            else fmaps.index_select(0, rows.to(fmaps.device))
-        feats = sample_maps(maps, grid.to(fmaps.device), self.align)  # (B, n_max, C)
-        flat = torch.from_numpy(which * n_max + slot).to(fmaps.device)
-        dest = torch.from_numpy(np.concatenate([sel for _, sel, _ in items])).to(self.device)
-        out[dest] = feats.reshape(-1, feats.shape[-1])[flat].float()
+        counts = np.bincount(rows, minlength=len(fmaps))
+        rank = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
+        n_max = int(counts.max())
+        step = max(1, SAMPLE_CHUNK_VALUES // max(fmaps.shape[1] * n_max, 1))
+        r0, r_end = int(rows[0]), int(rows[-1]) + 1  # sample only the span of maps that own points
+        for c0 in range(r0, r_end, step):
+            c1 = min(c0 + step, r_end)
+            lo, hi = np.searchsorted(rows, [c0, c1])
+            if lo == hi:
+                continue
+            ij = torch.from_numpy(np.stack([rows[lo:hi] - c0, rank[lo:hi], dest[lo:hi]]))  # (3, m): map, slot, row
+            grid = torch.zeros((c1 - c0, n_max, 2), dtype=torch.float32)
+            grid[ij[0], ij[1]] = g[lo:hi]
+            ij = ij.to(fmaps.device)
+            feats = sample_maps(fmaps[c0:c1], grid.to(fmaps.device), self.align)  # (c1 - c0, n_max, C) view
+            out[ij[2].to(self.device)] = feats[ij[0], ij[1]].float()
