@@ -63,6 +63,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                 "--backbone", backbone, "--matcher", matcher, "--mpp", str(args.mpp), "--epochs", str(args.epochs),
                 "--crops-per-epoch", str(args.crops_per_epoch), "--batch-size", str(args.batch_size),
                 "--lr", str(args.lr), "--stain-p", str(args.stain_p), "--threads", str(args.threads),
+                "--workers", str(args.workers),
                 "--progress", "false", "--resume"]
         if args.device:
             argv += ["--device", args.device]
@@ -167,6 +168,9 @@ def main() -> None:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--stain-p", type=float, default=0.5)
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
+    t.add_argument("--workers", type=int, default=0,
+                   help="loader processes per run (-1 = automatic; 0, the default, keeps concurrent runs from "
+                        "oversubscribing the CPU, as in the reported ablation)")
     t.add_argument("--device", default=None)
     t.add_argument("--max-train-images", type=int, default=0, help="0 = all (for smoke tests)")
     t.add_argument("--concurrent", action="store_true", help="run all variants at once (one device)")

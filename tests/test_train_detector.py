@@ -120,7 +120,7 @@ def test_cli_yaml_then_flags_and_class_aware_training(tmp_path: Path) -> None:
         train(detector_cli.resolve_config(p.parse_args(["--config", str(yml), "--stain-space", "lab"])))
 
 
-def test_loader_workers_do_not_change_training(tmp_path: Path) -> None:
+def test_loader_workers_do_not_change_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ds = write_blob_dataset(tmp_path / "ds", n_train=3, n_val=1)
     for w in (0, 2):
         train(_cfg(ds, tmp_path / f"w{w}", epochs=2, workers=w, stain_p=0.5, device="cpu"), log=lambda s: None)
@@ -130,4 +130,10 @@ def test_loader_workers_do_not_change_training(tmp_path: Path) -> None:
     for k, v in sa["model"].items():
         assert torch.equal(v, sb["model"][k]), k
     with pytest.raises(InputError, match="workers"):
-        train(_cfg(ds, tmp_path / "bad", workers=-1), log=lambda s: None)
+        train(_cfg(ds, tmp_path / "bad", workers=-2), log=lambda s: None)
+    from denuc.train.detector import auto_workers
+
+    assert auto_workers(-1, torch.device("cpu")) == 0 and auto_workers(3, torch.device("cpu")) == 3
+    for cores, want in ((16, 4), (2, 1), (1, 0)):  # (choosing needs no CUDA)
+        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+        assert auto_workers(-1, torch.device("cuda")) == want

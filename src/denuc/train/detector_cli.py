@@ -35,8 +35,8 @@ _HELPS = {
     "val_radius_um": "matching radius of the val detection F1 in µm",
     "nms_radius_um": "point NMS radius in µm",
     "threads": "torch CPU threads (0 = torch default)",
-    "workers": ("processes that prepare augmented crops in parallel (0 = in the training process); "
-                "results do not depend on it"),
+    "workers": ("processes that prepare augmented crops in parallel (0 = in the training process; -1 = "
+                "automatic: up to 4 on CUDA, 0 otherwise); results do not depend on it"),
     "resume": "continue from OUT/state.pt (optimizer, schedule, epoch, RNG)",
     "max_train_images": "use only the first N train images per dataset (0 = all)",
     "stop_after": "stop after N epochs in this run (0 = to the end); continue later with --resume",

@@ -39,7 +39,7 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     threads: int = 0
-    workers: int = 0  # processes preparing augmented crops (0 = in the training process)
+    workers: int = -1  # processes preparing augmented crops (0 = in the training process; -1 = 4 on CUDA, else 0)
     resume: bool = False
     max_train_images: int = 0  # 0 = all (for quick experiments)
     stop_after: int = 0  # stop after this many epochs in this run (0 = run to the end); continue with resume
