@@ -50,6 +50,19 @@ def test_pixel_centres_follow_the_pixels(p: tuple[int, bool]) -> None:
     np.testing.assert_allclose(points_to_transformed(np.array([[4.5, 1.5]]), k, flip, (5, 7)), [[c + 0.5, r + 0.5]])
 
 
+@pytest.mark.parametrize("p", PASSES)
+def test_transform_image_equals_numpy_rot90_for_any_layout(p: tuple[int, bool]) -> None:
+    k, flip = p
+    rng = np.random.default_rng(k + 4 * flip)
+    for img in (rng.integers(0, 256, (9, 13, 3), dtype=np.uint8), rng.random((6, 4, 3)).astype(np.float32),
+                rng.integers(0, 2**16, (5, 8, 4), dtype=np.uint16),
+                rng.integers(0, 256, (13, 9, 3), dtype=np.uint8).transpose(1, 0, 2)):  # non-contiguous input
+        want = np.rot90(img[:, ::-1] if flip else img, k)
+        got = transform_image(img, k, flip)
+        assert got.dtype == img.dtype and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
+
+
 @settings(max_examples=40, deadline=None)
 @given(arrays(np.float64, (30, 2), elements=st.floats(0, 50)), arrays(np.float64, (30,), elements=st.floats(0.01, 1)))
 def test_fusing_one_pass_is_nms_and_copies_change_nothing(xy: np.ndarray, sc: np.ndarray) -> None:

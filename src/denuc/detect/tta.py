@@ -32,6 +32,10 @@ def tta_passes(n: int) -> tuple[tuple[int, bool], ...]:
 
 def transform_image(image: np.ndarray, k: int, flip: bool) -> np.ndarray:
     """``(H, W, C)`` image of pass ``(k, flip)`` (contiguous copy)."""
+    if image.ndim == 3 and image.flags.c_contiguous:  # move whole pixels: one strided copy per pixel, not per byte
+        px = image.view(np.dtype((np.void, image.shape[2] * image.itemsize)))[..., 0]
+        out = np.ascontiguousarray(np.rot90(px[:, ::-1] if flip else px, k % 4))
+        return out[..., None].view(image.dtype).reshape(*out.shape, image.shape[2])
     out = image[:, ::-1] if flip else image
     return np.ascontiguousarray(np.rot90(out, k % 4))
 
