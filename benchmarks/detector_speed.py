@@ -43,6 +43,8 @@ def main() -> None:
                     help="inference window sizes to time (0 = the checkpoint's)")
     ap.add_argument("--mpp", type=float, default=0.5, help="input µm/px of the images")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on cuda --threads only sets the host threads)")
+    ap.add_argument("--name", default=None,
+                    help="result name (default detector_speed, or detector_speed_<device> off the CPU)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     det = Detector.load(args.detector, device=args.device)
@@ -81,8 +83,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['threads']:7d} {r['tta']:4d} {r['window']:6d} {r['batch']:5d} {r['seconds']:8.2f} {r['mpx_per_s']:8.3f} "
               f"{r['images_per_s']:7.2f} {r['nuclei']:7d}")
-    write_result("detector_speed" if args.device == "cpu" else f"detector_speed_{args.device.split(':')[0]}", result,
-                 args.report)
+    name = args.name or ("detector_speed" if args.device == "cpu" else f"detector_speed_{args.device.split(':')[0]}")
+    write_result(name, result, args.report)
 
 
 if __name__ == "__main__":

@@ -94,18 +94,19 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--grid", type=int, default=4, help="windows per image side (grid x grid windows)")
     ap.add_argument("--points", type=int, default=60, help="query points per window")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, nargs="+", default=[16], help="windows per encoder call (one row each)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    ap.add_argument("--name", default="encode_query_speed", help="result name")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = []
-    for name in args.encoders:
+    for name, batch in [(e, b) for e in args.encoders for b in args.batch]:
         enc = build_encoder(name, weights="random", device=device)
-        fz = PointFeaturizer(enc, stride=enc.spec.window, batch_size=args.batch)  # non-overlapping windows
+        fz = PointFeaturizer(enc, stride=enc.spec.window, batch_size=batch)  # non-overlapping windows
         n_win = args.grid * args.grid
         bare_rate(fz, n_win, 1)  # warm-up
         query_rate(fz, 1, args.points, 1)
@@ -114,7 +115,7 @@ def main() -> None:
         mpx = fz.window**2 / 1e6
         row = {"encoder": name, "input_size": enc.input_size, "window": fz.window, "mpp": fz.mpp,
                "precision": str(fz.autocast_dtype or torch.float32).replace("torch.", ""),
-               "windows_per_image": n, "points_per_window": args.points,
+               "windows_per_image": n, "points_per_window": args.points, "batch": batch,
                "bare_windows_per_s": round(bare, 3), "query_windows_per_s": round(query, 3),
                "query_over_bare": round(query / bare, 4), "query_mpx_per_s_at_mpp": round(query * mpx, 3),
                "bare_ms_per_image": round(n_win / bare * 1e3, 2), **parts}
@@ -122,14 +123,14 @@ def main() -> None:
         del fz, enc
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"{'encoder':20} {'precision':9} {'bare win/s':>11} {'query win/s':>12} {'ratio':>6} {'Mpx/s':>7} "
+    print(f"{'encoder':20} {'batch':>5} {'precision':9} {'bare win/s':>11} {'query win/s':>12} {'ratio':>6} {'Mpx/s':>7} "
           f"{'bare ms':>8} {'set_image ms':>12} {'sample ms':>9}")
     for r in rows:
-        print(f"{r['encoder']:20} {r['precision']:9} {r['bare_windows_per_s']:11.2f} {r['query_windows_per_s']:12.2f} "
+        print(f"{r['encoder']:20} {r['batch']:5d} {r['precision']:9} {r['bare_windows_per_s']:11.2f} {r['query_windows_per_s']:12.2f} "
               f"{r['query_over_bare']:6.3f} {r['query_mpx_per_s_at_mpp']:7.3f} {r['bare_ms_per_image']:8.1f} "
               f"{r['set_image_ms']:12.1f} {r['sample_ms']:9.1f}")
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
-    write_result("encode_query_speed", {
+    write_result(args.name, {
         "benchmark": "encode_query_speed", "device": dev_name, "threads": torch.get_num_threads(),
         **run_info("encode_query_speed.py"), "results": rows}, args.report)
 
