@@ -132,7 +132,8 @@ def main() -> None:
         "f1": rows,
         "reference": {"mcspatnet_test_f1": 0.854, "paper_denuc_f1": 0.8752},
         "command": f"python benchmarks/detector_brca.py --run {args.run}" + (" --retune" if args.retune else "")
-                   + (f" --tta {' '.join(map(str, args.tta))}" if args.tta != [1] else ""),
+                   + (f" --tta {' '.join(map(str, args.tta))}" if args.tta != [1] else "")
+                   + (f" --name {args.name}" if args.name else ""),
     }
     print(f"{result['name']}: {cfg['backbone']} @ {meta['mpp']} µm/px, matcher {cfg['matcher']}, "
           f"epoch {meta['epoch']}/{meta['train']['epochs']}, threshold {thr}, "

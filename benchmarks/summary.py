@@ -58,9 +58,13 @@ def rows(folder: Path) -> list[str]:
     if det:
         out.append(_row(f"DeNuC shipped detector ({det['backbone']}, {det['train_mpp']} µm/px)",
                         det["f1"]["test"]["f1"], {}, None, f"{det_name}.json"))
-        for n, r in sorted((det.get("tta_results") or {}).items()):
+        more = [(n, r, f"{det_name}.json") for n, r in (det.get("tta_results") or {}).items()]
+        extra = _load(folder, f"{det_name}_tta8")  # the same detector, 8 passes, evaluated later
+        if extra:
+            more.append((str(extra["tta"]), {"f1": extra["f1"]}, f"{det_name}_tta8.json"))
+        for n, r, src in sorted(more, key=lambda t: int(t[0])):
             out.append(_row(f"DeNuC shipped detector, test-time augmentation x{n} (`--tta {n}`)",
-                            r["f1"]["test"]["f1"], {}, None, f"{det_name}.json"))
+                            r["f1"]["test"]["f1"], {}, None, src))
     for name in ("classifier_brca", "classifier_brca_tta4", "classifier_brca_feature_tta4"):
         out.extend(_classifier_rows(folder, name))
     return out
