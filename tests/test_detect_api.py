@@ -106,6 +106,13 @@ def test_cli_writes_csvs_skips_existing_and_reports_bad_images(tiny_ckpt: Path, 
     assert len(Nuclei.read_csv(out / "good1.csv")) == len(n1)
     with pytest.raises(ResolutionError):
         detect_cli.main(p.parse_args([str(src), "--out", str(out), "--detector", str(tiny_ckpt)]))
+    # --detector-window reaches the detector: the CSV equals the API's result with that window
+    args.detector_window, args.out = 512, tmp_path / "out512"
+    assert detect_cli.main(args) == 0
+    want = Detector.load(tiny_ckpt, device="cpu", threshold=0.3, window=512).detect(_noise(300, 280, 6), 0.5)
+    np.testing.assert_allclose(Nuclei.read_csv(args.out / "good2.csv").xy, want.xy)
+    default = Detector.load(tiny_ckpt, device="cpu", threshold=0.3).detect(_noise(300, 280, 6), 0.5)
+    assert len(default) != len(want) or not np.allclose(default.xy, want.xy)  # the option changed something
 
 
 def test_window_option_sets_the_grid_and_agrees_away_from_window_edges(tiny_ckpt: Path) -> None:
