@@ -92,9 +92,11 @@ def test_predict_cli_writes_csv_resumes_and_survives_bad_files(trained, tmp_path
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     _, head = trained
     loads = [0]
+    options: list[dict[str, object]] = []
 
     def fake_load(cls, detector=None, encoder=None, head=None, device=None, **kw):  # type: ignore[no-untyped-def]
         loads[0] += 1
+        options.append(kw)
         return DeNuC._orig_load(GridDetector(), encoder, head, device, weights="random")
 
     monkeypatch.setattr(DeNuC, "_orig_load", DeNuC.load, raising=False)
@@ -121,6 +123,10 @@ def test_predict_cli_writes_csv_resumes_and_survives_bad_files(trained, tmp_path
 
     gj = json.loads((out / "brca-m2c-sample.geojson").read_text())
     assert len(gj["features"]) == len(n) and gj["features"][0]["properties"]["objectType"] == "detection"
+    assert options[-1]["tta"] == 1 and options[-1]["detector_window"] is None
+    assert _predict([str(SAMPLE), "--out", str(tmp_path / "o2"), "--mpp", "0.5", "--head", str(head),
+                     "--tta", "4", "--detector-window", "512"]) == 0
+    assert options[-1]["tta"] == 4 and options[-1]["detector_window"] == 512
 
 
 def test_no_detections_gives_empty_result_with_prob_columns(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -163,3 +169,14 @@ def test_feature_tta_head_carries_its_passes_to_prediction(tmp_path: Path) -> No
     img = read_image(ds.image_path(ds.stems("test")[0]))
     out = model(img, mpp=0.25)
     assert len(out) == len(GridDetector().detect(img, 0.25)) and out.meta["windows_encoded"] > 0
+
+
+def test_load_passes_detector_options_to_a_checkpoint_detector(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from model_fixtures import tiny_detector_checkpoint
+
+    _, head = trained
+    ckpt = tiny_detector_checkpoint(tmp_path / "det.safetensors")
+    model = DeNuC.load(ckpt, head=head, device="cpu", weights="random", tta=4, detector_window=512)
+    assert (model.detector.window, model.detector.stride, model.detector.tta) == (512, 448, 4)
+    plain = DeNuC.load(ckpt, head=head, device="cpu", weights="random")
+    assert (plain.detector.window, plain.detector.stride, plain.detector.tta) == (256, 192, 1)
