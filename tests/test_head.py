@@ -165,3 +165,18 @@ def test_generic_dataset_without_val_and_with_unclassified_points(blobs, tmp_pat
                       cache_dir=tmp_path / "c", config=HeadTrainConfig(epochs=3), window=64, log=logs.append)
     assert meta.train["val_carved"] and meta.train["val_stems"]
     assert any("carved" in m for m in logs) and any("without a class" in m for m in logs)
+
+
+def test_feature_cache_key_separates_precisions_and_geometry(blobs) -> None:  # type: ignore[no-untyped-def]
+    from denuc.train.features import cache_key
+
+    ds = blobs
+    enc = build_encoder("tiny-uni", weights="random")
+    stems = ds.stems("train")
+    fp32 = cache_key(PointFeaturizer(enc, precision="fp32"), ds, stems, "gt")
+    assert fp32 == cache_key(PointFeaturizer(enc, precision="auto"), ds, stems, "gt")  # auto = fp32 on a CPU
+    assert fp32[1]["precision"] == "float32"
+    bf16 = cache_key(PointFeaturizer(enc, precision="bf16"), ds, stems, "gt")
+    assert bf16[1]["precision"] == "bfloat16" and bf16[0] != fp32[0]
+    assert cache_key(PointFeaturizer(enc, precision="fp32", stride=32), ds, stems, "gt")[0] != fp32[0]
+    assert cache_key(PointFeaturizer(enc, precision="fp32"), ds, stems[:1], "gt")[0] != fp32[0]

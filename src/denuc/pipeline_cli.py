@@ -29,7 +29,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=tuple(FORMATS), default="csv",
                    help="csv (x,y,class,score,prob_*; what `denuc evaluate` reads) or geojson (QuPath detections)")
     p.add_argument("--overwrite", action="store_true", help="redo images whose output already exists")
-    p.add_argument("--device", default=None, help="cpu, cuda or mps (default cpu)")
+    p.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda, then mps, then cpu)")
     p.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from denuc.core.files import atomic_target
 from denuc.core.result import Nuclei
@@ -121,6 +122,8 @@ def cache_key(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], point
         "encoder": fz.encoder.name, "weights": fz.encoder.weights_hash, "dim": fz.encoder.dim,
         "dataset": str(Path(ds.root).resolve()), "labels": labels_hash(ds, stems), "stems": list(stems),
         "points": points, **fz.geometry(),
+        # bf16 (CUDA default) and fp32 features differ slightly: never reuse one as the other
+        "precision": str(fz.autocast_dtype or torch.float32).replace("torch.", ""),
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32], desc
 

@@ -51,7 +51,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "deconvolution (hed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default ~/.cache/denuc or $DENUC_CACHE)")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default cpu)")
+    p.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda, then mps, then cpu)")
     p.add_argument("--offline", action="store_true", help="never touch the network (same as HF_HUB_OFFLINE=1)")
 
 

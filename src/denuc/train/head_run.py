@@ -109,6 +109,9 @@ def train_head(
     ds = data if isinstance(data, PointDataset) else open_dataset(data)
     if not ds.classes:
         raise InputError(f"{ds.root}: the dataset defines no classes")
+    from denuc.train.detector import pick_device
+
+    device = str(pick_device(device))  # None: cuda, then mps, then cpu (like predict and train-detector)
     enc = encoder if isinstance(encoder, Encoder) else build_encoder(encoder, weights, offline=offline, device=device)
     if mode == "lora":
         from denuc.train.head_finetune import check_lora_applies
