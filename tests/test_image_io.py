@@ -125,3 +125,33 @@ def test_zero_byte_missing_and_non_image_files(tmp_path: Path) -> None:
         read_image(tmp_path / "missing.png")
     with pytest.raises(InputError, match="no such image file"):
         read_image(tmp_path)  # a folder is not an image file
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 3])
+def test_prefetch_images_keeps_order_and_yields_errors_in_place(tmp_path: Path, ahead: int) -> None:
+    from denuc.data.image import prefetch_images
+    from denuc.errors import DenucError
+
+    rng = np.random.default_rng(0)
+    paths, want = [], []
+    for i in range(7):
+        p = tmp_path / f"{i}.png"
+        if i in (2, 5):
+            p.write_bytes(b"\x89PNG truncated")
+            want.append(None)
+        else:
+            arr = rng.integers(0, 256, (5 + i, 4, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(p)
+            want.append(arr)
+        paths.append(p)
+    paths.append(tmp_path / "missing.png")
+    want.append(None)
+    got = list(prefetch_images(paths, ahead=ahead))
+    assert [p for p, _ in got] == paths
+    for (p, img), w in zip(got, want, strict=True):
+        if w is None:
+            assert isinstance(img, DenucError) and p.name in str(img)
+        else:
+            np.testing.assert_array_equal(img, w)
+    first = next(iter(prefetch_images(paths, ahead=ahead)))  # stopping early is fine
+    np.testing.assert_array_equal(first[1], want[0])

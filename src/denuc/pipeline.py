@@ -166,20 +166,20 @@ class DeNuC:
         out.meta["windows_encoded"] = self.featurizer.windows_encoded
         return out
 
-    def __call__(self, image: np.ndarray | str | os.PathLike[str], mpp: float | None) -> Nuclei:
+    def __call__(self, image: np.ndarray | str | os.PathLike[str], mpp: float | None, name: str = "") -> Nuclei:
         """Detect and classify the nuclei of one image.
 
         Args:
             image: ``(H, W, 3)`` uint8 RGB array, or an image file path.
             mpp: µm per pixel of the image (required; raises ResolutionError when None).
+            name: stored in the result (default: the file's stem, or empty for an array).
 
         Returns:
             :class:`Nuclei` with ``xy`` (x, y) in pixels of the input image, class ids/names,
             scores, probs and ``meta["speed"]`` in milliseconds per stage.
         """
-        name = ""
         if isinstance(image, (str, os.PathLike)):
-            name = Path(image).stem
+            name = name or Path(image).stem
             image = read_image(image)
         mpp = check_mpp(mpp, name or "image")
         t0 = time.perf_counter()

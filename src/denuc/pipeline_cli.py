@@ -79,11 +79,15 @@ def main(args: argparse.Namespace) -> int:
     model = DeNuC.load(detector=args.detector, encoder=args.encoder, head=args.head, device=args.device,
                        weights=args.weights, offline=True if args.offline else None, tta=args.tta,
                        detector_window=args.detector_window)
+    from denuc.data.image import prefetch_images
+
     failed = 0
-    for i, f in enumerate(todo, 1):
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    for i, (f, image) in enumerate(prefetch_images(todo), 1):  # the next images are read meanwhile
         try:
-            nuclei = model(f, mpp)
+            if isinstance(image, DenucError):
+                raise image
+            nuclei = model(image, mpp, name=f.stem)
             if args.format == "geojson":
                 from denuc.export.geojson import write_geojson
 
@@ -99,6 +103,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"[{i}/{len(todo)}] {f.name}: {len(nuclei)} nuclei {counts} in {(time.perf_counter() - t0):.2f} s "
               f"(detect {sp.get('detect', 0):.0f} ms, encode {sp.get('encode', 0):.0f} ms, "
               f"classify {sp.get('classify', 0):.0f} ms)")
+        t0 = time.perf_counter()
     if failed:
         print(f"denuc predict: {failed} of {len(todo)} image(s) failed; the others were written to {out}",
               file=sys.stderr)

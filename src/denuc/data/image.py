@@ -8,11 +8,12 @@ RGBA is composited on white (slide background), grayscale is replicated to three
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from denuc.errors import InputError
+from denuc.errors import DenucError, InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -117,3 +118,40 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     except (FileNotFoundError, UnidentifiedImageError, OSError):
         h, w = read_image(p).shape[:2]
         return h, w
+
+
+def prefetch_images(paths: Sequence[str | os.PathLike[str]], ahead: int = 2
+                    ) -> Iterator[tuple[Path, np.ndarray | DenucError]]:
+    """``(path, image)`` for each path in order, read by ``ahead`` background threads while the
+    caller works on earlier images (decoders release the GIL, so reading overlaps compute).
+
+    A file that cannot be read yields ``(path, error)`` (a :class:`DenucError`) instead of
+    stopping the iteration; other exceptions propagate. ``ahead=0`` reads in the caller's thread.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(p: Path) -> np.ndarray | DenucError:
+        try:
+            return read_image(p)
+        except DenucError as e:
+            return e
+
+    files = [Path(p) for p in paths]
+    if ahead <= 0:
+        for p in files:
+            yield p, load(p)
+        return
+    with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="denuc-read") as pool:
+        pending: deque = deque()
+        it = iter(files)
+        for p in it:
+            pending.append((p, pool.submit(load, p)))
+            if len(pending) > ahead:
+                break
+        while pending:
+            p, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(load, nxt)))
+            yield p, fut.result()

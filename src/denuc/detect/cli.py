@@ -49,7 +49,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 def main(args: argparse.Namespace) -> int:
     from denuc.core.mpp import check_mpp
-    from denuc.data.image import read_image
+    from denuc.data.image import prefetch_images
     from denuc.detect.api import Detector
     from denuc.errors import DenucError
 
@@ -59,14 +59,15 @@ def main(args: argparse.Namespace) -> int:
     det = Detector.load(args.detector, device=args.device, threshold=args.threshold, tta=args.tta,
                         window=args.detector_window)
     failed: list[str] = []
-    done = skipped = 0
-    for f in files:
+    done = 0
+    todo = [f for f in files if args.overwrite or not (args.out / f"{f.stem}.csv").exists()]
+    skipped = len(files) - len(todo)
+    for f, image in prefetch_images(todo):  # the next images are read meanwhile
         dst = args.out / f"{f.stem}.csv"
-        if dst.exists() and not args.overwrite:
-            skipped += 1
-            continue
         try:
-            nuc = det.detect(read_image(f), args.mpp, name=f.stem)
+            if isinstance(image, DenucError):
+                raise image
+            nuc = det.detect(image, args.mpp, name=f.stem)
         except DenucError as e:
             print(f"denuc detect: error: {f}: {e}", file=sys.stderr)
             failed.append(str(f))
