@@ -4,12 +4,14 @@ The shipped detector (class-agnostic, trained on BRCA-M2C train) has a PAN neck 
 stride-8/16/32 maps describe every nucleus it finds. This script samples those maps at the
 ground-truth points (bilinear, token-centre geometry), and trains the linear head (SGD,
 weight decay 0.1, 30 epochs, epoch chosen on val) on the encoder's features, the detector's,
-and both concatenated; it prints val macro F1 at GT points for each. Test is not scored:
-the train and val images come from three tissue-source sites and the test images mostly
-from others, and leave-one-site-out CV cannot judge the detector's features fairly (the
-detector was trained on the images of every training site).
+and both concatenated; it prints val macro F1 at GT points for each. The train and val
+images come from three tissue-source sites and the test images mostly from others, and
+leave-one-site-out CV cannot judge the detector's features fairly (the detector was trained
+on the images of every training site). ``--test`` therefore also scores each variant once on
+test the way the shipped head is scored: epoch chosen by mean class F1 at the shipped
+detector's val detections, mean class F1 at its test detections (denuc protocol, 3 µm).
 
-    python benchmarks/classifier_detector_features.py [--threads 2] [--report]
+    python benchmarks/classifier_detector_features.py [--threads 2] [--test] [--report]
 
 Writes ``benchmarks/results/classifier_detector_features.json``.
 """
@@ -32,7 +34,7 @@ from denuc.detect.model import normalise
 from denuc.encode import build_encoder
 from denuc.query import PointFeaturizer
 from denuc.train.features import PointFeatures, cached_features
-from denuc.train.head import HeadTrainConfig, fit_head, gt_scorer
+from denuc.train.head import HeadTrainConfig, det_scorer, detected_nuclei, fit_head, gt_scorer
 
 
 def detector_features(det: Detector, ds, pf: PointFeatures) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--test", action="store_true", help="also select at val detections and score test detections once")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -82,23 +85,46 @@ def main() -> None:
     cfg = HeadTrainConfig(epochs=args.epochs, weight_decay=args.weight_decay)
     n = len(ds.classes)
     enc_tr, enc_va = tr.feats.astype(np.float32), va.feats.astype(np.float32)
-    rows = []
-    for name, a, b in (("encoder", enc_tr, enc_va), ("detector", dtr, dva),
-                       ("encoder + detector", np.hstack([enc_tr, dtr]), np.hstack([enc_va, dva]))):
-        def pf(src: PointFeatures, feats: np.ndarray) -> PointFeatures:
-            return PointFeatures(feats.astype(np.float16), src.labels, src.image, src.xy, src.scores, src.stems,
-                                 src.mpps)
+    def pf(src: PointFeatures, feats: np.ndarray) -> PointFeatures:
+        return PointFeatures(feats.astype(np.float16), src.labels, src.image, src.xy, src.scores, src.stems, src.mpps)
 
+    def variants(enc_f: np.ndarray, det_f: np.ndarray) -> dict[str, np.ndarray]:
+        return {"encoder": enc_f, "detector": det_f, "encoder + detector": np.hstack([enc_f, det_f])}
+
+    if args.test:  # the shipped detector's val and test detections, with both kinds of features
+        from denuc.evaluate.api import evaluate
+        from denuc.train.head_run import load_detector
+
+        detect, ident = load_detector(None, "cpu")
+        dets = {sp: cached_features(fz, ds, ds.stems(sp), gt=False, detect=detect, detector_id=ident,
+                                    log=lambda m: None)["det"] for sp in ("val", "test")}
+        dfeat = {sp: detector_features(det, ds, d) for sp, d in dets.items()}
+        gt_val = {s: ds.load(s).points for s in ds.stems("val")}
+    rows = []
+    for name, a in variants(enc_tr, dtr).items():
+        b = variants(enc_va, dva)[name]
         _, met = fit_head(pf(tr, a), n, cfg, gt_scorer(pf(va, b), n), log=lambda m: None)
-        rows.append({"features": name, "dim": int(a.shape[1]), "val_macro_f1_gt": round(met["macro_f1"], 4),
-                     "val_accuracy_gt": round(met["accuracy"], 4), "epoch": met["epoch"]})
-    print(f"{'features':20} {'dim':>5} {'val macro F1 (GT points)':>25} {'accuracy':>9}")
+        row = {"features": name, "dim": int(a.shape[1]), "val_macro_f1_gt": round(met["macro_f1"], 4),
+               "val_accuracy_gt": round(met["accuracy"], 4), "epoch": met["epoch"]}
+        if args.test:
+            v = {sp: pf(dets[sp], variants(dets[sp].feats.astype(np.float32), dfeat[sp])[name]) for sp in dets}
+            head, met = fit_head(pf(tr, a), n, cfg, det_scorer(v["val"], gt_val, ds.classes), log=lambda m: None)
+            rep = evaluate(ds, detected_nuclei(head, v["test"], ds.classes), split="test", protocol="denuc",
+                           radius_um=3.0)
+            row.update(val_mean_class_f1_det=round(met["mean_f1"], 4), epoch_det=met["epoch"],
+                       test_mean_class_f1=round(rep.mean_f1, 4),
+                       test_class_f1={c: round(r.f1, 4) for c, r in rep.classes.items()})
+        rows.append(row)
+    print(f"{'features':20} {'dim':>5} {'val macro F1 (GT points)':>25} {'accuracy':>9}"
+          + (f" {'val mean class F1 (det)':>24} {'test mean class F1':>19}" if args.test else ""))
     for r in rows:
-        print(f"{r['features']:20} {r['dim']:5d} {r['val_macro_f1_gt']:25.4f} {r['val_accuracy_gt']:9.4f}")
+        print(f"{r['features']:20} {r['dim']:5d} {r['val_macro_f1_gt']:25.4f} {r['val_accuracy_gt']:9.4f}"
+              + (f" {r['val_mean_class_f1_det']:24.4f} {r['test_mean_class_f1']:19.4f}" if args.test else ""))
     write_result("classifier_detector_features", {
         "benchmark": "classifier_detector_features", **run_info("classifier_detector_features.py"),
         "encoder": args.encoder, "stain_norm": args.stain_norm, "detector": "shipped",
-        "head": {"epochs": args.epochs, "weight_decay": args.weight_decay}, "split": "val", "rows": rows},
+        "head": {"epochs": args.epochs, "weight_decay": args.weight_decay},
+        "splits": ["val", "test"] if args.test else ["val"], "rows": rows},
         args.report)
 
 
