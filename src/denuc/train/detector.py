@@ -321,7 +321,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
         model.train()
         order = np.concatenate([np.full(n, i) for i, n in enumerate(crops_per_image)])
         np_rng.shuffle(order)
-        sums = {"loss": 0.0, "loss_cls": 0.0, "loss_offset": 0.0}
+        # loss sums stay on the device: reading them every step would stall a GPU step by step
+        sums = {k: torch.zeros((), device=device) for k in ("loss", "loss_cls", "loss_offset")}
         te = time.time()
         batches = crop_batches(source, order, epoch, cfg.batch_size, steps_per_epoch, workers)
         if cfg.progress:
@@ -333,9 +334,9 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
             losses = train_step(model, batch, opt, scaler, lr, device)
             step += 1
             for k in sums:
-                sums[k] += float(losses[k].detach())
+                sums[k] += losses[k].detach().float()
         rec: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr, "train_s": round(time.time() - te, 1),
-                               **{k: v / steps_per_epoch for k, v in sums.items()}}
+                               **{k: float(v) / steps_per_epoch for k, v in sums.items()}}
         scores = _validate(model, val_items, cfg, vocab) if val_items else {}
         if scores:
             # class-aware models are selected by mean class F1, class-agnostic ones by detection F1
