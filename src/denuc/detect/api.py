@@ -75,7 +75,9 @@ class Detector:
                                  f"({self.margin:g} px); got {window}")
         if batch_size is None:  # about 4 Mpx per forward pass on a GPU; 0.25 Mpx on a CPU, where
             # larger batches leave the caches and run slower (benchmarks/detector_speed.py --batch)
-            on_gpu = getattr(device, "type", str(device)) == "cuda"
+            import torch
+
+            on_gpu = torch.device(device).type == "cuda"
             batch_size = max(1, (2**22 if on_gpu else 2**18) // self.window**2)
         self.batch_size = int(batch_size)
 
