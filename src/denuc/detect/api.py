@@ -48,8 +48,6 @@ class Detector:
 
     def __init__(self, model: Any, meta: dict[str, Any], device: Any, threshold: float | None = None,
                  batch_size: int | None = None, tta: int = 1, window: int | None = None) -> None:
-        import torch
-
         from denuc.detect.tta import tta_passes
 
         self.model = model
@@ -77,6 +75,8 @@ class Detector:
                                  f"({self.margin:g} px); got {window}")
         if batch_size is None:  # about 4 Mpx per forward pass on a GPU; 0.25 Mpx on a CPU, where
             # larger batches leave the caches and run slower (benchmarks/detector_speed.py --batch)
+            import torch
+
             on_gpu = torch.device(device).type == "cuda"
             batch_size = max(1, (2**22 if on_gpu else 2**18) // self.window**2)
         self.batch_size = int(batch_size)
@@ -94,8 +94,6 @@ class Detector:
             window: inference window side in pixels at the model's mpp (default: the
                 checkpoint's); windows overlap by twice the checkpoint's margin.
         """
-        import torch
-
         from denuc.detect.checkpoint import load_detector
         from denuc.train.detector import pick_device
 
@@ -104,8 +102,6 @@ class Detector:
             raise ModelError(f"no default detector shipped at {p}; pass a checkpoint path")
         dev = pick_device(str(device) if device is not None else None)
         model, meta = load_detector(p, dev)
-        if dev.type == "cpu":  # channels-last convolutions: 1.29x windows/s on 2 cores
-            model = model.to(memory_format=torch.channels_last)
         return cls(model, meta, dev, threshold, batch_size=batch_size, tta=tta, window=window)
 
     def _prepare(self, image: np.ndarray, mpp: float | None, name: str) -> tuple[np.ndarray, float]:
