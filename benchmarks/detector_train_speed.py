@@ -18,6 +18,7 @@ folder) at ``--mpp``. Prints a table and writes ``benchmarks/results/detector_tr
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
@@ -109,7 +110,7 @@ def main() -> None:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
     write_result(f"detector_train_speed_{device.type}", {
         "benchmark": "detector_train_speed", "device": dev_name, "threads": torch.get_num_threads(),
-        "cpu_count": __import__("os").cpu_count(), **run_info("detector_train_speed.py"),
+        "cpu_count": os.cpu_count(), **run_info("detector_train_speed.py"),
         "data": data, "split": args.split, "images": len(items), "mpp": args.mpp, "backbone": args.backbone,
         "batch": args.batch, "crop": args.crop, "stain_p": args.stain_p, "steps": args.steps, "rows": rows},
         args.report)

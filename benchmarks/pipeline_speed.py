@@ -98,7 +98,8 @@ def main() -> None:
                     stages = {k: round(float(np.mean([r.meta["speed"][k] for r in res])), 2)
                               for k in res[0].meta["speed"]}
                 best = min(best, time.perf_counter() - t0)
-            rows.append({"stage": stage, "tta": n_tta, "seconds": round(best, 3), "mpx_per_s": round(mpx / best, 3),
+            rows.append({"stage": stage, "tta": n_tta, "window": model.detector.window,
+                         "batch": model.detector.batch_size, "seconds": round(best, 3), "mpx_per_s": round(mpx / best, 3),
                          "images_per_s": round(len(imgs) / best, 2), "nuclei_per_s": round(n / best, 1),
                          "nuclei": n, "ms_per_image_by_stage": stages})
     if args.profile:

@@ -128,7 +128,7 @@ def gpu_tables(folder: Path) -> list[str]:
             for r in (d or {}).get("rows", []):
                 what = r.get("stage", "detect (detector_speed)")
                 nps = r.get("nuclei_per_s") or round(r["nuclei"] / r["seconds"], 1)
-                wb = f"{r['window']} / {r['batch']}" if "window" in r else "256 / 64"
+                wb = f"{r['window']} / {r['batch']}" if "window" in r else "256 / device default"
                 out.append(f"| {what} | {r['tta']} | {wb} | {r['mpx_per_s']:.2f} | {r['images_per_s']:.1f} | "
                            f"{nps:.0f} | {n}.json |")
     eq = _load(folder, "encode_query_speed_h100")

@@ -64,6 +64,7 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
 
 def main(args: argparse.Namespace) -> int:
     from denuc.core.mpp import check_mpp
+    from denuc.data.image import prefetch_images
     from denuc.errors import DenucError
     from denuc.pipeline import DeNuC
 
@@ -79,8 +80,6 @@ def main(args: argparse.Namespace) -> int:
     model = DeNuC.load(detector=args.detector, encoder=args.encoder, head=args.head, device=args.device,
                        weights=args.weights, offline=True if args.offline else None, tta=args.tta,
                        detector_window=args.detector_window)
-    from denuc.data.image import prefetch_images
-
     failed = 0
     t0 = time.perf_counter()
     for i, (f, image) in enumerate(prefetch_images(todo), 1):  # the next images are read meanwhile
