@@ -49,13 +49,13 @@ REPO = Path(__file__).resolve().parents[1]
 ALL_TAPS = ("s8", "s16", "s32", "head")
 
 
-def all_taps_encoder() -> EfficientNetLiteEncoder:
-    """EfficientNet-Lite0 with every tap (its features are ``ALL_TAPS`` concatenated)."""
+def all_taps_encoder(taps: tuple[str, ...] = ALL_TAPS) -> EfficientNetLiteEncoder:
+    """EfficientNet-Lite0 with the given taps (default every tap: ``ALL_TAPS`` concatenated)."""
     from denuc.encode.weights import WeightsSource
 
     b = build_encoder("efficientnet-lite0")
     return EfficientNetLiteEncoder(b.spec, b.body, WeightsSource(None, b.weights_hash, b.weights_source),
-                                   taps=ALL_TAPS)
+                                   taps=taps)
 
 
 def default_tap_columns() -> np.ndarray:
@@ -75,6 +75,8 @@ class Recipe:
     multiscale: bool = False  # concatenate s8+s16+s32 features at 0.25 and 0.5 µm/px
     norm: str = "none"  # stain normaliser before encoding; the stain-jittered passes skip it (as train-head does)
     tta: int = 1  # features averaged over this many dihedral passes of each image (train-head --feature-tta)
+    taps: tuple[str, ...] = ()  # efficientnet-lite0 taps other than the default s8+s16+s32
+    scales: tuple[float, ...] = ()  # extra training passes with the image magnified by each factor (nuclei look s x larger)
     notes: dict[str, object] = field(default_factory=dict)
 
 
@@ -118,6 +120,15 @@ def recipes() -> list[Recipe]:
         Recipe("30 ep, wd 1e-1, macenko, rot4 features", replace(e30, weight_decay=1e-1), norm="macenko", tta=4),
         Recipe("30 ep, wd 1e-1, macenko, stain hed 0.4 x2, rot4 features", replace(e30, weight_decay=1e-1),
                aug=("hed", 0.4, 2), norm="macenko", tta=4),
+        *[Recipe(f"30 ep, wd 1e-1, macenko, stain hed 0.4 x2, taps {'+'.join(t)}", replace(e30, weight_decay=1e-1),
+                 aug=("hed", 0.4, 2), norm="macenko", taps=t)
+          for t in (("s16", "s32"), ("s8", "s16", "s32", "head"), ("s16", "s32", "head"))],
+        Recipe("30 ep, wd 1e-1, macenko, stain hed 0.4 x2, scale 0.8+1.25", replace(e30, weight_decay=1e-1),
+               aug=("hed", 0.4, 2), norm="macenko", scales=(0.8, 1.25)),
+        Recipe("30 ep, wd 1e-1, macenko, stain hed 0.4 x2, scale 0.9+1.1", replace(e30, weight_decay=1e-1),
+               aug=("hed", 0.4, 2), norm="macenko", scales=(0.9, 1.1)),
+        Recipe("30 ep, wd 1e-1, macenko, scale 0.8+1.25", replace(e30, weight_decay=1e-1), norm="macenko",
+               scales=(0.8, 1.25)),
     ]
 
 
@@ -155,13 +166,20 @@ def main() -> int:
                 out[sp] = replace(a, feats=np.concatenate([a.feats[:, cols], b.feats[:, cols]], 1))
             return out, {"train": [], "val": []}
         space, strength, n = r.aug
-        fr = fz if r.tta == 1 else PointFeaturizer(fz.encoder, feature_tta=r.tta)
+        enc = all_taps_encoder(r.taps) if r.taps else fz.encoder
+        fr = fz if r.tta == 1 and not r.taps else PointFeaturizer(enc, feature_tta=r.tta)
         augs = {sp: augmented_gt_features(fr, ds, st, n, strength=strength, space=space) if n else []
                 for sp, st in (("train", train), ("val", val))}
+        for m in r.scales:  # same images, resampled to mpp / m before encoding
+            sz = PointFeaturizer(fr.encoder, mpp=fr.mpp / m, feature_tta=r.tta, stain_norm=r.norm)
+            for sp, st in (("train", train), ("val", val)):
+                augs[sp].append(cached_features(sz, ds, st)["gt"])
         if r.norm != "none":
             nz = fr.with_stain_norm(r.norm)
             return {sp: cached_features(nz, ds, st)["gt"] for sp, st in (("train", train), ("val", val))}, augs
-        return plain, augs
+        if fr is fz:
+            return plain, augs
+        return {sp: cached_features(fr, ds, st)["gt"] for sp, st in (("train", train), ("val", val))}, augs
 
     rows = []
     todo = [r for r in recipes() if args.only is None or r.name in args.only]
@@ -180,7 +198,7 @@ def main() -> int:
         s = summarize(folds)
         rows.append({"recipe": r.name, "train": asdict(r.cfg), "stop_epoch": r.stop_epoch,
                      "stain_augment": {"space": r.aug[0], "strength": r.aug[1], "passes": r.aug[2]},
-                     "multiscale": r.multiscale, "stain_norm": r.norm, "feature_tta": r.tta, "site_cv": s, "folds": [asdict(x) for x in folds],
+                     "multiscale": r.multiscale, "stain_norm": r.norm, "feature_tta": r.tta, "taps": list(r.taps or LITE0_DEFAULT_TAPS), "scales": list(r.scales), "site_cv": s, "folds": [asdict(x) for x in folds],
                      "official_val_macro_f1": vf1, "seconds": round(time.perf_counter() - t0, 1)})
         print(f"{r.name:36} " + " ".join(f"{x.site}={x.macro_f1:.4f}" for x in folds)
               + f"  mean {s['mean']:.4f} ± {s['std']:.4f}  val {vf1:.4f}", flush=True)

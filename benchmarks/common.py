@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ def run_info(script: str, one_thread: bool = False) -> dict[str, Any]:
     import torch
 
     prefix = "OMP_NUM_THREADS=1 " if one_thread else ""
-    return {"command": f"{prefix}python benchmarks/{script} " + " ".join(sys.argv[1:]),
+    return {"command": f"{prefix}python benchmarks/{script} " + shlex.join(sys.argv[1:]),
             "python": platform.python_version(), "torch": torch.__version__}
 
 

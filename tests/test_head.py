@@ -180,3 +180,19 @@ def test_feature_cache_key_separates_precisions_and_geometry(blobs) -> None:  # 
     assert bf16[1]["precision"] == "bfloat16" and bf16[0] != fp32[0]
     assert cache_key(PointFeaturizer(enc, precision="fp32", stride=32), ds, stems, "gt")[0] != fp32[0]
     assert cache_key(PointFeaturizer(enc, precision="fp32"), ds, stems[:1], "gt")[0] != fp32[0]
+
+
+def test_feature_cache_key_separates_encoder_variants(blobs) -> None:  # type: ignore[no-untyped-def]
+    """Lite0 with other taps (same name, weights and even dim) must not share cached features."""
+    from denuc.encode.encoder import EfficientNetLiteEncoder
+    from denuc.encode.weights import WeightsSource
+    from denuc.train.features import cache_key
+
+    b = build_encoder("efficientnet-lite0", weights="random", device="cpu")
+    w = WeightsSource(None, b.weights_hash, b.weights_source)
+    reordered = EfficientNetLiteEncoder(b.spec, b.body, w, taps=("s32", "s16", "s8"))
+    assert reordered.dim == b.dim and b.variant() == {}
+    stems = blobs.stems("train")
+    default, other = (cache_key(PointFeaturizer(e, precision="fp32"), blobs, stems, "gt") for e in (b, reordered))
+    assert "taps" not in default[1] and other[1]["taps"] == ["s32", "s16", "s8"]
+    assert default[0] != other[0]

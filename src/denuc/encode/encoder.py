@@ -57,6 +57,11 @@ class Encoder(nn.Module):
     def input_size(self) -> int:
         return self.spec.input_size
 
+    def variant(self) -> dict[str, object]:
+        """Settings beyond name and weights that change the features (``{}`` for the registry's
+        default build); part of feature-cache keys."""
+        return {}
+
     def map_size(self, input_size: int | None = None) -> int:
         """Side ``h`` (= ``w``) of the map for a square input of ``input_size`` px."""
         s = self.input_size if input_size is None else int(input_size)
@@ -132,6 +137,9 @@ class EfficientNetLiteEncoder(Encoder):
         dim = sum(LITE0_TAPS[t][1] for t in taps)
         super().__init__(spec.with_(dim=dim), body, weights)
         self.taps = tuple(taps)
+
+    def variant(self) -> dict[str, object]:
+        return {} if self.taps == LITE0_DEFAULT_TAPS else {"taps": list(self.taps)}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         m = self.body

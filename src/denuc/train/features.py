@@ -119,7 +119,7 @@ def labels_hash(ds: PointDataset, stems: Sequence[str]) -> str:
 def cache_key(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], points: str) -> tuple[str, dict[str, object]]:
     """``(hex key, the dict it hashes)``; ``points`` is ``gt`` or ``det:<detector id>``."""
     desc: dict[str, object] = {
-        "encoder": fz.encoder.name, "weights": fz.encoder.weights_hash, "dim": fz.encoder.dim,
+        "encoder": fz.encoder.name, "weights": fz.encoder.weights_hash, "dim": fz.encoder.dim, **fz.encoder.variant(),
         "dataset": str(Path(ds.root).resolve()), "labels": labels_hash(ds, stems), "stems": list(stems),
         "points": points, **fz.geometry(),
         # bf16 (CUDA default) and fp32 features differ slightly: never reuse one as the other
