@@ -53,7 +53,7 @@ def test_missing_and_absurd_mpp_and_bad_arrays(tiny_ckpt: Path) -> None:
     from denuc.errors import InputError
 
     with pytest.raises(InputError):
-        det.detect(img[..., 0], 0.5)
+        det.detect(np.zeros((3, 64, 64), np.uint8), 0.5)  # channels-first
 
 
 def test_small_images_and_batched_many_equal_single(tiny_ckpt: Path) -> None:

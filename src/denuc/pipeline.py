@@ -29,7 +29,7 @@ import torch
 from denuc.classify.head import HeadMeta, PointHead, load_head
 from denuc.core.mpp import check_mpp
 from denuc.core.result import Nuclei
-from denuc.data.image import read_image
+from denuc.data.image import as_rgb_image
 from denuc.encode.encoder import Encoder, build_encoder
 from denuc.errors import ModelError
 from denuc.query.predictor import PointFeaturizer
@@ -122,7 +122,9 @@ class DeNuC:
             detector_window: the detector's inference window in px at its mpp (default: the
                 checkpoint's), likewise.
         """
-        device = device if device is not None else auto_device()
+        from denuc.train.detector import pick_device
+
+        device = pick_device(str(device) if device is not None else None)  # ModelError for unknown/unavailable
         head_path = Path(head) if head is not None else DEFAULT_HEAD
         if head is None and not head_path.is_file():
             raise ModelError(f"no shipped head at {head_path}; pass head=<checkpoint>")
@@ -147,8 +149,10 @@ class DeNuC:
 
     # ----------------------------------------------------------------- use
     def classify(self, image: np.ndarray, mpp: float, points: Nuclei) -> Nuclei:
-        """Classify given points of an image (no detection). ``points.xy`` in image px."""
+        """Classify given points of an image (no detection). ``points.xy`` in image px; ``image``
+        as in :meth:`__call__`."""
         mpp = check_mpp(mpp, points.name or "image")
+        image = as_rgb_image(image, points.name or "image")
         t0 = time.perf_counter()
         enc0 = self.featurizer.encode_ms
         self.featurizer.set_image(image, mpp)
@@ -170,7 +174,9 @@ class DeNuC:
         """Detect and classify the nuclei of one image.
 
         Args:
-            image: ``(H, W, 3)`` uint8 RGB array, or an image file path.
+            image: ``(H, W, 3)`` uint8 RGB array, an image file path, or another array layout
+                :func:`~denuc.data.image.to_rgb_uint8` converts (``(H, W)`` gray, RGBA, 16-bit,
+                float in [0, 1] or [0, 255]).
             mpp: µm per pixel of the image (required; raises ResolutionError when None).
             name: stored in the result (default: the file's stem, or empty for an array).
 
@@ -180,8 +186,9 @@ class DeNuC:
         """
         if isinstance(image, (str, os.PathLike)):
             name = name or Path(image).stem
-            image = read_image(image)
+            check_mpp(mpp, str(image))  # before reading the file
         mpp = check_mpp(mpp, name or "image")
+        image = as_rgb_image(image, name or "image")
         t0 = time.perf_counter()
         det = self.detector.detect(image, mpp)
         h, w = image.shape[:2]

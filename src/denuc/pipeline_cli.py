@@ -1,4 +1,9 @@
-"""``denuc predict``: detect and classify nuclei in image files, one CSV per image."""
+"""``denuc predict``: detect and classify nuclei in image files, one CSV per image.
+
+An image that fails (unreadable, too large, or any unexpected error, MemoryError included) is
+reported in one line by name and the others are still processed (exit status 1 at the end);
+Ctrl-C stops the run (exit 130).
+"""
 
 from __future__ import annotations
 
@@ -62,15 +67,28 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return list(seen.values())
 
 
+def image_error_line(command: str, path: Path, e: BaseException) -> str:
+    """One line reporting a failed image: ``denuc CMD: error: PATH: message``, naming the path
+    once (DeNuC's messages usually start with it) and the type of an unexpected exception."""
+    from denuc.data.image import describe_exception
+    from denuc.errors import DenucError
+
+    msg = str(e) if isinstance(e, DenucError) else describe_exception(e)
+    msg = " ".join(msg.split())
+    if not msg.startswith(f"{path}:"):
+        msg = f"{path}: {msg}"
+    return f"denuc {command}: error: {msg}"
+
+
 def main(args: argparse.Namespace) -> int:
+    from denuc.core.files import check_out_dir
     from denuc.core.mpp import check_mpp
     from denuc.data.image import prefetch_images
-    from denuc.errors import DenucError
     from denuc.pipeline import DeNuC
 
     mpp = check_mpp(args.mpp, "--mpp")
     files = collect_inputs(args.inputs)
-    out = Path(args.out)
+    out = check_out_dir(args.out)
     suffix = FORMATS[args.format]
     todo = [f for f in files if args.overwrite or not (out / f"{f.stem}{suffix}").is_file()]
     if len(todo) < len(files):
@@ -83,8 +101,8 @@ def main(args: argparse.Namespace) -> int:
     failed = 0
     t0 = time.perf_counter()
     for i, (f, image) in enumerate(prefetch_images(todo), 1):  # the next images are read meanwhile
-        try:
-            if isinstance(image, DenucError):
+        try:  # any failure is this image's: report it and go on (Ctrl-C still stops the run)
+            if isinstance(image, Exception):
                 raise image
             nuclei = model(image, mpp, name=f.stem)
             if args.format == "geojson":
@@ -93,9 +111,10 @@ def main(args: argparse.Namespace) -> int:
                 write_geojson(nuclei, out / f"{f.stem}{suffix}", model.meta.colors)
             else:
                 nuclei.to_csv(out / f"{f.stem}{suffix}")
-        except DenucError as e:
+        except Exception as e:
             failed += 1
-            print(f"denuc predict: {f}: error: {e}", file=sys.stderr)
+            print(image_error_line("predict", f, e), file=sys.stderr)
+            del e, image  # frees the failed image's memory (and a MemoryError's traceback) now
             continue
         sp = nuclei.meta.get("speed", {})
         counts = {c: int((nuclei.class_ids == k).sum()) for k, c in enumerate(nuclei.class_names)}

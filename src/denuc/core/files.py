@@ -1,7 +1,10 @@
 """Atomic file writes: a reader never sees a half-written file.
 
 Every writer goes to a hidden temporary file beside the target and then ``os.replace``-s
-it, which is atomic on POSIX and Windows within one file system.
+it, which is atomic on POSIX and Windows within one file system. Written files get the
+permissions an ordinary ``open()`` gives (``0o666`` minus the umask), also when the writer
+creates its file private (``safetensors`` writes ``0o600``). A failed write leaves no
+temporary file where it can, and never hides its own error behind a failing clean-up.
 """
 
 from __future__ import annotations
@@ -13,9 +16,56 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from denuc.errors import InputError
+
 
 def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file if it is there; a failure (read-only folder, ...) is ignored so
+    that it cannot replace the error that made the write fail."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def file_mode() -> int:
+    """Permission bits an ordinary new file gets: ``0o666`` minus the umask."""
+    return 0o666 & ~_umask()
+
+
+def check_out_dir(path: str | os.PathLike[str], what: str = "--out") -> Path:
+    """Create the output folder ``path`` (with parents) and check that files can be written in
+    it, before any slow work. Raises :class:`InputError` with one line naming ``what`` and the
+    folder when it is an existing file, cannot be created or is not writable."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{what} {p}: exists and is not a folder")
+    probe = p / f".denuc-write-test.{os.getpid()}.tmp"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+    except OSError as e:
+        raise InputError(f"{what} {p}: cannot write there ({e.strerror or e})") from None
+    _discard(probe)
+    return p
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, gz: bool | None = None) -> Path:
@@ -36,7 +86,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, gz: bool | Non
         tmp.write_bytes(data)
         os.replace(tmp, p)
     finally:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
     return p
 
 
@@ -61,7 +111,7 @@ def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], link: 
         return "kept"
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(d)
-    tmp.unlink(missing_ok=True)
+    _discard(tmp)
     how = "copied"
     try:
         if link:
@@ -74,7 +124,7 @@ def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], link: 
             shutil.copyfile(s, tmp)
         os.replace(tmp, d)
     finally:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
     return how
 
 
@@ -84,17 +134,19 @@ def atomic_target(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
 
     For writers that insist on writing a named file themselves (``np.savez``,
     ``safetensors.torch.save_file``). ``suffix`` is appended to the temporary name for
-    writers that add one (``np.savez`` adds ``.npz``). On error the temporary file is removed
-    and ``path`` is left as it was.
+    writers that add one (``np.savez`` adds ``.npz``). The file gets the umask's permissions
+    (``0o666`` minus the umask), not the writer's. On error the temporary file is removed and
+    ``path`` is left as it was.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp{suffix}")
     try:
         yield tmp
+        os.chmod(tmp, file_mode())
         os.replace(tmp, p)
     finally:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
 
 
 #: Metadata keys whose values are local folder paths, and file paths (see :func:`portable_meta`).

@@ -110,7 +110,7 @@ class PointDataset(ABC):
         if not ok.all():
             bad = pts.xy[~ok]
             msg = (f"{self.format_name} dataset {self.root}: {len(bad)} point(s) of {stem!r} lie outside the "
-                   f"{w}x{h} image, e.g. (x, y) = {tuple(np.round(bad[0], 2))}")
+                   f"{w}x{h} image, e.g. (x, y) = ({bad[0][0]:.2f}, {bad[0][1]:.2f})")
             if self.outside == "error":
                 raise InputError(msg + "; pass outside='drop' to drop them with a warning")
             warnings.warn(msg + "; dropped", stacklevel=2)

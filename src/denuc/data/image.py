@@ -1,8 +1,8 @@
 """Reading images into the one array layout DeNuC uses: ``(H, W, 3)`` uint8 RGB.
 
 RGBA is composited on white (slide background), grayscale is replicated to three channels,
-16-bit and float images are scaled to 8 bit. Unreadable, truncated or empty files raise
-:class:`~denuc.errors.InputError` naming the file.
+16-bit and float images are scaled to 8 bit. Unreadable, truncated or empty files, and images
+larger than :data:`MAX_IMAGE_PIXELS`, raise :class:`~denuc.errors.InputError` naming the file.
 """
 
 from __future__ import annotations
@@ -10,12 +10,47 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from denuc.errors import DenucError, InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+#: Largest image (width x height, pixels) DeNuC reads from one file: 2**28 px, e.g. 16384 x 16384
+#: (805 MB as 8-bit RGB). A 14000 x 14000 px lab tile is legitimate; anything larger is a
+#: whole-slide image and should be cut into tiles first. Pillow's own "decompression bomb" limit
+#: (89 Mpx by default) is raised to this bound when DeNuC first reads an image (a larger limit,
+#: or none, set by the caller is kept); above it :func:`read_image` refuses the file with an
+#: :class:`InputError`.
+MAX_IMAGE_PIXELS = 2**28
+
+
+def _check_pixels(p: Path, h: int, w: int) -> None:
+    """Refuse an image of ``h`` x ``w`` pixels above :data:`MAX_IMAGE_PIXELS` (before decoding it)."""
+    if h * w > MAX_IMAGE_PIXELS:
+        raise InputError(
+            f"{p}: image is {w} x {h} px ({h * w / 1e6:.0f} Mpx), more than DeNuC reads from one file "
+            f"({MAX_IMAGE_PIXELS / 1e6:.0f} Mpx); treat it as a whole-slide image: cut it into tiles "
+            "(e.g. 4096 x 4096 px) and process the tiles")
+
+
+def _pillow_image() -> Any:
+    """``PIL.Image`` with its decompression-bomb limit raised to :data:`MAX_IMAGE_PIXELS`."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    return Image
+
+
+def describe_exception(e: BaseException) -> str:
+    """One line naming an unexpected exception: ``"Type: message"``, ``"out of memory (MemoryError)"``."""
+    if isinstance(e, MemoryError):
+        return "out of memory (MemoryError)"
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def to_rgb_uint8(arr: np.ndarray, source: str = "array") -> np.ndarray:
@@ -61,12 +96,77 @@ def to_rgb_uint8(arr: np.ndarray, source: str = "array") -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def _read_tiff(p: Path) -> tuple[np.ndarray | None, str]:
+    """Read a TIFF with tifffile into a layout :func:`to_rgb_uint8` understands.
+
+    Handles what Pillow cannot (16-bit and float RGB) and converts planar samples
+    (``(S, H, W)`` -> ``(H, W, S)``), MINISWHITE (inverted), PALETTE (through the colormap) and
+    CMYK (``SEPARATED``; ``rgb = (max - cmy) (max - k) / max`` like Pillow). Returns
+    ``(None, why)`` when Pillow should read the file instead: tifffile is missing, the
+    photometric interpretation is not converted here (YCbCr, CIELab, ...), or tifffile cannot
+    decode it (e.g. LZW/JPEG compression without the optional ``imagecodecs`` package).
+    """
+    try:
+        import tifffile
+        from tifffile import PHOTOMETRIC, PLANARCONFIG
+    except ImportError:
+        return None, "tifffile is not installed"
+    try:
+        with tifffile.TiffFile(p) as tf:
+            if not tf.pages:
+                return None, "no image in the file"
+            page: Any = tf.pages[0]
+            _check_pixels(p, int(page.imagelength), int(page.imagewidth))
+            photometric, spp, bits = page.photometric, int(page.samplesperpixel), int(page.bitspersample)
+            series = tuple(tf.series[0].shape) if tf.series else tuple(page.shape)
+            if series != tuple(page.shape):
+                raise InputError(f"{p}: TIFF holds a stack of images {series}; DeNuC reads one 2-D "
+                                 "image per file (save each plane as its own file)")
+            if photometric not in (PHOTOMETRIC.MINISBLACK, PHOTOMETRIC.MINISWHITE, PHOTOMETRIC.RGB,
+                                   PHOTOMETRIC.PALETTE, PHOTOMETRIC.SEPARATED):
+                return None, f"photometric {photometric.name} is left to Pillow"
+            if photometric == PHOTOMETRIC.SEPARATED and (spp != 4 or int(page.tags.valueof(332, 1)) != 1):
+                return None, "a separated TIFF that is not plain CMYK is left to Pillow"
+            arr = page.asarray()
+            if spp > 1 and page.planarconfig == PLANARCONFIG.SEPARATE and arr.ndim == 3 and arr.shape[0] == spp:
+                arr = np.moveaxis(arr, 0, -1)
+            if photometric == PHOTOMETRIC.PALETTE:
+                if page.colormap is None or not np.issubdtype(arr.dtype, np.integer) or arr.ndim != 2:
+                    return None, "palette TIFF without a usable colormap"
+                cmap = np.asarray(page.colormap).astype(np.uint32)  # (3, 2**bits), 16-bit per the spec
+                # to 8 bit: the high byte serves writers that scale by 256 (Pillow) and by 257
+                # alike; some writers store 8-bit values directly
+                cmap = (cmap if cmap.max() < 256 else cmap >> 8).astype(np.uint8)
+                arr = np.moveaxis(cmap[:, np.clip(arr, 0, cmap.shape[1] - 1)], 0, -1)
+            elif photometric == PHOTOMETRIC.MINISWHITE:
+                if arr.dtype == np.bool_ and arr.ndim == 2:
+                    arr = ~arr
+                elif np.issubdtype(arr.dtype, np.unsignedinteger) and arr.ndim == 2:
+                    top = (1 << bits) - 1 if 0 < bits < arr.dtype.itemsize * 8 else np.iinfo(arr.dtype).max
+                    arr = (top - np.minimum(arr, top)).astype(arr.dtype)
+                else:
+                    return None, f"MINISWHITE {arr.dtype} {arr.shape} is left to Pillow"
+            elif photometric == PHOTOMETRIC.SEPARATED:
+                if not np.issubdtype(arr.dtype, np.unsignedinteger) or arr.ndim != 3:
+                    return None, f"CMYK {arr.dtype} is left to Pillow"
+                full = float(np.iinfo(arr.dtype).max)
+                cmy, k = arr[..., :3].astype(np.float64), arr[..., 3:4].astype(np.float64)
+                arr = ((full - cmy) * (full - k) / full + 0.5).astype(arr.dtype)
+            return arr, ""
+    except (DenucError, MemoryError):
+        raise
+    except Exception as e:  # any tifffile failure (missing codec, odd or corrupt file): Pillow tries
+        return None, describe_exception(e)
+
+
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an image file as ``(H, W, 3)`` uint8 RGB.
 
-    PNG/JPEG/BMP go through Pillow; TIFF through tifffile when installed (16-bit and
-    multi-channel safe), else Pillow. Raises :class:`InputError` naming the file when it
-    is missing, truncated, corrupt or of an unsupported layout.
+    PNG/JPEG/BMP go through Pillow. TIFF goes through tifffile when installed (16-bit, float,
+    planar, palette, MINISWHITE and CMYK, see :func:`_read_tiff`), and through Pillow when
+    tifffile is missing or cannot decode the file (e.g. LZW/JPEG compression without
+    ``imagecodecs``; Pillow reads those). Raises :class:`InputError` naming the file when it is
+    missing, truncated, corrupt, of an unsupported layout or larger than :data:`MAX_IMAGE_PIXELS`.
     """
     p = Path(path)
     if not p.is_file():
@@ -74,20 +174,16 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     if p.stat().st_size == 0:
         raise InputError(f"{p}: image file is empty (0 bytes)")
     arr: np.ndarray | None = None
+    tiff_why = ""
     if p.suffix.lower() in (".tif", ".tiff"):
-        try:
-            import tifffile
-
-            arr = tifffile.imread(p)
-        except ImportError:
-            arr = None
-        except Exception as e:
-            raise InputError(f"{p}: cannot read TIFF ({e})") from None
+        arr, tiff_why = _read_tiff(p)
     if arr is None:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
 
+        Image = _pillow_image()
         try:
             with Image.open(p) as im:
+                _check_pixels(p, im.size[1], im.size[0])
                 im.load()  # forces decoding: truncated files fail here
                 if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                     arr = np.asarray(im).astype(np.uint16 if im.mode.startswith("I;16") else np.int64)
@@ -99,23 +195,49 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
                     arr = np.asarray(im)
                 else:
                     arr = np.asarray(im)
-        except UnidentifiedImageError:
-            raise InputError(f"{p}: not a readable image (unknown or corrupt format)") from None
-        except (OSError, SyntaxError, ValueError) as e:
+        except (DenucError, MemoryError):
+            raise
+        except Image.DecompressionBombError as e:  # above twice Pillow's limit, which a caller set
+            raise InputError(f"{p}: image too large to read ({e}); treat it as a whole-slide image: cut "
+                             "it into tiles and process the tiles") from None
+        except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
+            if tiff_why:
+                raise InputError(f"{p}: cannot read TIFF (tifffile: {tiff_why}; Pillow: "
+                                 f"{describe_exception(e)})") from None
+            if isinstance(e, UnidentifiedImageError):
+                raise InputError(f"{p}: not a readable image (unknown or corrupt format)") from None
             raise InputError(f"{p}: corrupt or truncated image ({e})") from None
     return to_rgb_uint8(arr, source=str(p))
 
 
+def as_rgb_image(image: Any, source: str = "image") -> np.ndarray:
+    """An image given to the Python API as ``(H, W, 3)`` uint8 RGB.
+
+    ``image`` is a file path (read with :func:`read_image`) or an array that
+    :func:`to_rgb_uint8` converts: ``(H, W)``/``(H, W, 1)`` gray, ``(H, W, 2)`` gray + alpha,
+    ``(H, W, 3)`` RGB, ``(H, W, 4)`` RGBA; uint8, uint16, bool or float. Anything else raises
+    :class:`InputError` naming ``source``.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
+    arr = np.asarray(image)
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{source}: expected an image array (H, W, 3) or an image file path; got "
+                         f"{type(image).__name__} of {arr.dtype}")
+    return to_rgb_uint8(arr, source=source)
+
+
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """``(height, width)`` of an image file without decoding all pixels where possible."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     p = Path(path)
+    Image = _pillow_image()
     try:
         with Image.open(p) as im:
             w, h = im.size
             return h, w
-    except (FileNotFoundError, UnidentifiedImageError, OSError):
+    except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
         h, w = read_image(p).shape[:2]
         return h, w
 
@@ -126,7 +248,9 @@ def prefetch_images(paths: Sequence[str | os.PathLike[str]], ahead: int = 2
     caller works on earlier images (decoders release the GIL, so reading overlaps compute).
 
     A file that cannot be read yields ``(path, error)`` (a :class:`DenucError`) instead of
-    stopping the iteration; other exceptions propagate. ``ahead=0`` reads in the caller's thread.
+    stopping the iteration; an unexpected exception while reading (a decoder bug, MemoryError)
+    becomes an :class:`InputError` naming the file and the exception type. ``ahead=0`` reads in
+    the caller's thread.
     """
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -136,6 +260,8 @@ def prefetch_images(paths: Sequence[str | os.PathLike[str]], ahead: int = 2
             return read_image(p)
         except DenucError as e:
             return e
+        except Exception as e:
+            return InputError(f"{p}: cannot read image ({describe_exception(e)})")
 
     files = [Path(p) for p in paths]
     if ahead <= 0:

@@ -2,11 +2,14 @@
 
 ``resample(img, f)`` scales by exactly ``f`` in the pixel-edge frame: image content at
 (x, y) lands at (f*x, f*y), so :meth:`denuc.core.Nuclei.rescale` maps points exactly.
-The output size is ``floor(size * f)`` (at least 1).
+The output size is ``floor(size * f)``, at least 1 px: an axis shorter than ``1 / f`` px is
+first extended by repeating its edge pixels (the same border rule the sampling uses), so a
+tiny image gives a 1 px axis with the same geometric mapping instead of an error.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,13 +27,21 @@ def resample(img: np.ndarray, factor: float) -> np.ndarray:
     """Resample an ``(H, W, 3)`` uint8 image by ``factor`` (antialiased bilinear).
 
     The geometric mapping is exactly ``x_dst = factor * x_src`` (pixel-edge frame); a factor
-    within 1e-6 of 1 returns the input unchanged.
+    within 1e-6 of 1 returns the input unchanged. The output is ``(max(1, floor(H * factor)),
+    max(1, floor(W * factor)), 3)``.
     """
     if abs(factor - 1.0) < 1e-6:
         return img
     import torch
     import torch.nn.functional as F
 
+    h, w = img.shape[:2]
+    out_h, out_w = max(1, math.floor(h * factor)), max(1, math.floor(w * factor))
+    need = max(1, math.ceil(1.0 / factor))  # shortest axis that still gives 1 output px
+    while need * factor < 1.0:
+        need += 1
+    if h < need or w < need:  # extend by edge pixels; the 1 px output samples the same place
+        img = np.pad(img, ((0, max(0, need - h)), (0, max(0, need - w)), (0, 0)), mode="edge")
     t = torch.from_numpy(np.require(img, requirements=("C", "W"))).permute(2, 0, 1)[None].float()
     out = F.interpolate(t, scale_factor=factor, mode="bilinear", align_corners=False,
                         recompute_scale_factor=False, antialias=factor < 1)
@@ -38,6 +49,7 @@ def resample(img: np.ndarray, factor: float) -> np.ndarray:
         # torch copies the input when the output size equals the input size, ignoring a
         # factor that is not exactly 1; sample the exact mapping explicitly instead.
         out = _scale_by_sampling(t, factor)
+    out = out[..., :out_h, :out_w]
     return out[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 

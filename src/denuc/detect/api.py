@@ -29,6 +29,28 @@ from denuc.errors import InputError, ModelError
 
 DEFAULT_DETECTOR = "detector.safetensors"
 
+#: Largest image (pixels) the detector works on after resampling to its mpp: the same bound as
+#: :data:`denuc.data.image.MAX_IMAGE_PIXELS` (2**28 px, about 3 GB as float32 RGB while resampling).
+MAX_WORK_PIXELS = 2**28
+
+
+def check_threshold(threshold: Any) -> float:
+    """``threshold`` as float if it is a valid detection score threshold, else :class:`InputError`.
+
+    Scores are ``1 - p(background)`` in [0, 1] and points with ``score > threshold`` are kept, so
+    the threshold must be finite with ``0 <= threshold < 1`` (1 or more would keep nothing).
+    """
+    bad = isinstance(threshold, bool)
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        bad, t = True, math.nan
+    if bad or not math.isfinite(t) or not 0.0 <= t < 1.0:
+        shown = repr(threshold) if bad else f"{t:g}"
+        raise InputError(f"detection threshold must be a number with 0 <= threshold < 1 (scores are in [0, 1]); "
+                         f"got {shown}")
+    return t
+
 
 def default_detector_path() -> Path:
     """Path of the detector shipped with the package."""
@@ -62,7 +84,7 @@ class Detector:
                              f"{list(self.class_names)} (use tta=1)")
         tta_thr = (meta.get("tta_thresholds") or {}).get(str(self.tta)) if self.tta > 1 else None
         default = tta_thr if tta_thr is not None else model.config.score_threshold
-        self.threshold = float(default if threshold is None else threshold)
+        self.threshold = check_threshold(default if threshold is None else threshold)
         self.margin = float(meta.get("margin", 32))
         if window is None:
             self.window = int(meta.get("window", 256))
@@ -97,6 +119,8 @@ class Detector:
         from denuc.detect.checkpoint import load_detector
         from denuc.train.detector import pick_device
 
+        if threshold is not None:
+            check_threshold(threshold)  # before loading anything
         p = Path(path) if path is not None else default_detector_path()
         if path is None and not p.is_file():
             raise ModelError(f"no default detector shipped at {p}; pass a checkpoint path")
@@ -104,24 +128,34 @@ class Detector:
         model, meta = load_detector(p, dev)
         return cls(model, meta, dev, threshold, batch_size=batch_size, tta=tta, window=window)
 
-    def _prepare(self, image: np.ndarray, mpp: float | None, name: str) -> tuple[np.ndarray, float]:
+    def _prepare(self, image: Any, mpp: float | None, name: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """``(image as (H, W, 3) uint8, image resampled to the model's mpp, mpp)``; any array
+        :func:`~denuc.data.image.to_rgb_uint8` reads is converted (gray, RGBA, 16-bit, float)."""
+        from denuc.data.image import as_rgb_image
         from denuc.data.resample import resample, resample_factor
 
-        mpp_v = check_mpp(mpp, name or "image")
-        img = np.asarray(image)
-        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-            raise InputError(f"{name or 'image'}: expected an (H, W, 3) uint8 RGB array; got "
-                             f"{img.shape} {img.dtype}")
-        return resample(img, resample_factor(mpp_v, self.mpp)), mpp_v
+        src = name or "image"
+        mpp_v = check_mpp(mpp, src)
+        img = as_rgb_image(image, src)
+        f = resample_factor(mpp_v, self.mpp)
+        h, w = (max(1, math.floor(n * f)) for n in img.shape[:2])
+        if h * w > MAX_WORK_PIXELS:
+            raise InputError(f"{src}: {img.shape[1]} x {img.shape[0]} px at {mpp_v:g} µm/px becomes {w} x {h} px at "
+                             f"the detector's {self.mpp:g} µm/px, more than {MAX_WORK_PIXELS / 1e6:.0f} Mpx; check "
+                             "--mpp, or cut the image into tiles")
+        return img, resample(img, f), mpp_v
 
-    def detect_many(self, images: Sequence[np.ndarray], mpps: Sequence[float | None],
+    def detect_many(self, images: Sequence[np.ndarray | str | os.PathLike[str]], mpps: Sequence[float | None],
                     names: Sequence[str] | None = None) -> list[Nuclei]:
         """Detect in several images at once (windows of all images share batches).
 
         Args:
-            images: ``(H, W, 3)`` uint8 RGB arrays.
+            images: ``(H, W, 3)`` uint8 RGB arrays; other layouts that
+                :func:`~denuc.data.image.to_rgb_uint8` converts (``(H, W)`` gray, RGBA, 16-bit,
+                float) are converted, and a file path is read with
+                :func:`~denuc.data.image.read_image`.
             mpps: µm per pixel of each image (required; ``None`` raises ResolutionError).
-            names: optional names stored in each result.
+            names: optional names stored in each result (default: a file's stem, else empty).
 
         Returns:
             one :class:`Nuclei` per image, ``xy`` in that image's pixels, ``mpp`` = its mpp.
@@ -131,15 +165,19 @@ class Detector:
         names = list(names) if names is not None else [""] * len(images)
         if not (len(images) == len(mpps) == len(names)):
             raise InputError(f"{len(images)} images, {len(mpps)} mpps and {len(names)} names")
+        for i, im in enumerate(images):
+            if isinstance(im, (str, os.PathLike)):
+                check_mpp(mpps[i], str(im))  # before reading the file
+                names[i] = names[i] or Path(im).stem
         prepared = [self._prepare(im, m, n) for im, m, n in zip(images, mpps, names, strict=True)]
         if self.tta > 1:
-            dets = self._detect_tta([p[0] for p in prepared])
+            dets = self._detect_tta([p[1] for p in prepared])
         else:
-            dets = detect_images(self.model, [p[0] for p in prepared], threshold=self.threshold,
+            dets = detect_images(self.model, [p[1] for p in prepared], threshold=self.threshold,
                                  window=self.window, stride=self.stride, margin=self.margin,
                                  batch_size=self.batch_size, device=self.device)
         out = []
-        for img, (work, mpp_v), d, n in zip(images, prepared, dets, names, strict=True):
+        for (img, work, mpp_v), d, n in zip(prepared, dets, names, strict=True):
             nuc = Nuclei(d.xy, d.scores, d.labels, self.class_names,
                          d.probs if len(self.class_names) > 1 else None, mpp=self.mpp,
                          image_size=work.shape[:2], name=n)
@@ -170,8 +208,10 @@ class Detector:
                        .filter(self.threshold))
         return out
 
-    def detect(self, image: np.ndarray, mpp: float | None, name: str = "") -> Nuclei:
-        """Nuclei of one ``(H, W, 3)`` uint8 image at ``mpp`` µm/px (``class_names=("nucleus",)``)."""
+    def detect(self, image: np.ndarray | str | os.PathLike[str], mpp: float | None, name: str = "") -> Nuclei:
+        """Nuclei of one image at ``mpp`` µm/px (``class_names=("nucleus",)``): an ``(H, W, 3)``
+        uint8 RGB array, another array layout :func:`~denuc.data.image.to_rgb_uint8` converts, or
+        an image file path (``name`` defaults to its stem)."""
         return self.detect_many([image], [mpp], [name])[0]
 
     def __repr__(self) -> str:

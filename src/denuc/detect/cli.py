@@ -1,7 +1,8 @@
 """``denuc detect``: find nuclei in images and write one ``<stem>.csv`` (``x,y,class,score``)
 per image. Existing CSVs are skipped unless ``--overwrite`` (so a crashed run resumes);
-an unreadable image is reported by name, the others are still processed, and the exit
-status is non-zero at the end.
+an image that fails (unreadable, too large, or any unexpected error, MemoryError included)
+is reported in one line by name, the others are still processed, and the exit status is 1
+at the end; Ctrl-C stops the run (exit 130). Inputs are collected as by ``denuc predict``.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import sys
 from pathlib import Path
 
 HELP = "detect nuclei (points) in images; writes <stem>.csv per image"
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -32,30 +31,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
-    """Image files named directly or found (non-recursively, sorted) in the given folders."""
-    from denuc.errors import InputError
+    """Image files from files and folders; the same rules as ``denuc predict``
+    (:func:`denuc.pipeline_cli.collect_inputs`): a missing path, a folder without images or two
+    inputs sharing an output stem raise :class:`~denuc.errors.InputError`."""
+    from denuc.pipeline_cli import collect_inputs
 
-    files: list[Path] = []
-    for s in inputs:
-        p = Path(s)
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        elif p.exists():
-            files.append(p)
-        else:
-            raise InputError(f"{p}: no such file or folder")
-    return list(dict.fromkeys(files))
+    return collect_inputs(inputs)
 
 
 def main(args: argparse.Namespace) -> int:
+    from denuc.core.files import check_out_dir
     from denuc.core.mpp import check_mpp
     from denuc.data.image import prefetch_images
-    from denuc.detect.api import Detector
-    from denuc.errors import DenucError
+    from denuc.detect.api import Detector, check_threshold
+    from denuc.pipeline_cli import image_error_line
 
     check_mpp(args.mpp, "--mpp")
+    if args.threshold is not None:
+        check_threshold(args.threshold)
     files = collect_images(args.inputs)
-    args.out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(args.out)
     det = Detector.load(args.detector, device=args.device, threshold=args.threshold, tta=args.tta,
                         window=args.detector_window)
     failed: list[str] = []
@@ -64,15 +59,16 @@ def main(args: argparse.Namespace) -> int:
     skipped = len(files) - len(todo)
     for f, image in prefetch_images(todo):  # the next images are read meanwhile
         dst = args.out / f"{f.stem}.csv"
-        try:
-            if isinstance(image, DenucError):
+        try:  # any failure is this image's: report it and go on (Ctrl-C still stops the run)
+            if isinstance(image, Exception):
                 raise image
             nuc = det.detect(image, args.mpp, name=f.stem)
-        except DenucError as e:
-            print(f"denuc detect: error: {f}: {e}", file=sys.stderr)
+            nuc.to_csv(dst)
+        except Exception as e:
+            print(image_error_line("detect", f, e), file=sys.stderr)
             failed.append(str(f))
+            del e, image  # frees the failed image's memory (and a MemoryError's traceback) now
             continue
-        nuc.to_csv(dst)
         done += 1
         print(f"{f.name}: {len(nuc)} nuclei -> {dst}")
     print(f"{done} image(s) processed, {skipped} skipped (CSV exists), {len(failed)} failed")

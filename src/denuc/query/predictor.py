@@ -273,7 +273,7 @@ class PointFeaturizer:
         bad = ~((xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h))
         if bad.any():
             raise InputError(f"{int(bad.sum())} query point(s) lie outside the {w}x{h} image, "
-                             f"e.g. (x, y) = {tuple(np.round(xy[bad][0], 2))}")
+                             f"e.g. (x, y) = ({xy[bad][0][0]:.2f}, {xy[bad][0][1]:.2f})")
 
     def _locate(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per point the flat index ``column * rows + row`` of the window that owns it and its
