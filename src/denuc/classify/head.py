@@ -7,6 +7,9 @@ per-channel standardisation (train-set mean/std, stored as buffers) followed by 
 Checkpoint (``.safetensors``, loads without unpickling): tensors ``head.*`` (and, for heads
 trained with ``lora``/``full`` encoder updates, ``encoder.*``: the encoder tensors that replace
 the base weights), plus one JSON metadata entry ``denuc`` (see :class:`HeadMeta`).
+
+Classes without a single training point (``HeadMeta.untrained_classes``) cannot be learnt by
+the head: their logits are fixed at ``-inf``, so they get probability 0 and are never predicted.
 """
 
 from __future__ import annotations
@@ -28,7 +31,12 @@ FORMAT_VERSION = 1
 
 
 class PointHead(nn.Module):
-    """``(N, C)`` features -> ``(N, K)`` logits. ``hidden=0``: linear; else Linear-GELU-Linear."""
+    """``(N, C)`` features -> ``(N, K)`` logits. ``hidden=0``: linear; else Linear-GELU-Linear.
+
+    Classes marked with :meth:`set_untrained` get logit ``-inf`` (probability 0).
+    """
+
+    untrained: torch.Tensor
 
     def __init__(self, dim: int, n_classes: int, hidden: int = 0, dropout: float = 0.0) -> None:
         super().__init__()
@@ -40,6 +48,15 @@ class PointHead(nn.Module):
         else:
             self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, n_classes))
         self.hidden = hidden
+        # (K,) True = class never seen in training; not saved (rebuilt from HeadMeta.untrained_classes)
+        self.register_buffer("untrained", torch.zeros(n_classes, dtype=torch.bool), persistent=False)
+        self._any_untrained = False
+
+    def set_untrained(self, class_ids: list[int]) -> None:
+        """Never predict the classes ``class_ids`` (their logits become ``-inf``)."""
+        self.untrained.zero_()
+        self.untrained[list(class_ids)] = True
+        self._any_untrained = bool(self.untrained.any())
 
     def set_standardization(self, feats: torch.Tensor) -> None:
         """Set the per-channel mean/std from ``(N, C)`` training features."""
@@ -47,7 +64,10 @@ class PointHead(nn.Module):
         self.std.copy_(feats.std(0).clamp_min(1e-6))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.net((feats - self.mean) / self.std)
+        logits = self.net((feats - self.mean) / self.std)
+        if self._any_untrained:
+            logits = logits.masked_fill(self.untrained, float("-inf"))
+        return logits
 
 
 @dataclass
@@ -64,6 +84,8 @@ class HeadMeta:
         encoder_hash: hash of the encoder tensors stored in the checkpoint (lora/full), else "".
         stain_norm: stain normaliser applied to images before encoding (``none``, ``macenko``).
         feature_tta: dihedral passes whose point features are averaged (1 = none).
+        untrained_classes: classes that had no training point; the head never predicts them
+            (logit ``-inf``, probability 0).
     """
 
     classes: list[str]
@@ -83,6 +105,7 @@ class HeadMeta:
     encoder_hash: str = ""
     stain_norm: str = "none"
     feature_tta: int = 1
+    untrained_classes: list[str] = field(default_factory=list)
     version: str = ""
     format: int = FORMAT_VERSION
 
@@ -90,7 +113,9 @@ class HeadMeta:
         return (f"{self.mode} head for encoder {self.encoder} (weights {self.weights_hash[:12]}), "
                 f"classes {self.classes}, {self.mpp} µm/px, window {self.window}/{self.stride}, align {self.align}"
                 + (f", stain norm {self.stain_norm}" if self.stain_norm != "none" else "")
-                + (f", features averaged over {self.feature_tta} passes" if self.feature_tta != 1 else ""))
+                + (f", features averaged over {self.feature_tta} passes" if self.feature_tta != 1 else "")
+                + (f", never predicts {self.untrained_classes} (no training points)" if self.untrained_classes
+                   else ""))
 
 
 def save_head(path: str | os.PathLike[str], head: PointHead, meta: HeadMeta,
@@ -124,10 +149,22 @@ def read_meta(path: str | os.PathLike[str]) -> HeadMeta:
         raise ModelError(f"{p}: not a safetensors head checkpoint ({e})") from None
     if raw is None:
         raise ModelError(f"{p}: safetensors file without DeNuC head metadata (not made by `denuc train-head`?)")
-    d = json.loads(raw)
-    if d.get("format", 0) > FORMAT_VERSION:
-        raise ModelError(f"{p}: head checkpoint format {d['format']} is newer than this DeNuC ({FORMAT_VERSION})")
-    return HeadMeta(**d)
+    try:
+        d = json.loads(raw)
+    except ValueError:
+        raise ModelError(f"{p}: head metadata is not valid JSON") from None
+    fmt = d.get("format", 0) if isinstance(d, dict) else None
+    if isinstance(fmt, str) and fmt.startswith("denuc-point-detector"):
+        raise ModelError(f"{p}: this is a detector checkpoint, not a classification head; pass it as --detector "
+                         "(Python: detector=...) and give a head made by `denuc train-head` as --head")
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise ModelError(f"{p}: unknown head checkpoint format {fmt!r}")
+    if fmt > FORMAT_VERSION:
+        raise ModelError(f"{p}: head checkpoint format {fmt} is newer than this DeNuC ({FORMAT_VERSION})")
+    try:
+        return HeadMeta(**d)
+    except TypeError as e:
+        raise ModelError(f"{p}: head metadata does not fit this DeNuC ({e}); was it written by a newer version?") from None
 
 
 def load_head(path: str | os.PathLike[str]) -> tuple[PointHead, HeadMeta, dict[str, torch.Tensor]]:
@@ -136,11 +173,19 @@ def load_head(path: str | os.PathLike[str]) -> tuple[PointHead, HeadMeta, dict[s
 
     meta = read_meta(path)
     tensors = load_file(str(path))
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelError(f"{path}: head tensors contain NaN or infinite values ({', '.join(bad[:3])}): the training "
+                         "that wrote it diverged; retrain it (e.g. with a lower --lr)")
     head = PointHead(meta.dim, len(meta.classes), meta.hidden)
     sd = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
     try:
         head.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise ModelError(f"{path}: head tensors do not match its metadata ({e})") from None
+    unknown = [c for c in meta.untrained_classes if c not in meta.classes]
+    if unknown:
+        raise ModelError(f"{path}: untrained classes {unknown} are not among the head's classes {meta.classes}")
+    head.set_untrained([meta.classes.index(c) for c in meta.untrained_classes])
     enc = {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}
     return head.eval(), meta, enc

@@ -263,7 +263,15 @@ class Nuclei:
             raise InputError(f"{source}: x/y must be numbers ({e})") from None
         if len(xy) and not np.all(np.isfinite(xy)):
             raise InputError(f"{source}: x/y contain NaN or empty cells")
-        scores = df["score"].to_numpy(np.float32) if "score" in df.columns else None
+        scores = None
+        if "score" in df.columns:
+            try:
+                scores = df["score"].to_numpy(np.float32)
+            except (TypeError, ValueError) as e:
+                raise InputError(f"{source}: score must be numbers ({e})") from None
+            if np.isnan(scores).any():
+                raise InputError(f"{source}: score contains NaN or empty cells "
+                                 f"({int(np.isnan(scores).sum())} of {len(scores)}); drop the column or fill it")
         ids = None
         names = tuple(class_names) if class_names is not None else ()
         if "class" in df.columns:

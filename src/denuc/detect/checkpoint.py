@@ -47,9 +47,16 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ModelError(f"{path}: not a readable safetensors detector checkpoint ({e})") from None
     if raw is None:
         raise ModelError(f"{path}: safetensors file without DeNuC detector metadata")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT:
-        raise ModelError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise ModelError(f"{path}: detector metadata is not valid JSON") from None
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt != FORMAT:
+        if isinstance(meta, dict) and isinstance(fmt, int) and "encoder" in meta and "classes" in meta:
+            raise ModelError(f"{path}: this is a classification head checkpoint, not a detector (it was made by "
+                             "`denuc train-head`); use it as `denuc predict --head` (Python: DeNuC.load(head=...))")
+        raise ModelError(f"{path}: unknown checkpoint format {fmt!r}")
     return meta
 
 

@@ -18,6 +18,10 @@ classes (default: the whole GT vocabulary).
 Radius: exactly one of ``radius_px`` (used as is for every image), ``radius_um`` (divided
 by each image's µm/px) or neither (the protocol's default physical radius, converted
 through each image's µm/px). Converted radii are rounded to 1e-9 px.
+
+Predictions outside their image (when the GT knows the image size) are kept and count as
+false positives, with one warning naming the files and counts; coordinates beyond
+±:data:`~denuc.evaluate.matching.MAX_COORD` px and NaN scores are refused, naming the file.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from denuc.core.mpp import check_mpp
 from denuc.core.result import Nuclei
 from denuc.data.base import PointDataset, open_dataset
 from denuc.errors import InputError
-from denuc.evaluate.matching import PROTOCOLS, Protocol, round_radius
+from denuc.evaluate.matching import MAX_COORD, PROTOCOLS, Protocol, round_radius
 from denuc.evaluate.predictions import MISSING_POLICIES, read_predictions
 
 
@@ -214,9 +218,18 @@ def _load_pred(pred: str | os.PathLike[str] | Mapping[str, Nuclei], gt: Mapping[
     else:
         raise InputError(f"pred must be a folder or a mapping stem -> Nuclei; got {type(pred).__name__}")
     out = {}
+    outside: list[tuple[str, int, tuple[float, float]]] = []
     for s, p in raw.items():
         if not isinstance(p, Nuclei):
             raise InputError(f"predictions of {s!r} must be a Nuclei; got {type(p).__name__}")
+        src = str(p.meta.get("source") or f"predictions of {s!r}")
+        far = ~(np.abs(p.xy) <= MAX_COORD).all(axis=1)
+        if far.any():
+            x, y = (float(v) for v in p.xy[far][0])
+            raise InputError(f"{src}: {int(far.sum())} prediction(s) with absurd coordinates, e.g. (x, y) = "
+                             f"({x:g}, {y:g}); coordinates are pixels of the image, within ±{MAX_COORD:g}")
+        if p.scores is not None and np.isnan(p.scores).any():
+            raise InputError(f"{src}: prediction scores contain NaN ({int(np.isnan(p.scores).sum())} of {len(p)})")
         if p.class_ids is not None and p.class_names != class_names:
             unknown = [c for c in p.class_names if c not in class_names]
             if unknown:
@@ -226,7 +239,19 @@ def _load_pred(pred: str | os.PathLike[str] | Mapping[str, Nuclei], gt: Mapping[
         gmpp = gt[s].mpp
         if p.mpp is not None and gmpp is not None and p.mpp != gmpp:
             p = p.rescale(gmpp)  # exact: same image, other pixel size
+        size = gt[s].image_size
+        if size is not None and len(p):
+            bad = ~p.inside(*size)
+            if bad.any():
+                x, y = (float(v) for v in p.xy[bad][0])
+                outside.append((src, int(bad.sum()), (x, y)))
         out[s] = p
+    if outside:
+        total = sum(n for _, n, _ in outside)
+        shown = "; ".join(f"{src}: {n} (e.g. (x, y) = ({x:g}, {y:g}))" for src, n, (x, y) in outside[:3])
+        more = f"; and {len(outside) - 3} more file(s)" if len(outside) > 3 else ""
+        warnings.warn(f"{total} prediction(s) in {len(outside)} file(s) lie outside their image and count as false "
+                      f"positives: {shown}{more}", stacklevel=3)
     return out
 
 
@@ -237,12 +262,12 @@ def _radii(gt: Mapping[str, Nuclei], proto: Protocol, radius_px: float | None,
     if radius_px is not None:
         r = float(radius_px)
         if not (np.isfinite(r) and r > 0):
-            raise InputError(f"radius_px must be a positive number of pixels; got {radius_px!r}")
+            raise InputError(f"radius_px must be a positive number of pixels; got {r}")
         return {s: r for s in gt}
     if radius_um is not None:
         r = float(radius_um)
         if not (np.isfinite(r) and r > 0):
-            raise InputError(f"radius_um must be a positive number of µm; got {radius_um!r}")
+            raise InputError(f"radius_um must be a positive number of µm; got {r}")
     out = {}
     for s, pts in gt.items():
         hint = "; or pass radius_px" if radius_um is None else ""
@@ -282,7 +307,8 @@ def evaluate(
         protocol: a name in :data:`~denuc.evaluate.matching.PROTOCOLS`.
         radius_px, radius_um: the matching radius (at most one); default = the protocol's.
         split: split of a dataset to score (None = all images); recorded in the report.
-        classes: classes to score for the per-class F1 and ``mean_f1`` (default: all GT classes).
+        classes: classes to score for the per-class F1 and ``mean_f1`` (default: all GT classes;
+            an empty sequence scores detection only, ``mean_f1`` is then 0).
         missing: ``"error"`` (a GT image without prediction file raises, naming it) or
             ``"empty"`` (it counts as zero predictions).
         pred_format: layout of a prediction folder, see

@@ -49,10 +49,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from denuc.core.files import atomic_write_text
     from denuc.data.base import open_dataset
+    from denuc.errors import InputError
     from denuc.evaluate.api import evaluate
 
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes is not None else None
+    if classes is not None and not classes:
+        raise InputError(f"--classes {args.classes!r} names no class; give comma-separated class names, "
+                         "or leave it out to score every GT class")
+    if args.json and Path(args.json).is_dir():
+        raise InputError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'scores.json'}")
     gt = open_dataset(args.gt, format=args.gt_format)
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     report = evaluate(gt, Path(args.pred), protocol=args.protocol, radius_px=args.radius_px,
                       radius_um=args.radius_um, split=args.split, classes=classes, missing=args.missing,
                       pred_format=args.pred_format)

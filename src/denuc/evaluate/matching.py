@@ -84,6 +84,10 @@ Matcher = Callable[[np.ndarray, "np.ndarray | None", np.ndarray, float], tuple[n
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
+#: Largest |coordinate| in pixels accepted for matching (beyond it no image exists, and the
+#: KD-tree's squared distances would overflow).
+MAX_COORD = 1e9
+
 
 @dataclass(frozen=True)
 class RadiusSpec:
@@ -134,7 +138,11 @@ def _check(pred_xy: np.ndarray, pred_scores: np.ndarray | None, gt_xy: np.ndarra
     g = np.asarray(gt_xy, dtype=np.float64).reshape(-1, 2)
     r = float(radius_px)
     if not (np.isfinite(r) and r >= 0):
-        raise InputError(f"matching radius must be a finite number >= 0 px; got {radius_px!r}")
+        raise InputError(f"matching radius must be a finite number >= 0 px; got {r}")
+    for name, a in (("prediction", p), ("ground-truth", g)):
+        if len(a) and not (np.abs(a) <= MAX_COORD).all():
+            raise InputError(f"{name} coordinates must be finite pixel positions within ±{MAX_COORD:g}; "
+                             f"got {float(np.abs(a)[~(np.abs(a) <= MAX_COORD)][0])}")
     s = None
     if pred_scores is not None:
         s = np.asarray(pred_scores, dtype=np.float64).reshape(-1)

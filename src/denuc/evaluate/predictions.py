@@ -89,8 +89,12 @@ def read_predictions(
                                  f"(pass missing='empty' / --missing empty to count it as no predictions)")
             out[stem] = Nuclei.empty(names, name=stem)
             continue
-        pts = fmt.read(path, names)
+        try:
+            pts = fmt.read(path, names)
+        except InputError as e:
+            raise (e if str(path) in str(e) else InputError(f"{path}: {e}")) from None
         pts.name = stem
+        pts.meta["source"] = str(path)
         out[stem] = pts
     return out
 

@@ -10,7 +10,9 @@ ground-truth points.
 from __future__ import annotations
 
 import copy
+import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from denuc.classify.head import PointHead
 from denuc.core.result import Nuclei
 from denuc.data.base import PointDataset
-from denuc.errors import InputError
+from denuc.errors import InputError, ModelError
 from denuc.train.features import PointFeatures
 
 #: ``score(head) -> metrics dict`` with the selection metric under ``"select"``.
@@ -44,17 +46,78 @@ class HeadTrainConfig:
     select: str = "val"  # "val": keep the best epoch on val; "last": keep the last epoch (val only reported)
     extra: dict[str, object] = field(default_factory=dict)
 
+    def check(self) -> HeadTrainConfig:
+        """Raise :class:`InputError` for a setting that cannot train a usable head; return self."""
+        check_int(self.epochs, 1, "epochs (--epochs)")
+        check_int(self.batch_size, 1, "batch size (--batch-size)")
+        check_int(self.hidden, 0, "MLP width (--hidden)")
+        check_int(self.seed, 0, "seed (--seed)")
+        check_number(self.lr, "learning rate (--lr)", low=0.0, low_open=True)
+        check_number(self.weight_decay, "weight decay (--weight-decay)", low=0.0)
+        check_number(self.momentum, "momentum", low=0.0, high=1.0)
+        check_number(self.dropout, "dropout", low=0.0, high=1.0)
+        if self.class_weights not in ("auto", "none"):
+            raise InputError(f"class weights must be 'auto' or 'none'; got {self.class_weights!r}")
+        if self.select not in ("val", "last"):
+            raise InputError(f"epoch selection must be 'val' or 'last'; got {self.select!r}")
+        return self
+
+
+def plain_number(v: object) -> str:
+    """``v`` for a message: numbers as plain Python numbers (never ``np.float64(...)``)."""
+    if isinstance(v, (bool, np.bool_)):
+        return repr(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))
+    return repr(v)
+
+
+def check_int(v: object, low: int, what: str) -> int:
+    """``v`` as an int >= ``low``, else :class:`InputError` naming ``what``."""
+    try:
+        ok = not isinstance(v, bool) and float(v) == int(v) and int(v) >= low  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise InputError(f"{what} must be a whole number >= {low}; got {plain_number(v)}")
+    return int(v)  # type: ignore[arg-type]
+
+
+def check_number(v: object, what: str, low: float, high: float | None = None, low_open: bool = False) -> float:
+    """``v`` as a finite float with ``low <= v < high`` (``low < v`` if ``low_open``), else :class:`InputError`."""
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        f = math.nan
+    ok = math.isfinite(f) and (f > low if low_open else f >= low) and (high is None or f < high)
+    if not ok:
+        rng = (f"> {low:g}" if low_open else f">= {low:g}") + (f" and < {high:g}" if high is not None else "")
+        raise InputError(f"{what} must be a finite number {rng}; got {plain_number(v)}")
+    return f
+
 
 def split_train_val(ds: PointDataset, seed: int = 0, fraction: float = 0.1,
-                    log: Callable[[str], None] = print) -> tuple[list[str], list[str], bool]:
+                    log: Callable[[str], None] = print, need_val: bool = True) -> tuple[list[str], list[str], bool]:
     """``(train stems, val stems, carved)``. Without a val split, ``fraction`` of train is carved
-    off reproducibly (``numpy.random.default_rng(seed)`` over the sorted stems)."""
+    off reproducibly (``numpy.random.default_rng(seed)`` over the sorted stems).
+
+    ``need_val=False`` (val would only be reported, e.g. ``select="last"``): a single training
+    image is kept for training and val is empty instead of raising.
+    """
     train = ds.stems("train") or [s for s in ds.stems(None) if s not in set(ds.stems("test"))]
     val = ds.stems("val")
     if val:
         return list(train), list(val), False
+    if not train:
+        raise InputError(f"{ds.root}: the dataset has no training images")
     if len(train) < 2:
-        raise InputError(f"{ds.root}: need at least 2 training images to carve a validation split")
+        if not need_val:
+            log(f"{ds.root}: no val split and a single training image: training on it, no val scores")
+            return list(train), [], False
+        raise InputError(f"{ds.root}: need at least 2 training images to carve a validation split "
+                         "(or add a val split; with --select last a single image trains without val)")
     order = sorted(train)
     perm = np.random.default_rng(seed).permutation(len(order))
     n_val = max(1, round(fraction * len(order)))
@@ -139,13 +202,36 @@ def det_scorer(det: PointFeatures, gt: dict[str, Nuclei], classes: Sequence[str]
     return score
 
 
+def check_class_counts(counts: np.ndarray, names: Sequence[str]) -> list[int]:
+    """Ids of the classes without training points, given ``(K,)`` training point ``counts``.
+
+    Raises :class:`InputError` when fewer than 2 classes have points: such a head could only
+    ever answer one class.
+    """
+    seen = [names[c] for c in range(len(names)) if counts[c]]
+    if not seen:
+        raise InputError("no training points with a class")
+    if len(seen) < 2:
+        raise InputError(f"only class {seen[0]!r} has training points ({int(counts.sum())}); a classification head "
+                         f"needs points of at least 2 classes (classes: {list(names)}). Label other classes, or use "
+                         "`denuc detect` for class-agnostic points")
+    return [c for c in range(len(names)) if not counts[c]]
+
+
 def fit_head(train: PointFeatures, n_classes: int, cfg: HeadTrainConfig, scorer: Scorer | None = None,
-             log: Callable[[str], None] = print, head: PointHead | None = None) -> tuple[PointHead, dict[str, float]]:
+             log: Callable[[str], None] = print, head: PointHead | None = None,
+             class_names: Sequence[str] | None = None) -> tuple[PointHead, dict[str, float]]:
     """Train a :class:`PointHead` on cached features; keep the best epoch by ``scorer``.
+
+    Classes with no training point cannot be learnt: they are named in a warning and the head
+    never predicts them (:meth:`PointHead.set_untrained`; ``head.untrained`` marks them). Fewer
+    than 2 classes with points, a non-finite feature, or a loss or weight that turns NaN/inf
+    (divergence, e.g. a too high ``lr``) raise instead of returning an unusable head.
 
     Returns:
         the selected head (eval mode) and its val metrics (``{}`` without a scorer: last epoch).
     """
+    cfg.check()
     keep = train.labels >= 0  # points of unknown class (id -1) cannot teach a class
     if not keep.all():
         log(f"  ignoring {int((~keep).sum())} training point(s) without a class")
@@ -153,12 +239,22 @@ def fit_head(train: PointFeatures, n_classes: int, cfg: HeadTrainConfig, scorer:
                               train.scores[keep], train.stems, train.mpps)
     if len(train) == 0:
         raise InputError("no training points with a class")
+    if int(train.labels.max()) >= n_classes:
+        raise InputError(f"training labels reach class id {int(train.labels.max())}, but the head has {n_classes} classes")
+    names = list(class_names or [f"class {i}" for i in range(n_classes)])
+    missing = check_class_counts(np.bincount(train.labels, minlength=n_classes), names)
+    if not np.isfinite(train.feats).all():
+        raise InputError("training features contain NaN or infinite values (a corrupt cache or encoder output)")
     torch.manual_seed(cfg.seed)
     x = torch.from_numpy(train.feats.astype(np.float32))
     y = torch.from_numpy(train.labels)
     if head is None:
         head = PointHead(x.shape[1], n_classes, cfg.hidden, cfg.dropout)
         head.set_standardization(x)
+    if missing:
+        warnings.warn(f"class(es) {[names[c] for c in missing]} have no training points: the head cannot learn "
+                      "them and will never predict them (recorded in the head as untrained_classes)", stacklevel=2)
+    head.set_untrained(missing)
     opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps = max(1, cfg.epochs * -(-len(x) // cfg.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -177,7 +273,11 @@ def fit_head(train: PointFeatures, n_classes: int, cfg: HeadTrainConfig, scorer:
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(idx)
+            v = float(loss.detach())
+            if not math.isfinite(v):
+                raise ModelError(f"head training diverged: loss {v} at epoch {ep + 1}/{cfg.epochs} (lr {plain_number(cfg.lr)}, "
+                                 f"weight decay {plain_number(cfg.weight_decay)}); nothing was written. Lower --lr")
+            total += v * len(idx)
         if scorer is not None:
             m = scorer(head)
             if best is None or m["select"] > best[0]:
@@ -187,5 +287,8 @@ def fit_head(train: PointFeatures, n_classes: int, cfg: HeadTrainConfig, scorer:
                     f"(best {best[0]:.4f} @ {best[1]['epoch']}) {time.perf_counter() - t0:.1f} s")
     if best is not None:
         head.load_state_dict(best[2])
-        return head.eval(), best[1]
-    return head.eval(), {}
+    bad = [k for k, v in head.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelError(f"head training diverged: weights {bad[:3]} are NaN or infinite (lr {plain_number(cfg.lr)}); "
+                         "nothing was written. Lower --lr")
+    return head.eval(), (best[1] if best is not None else {})

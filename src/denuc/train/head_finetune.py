@@ -17,6 +17,7 @@ encoder tensors that differ from the base weights (LoRA merged into them).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,14 @@ from denuc.encode.encoder import Encoder, ViTEncoder
 from denuc.encode.weights import state_dict_sha256
 from denuc.errors import InputError, ModelError
 from denuc.query.predictor import PointFeaturizer
-from denuc.train.head import HeadTrainConfig, Scorer, class_weight_tensor
+from denuc.train.head import (
+    HeadTrainConfig,
+    Scorer,
+    check_int,
+    check_number,
+    class_weight_tensor,
+    plain_number,
+)
 
 
 @dataclass
@@ -46,6 +54,19 @@ class FinetuneConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     max_images: int | None = None  # per epoch (None = all train images)
+
+    def check(self) -> FinetuneConfig:
+        """Raise :class:`InputError` for a setting that cannot fine-tune; return self."""
+        check_int(self.epochs, 1, "fine-tuning epochs (--ft-epochs)")
+        check_number(self.lr, "encoder learning rate (--ft-lr)", low=0.0, low_open=True)
+        check_number(self.head_lr, "head learning rate of fine-tuning", low=0.0, low_open=True)
+        check_number(self.weight_decay, "fine-tuning weight decay", low=0.0)
+        check_int(self.batch_windows, 1, "windows per fine-tuning batch")
+        check_int(self.lora_rank, 1, "LoRA rank (--lora-rank)")
+        check_number(self.lora_alpha, "LoRA alpha", low=0.0, low_open=True)
+        if self.max_images is not None:
+            check_int(self.max_images, 1, "images per fine-tuning epoch")
+        return self
 
 
 def check_lora_applies(enc: Encoder) -> None:
@@ -80,6 +101,7 @@ def finetune_encoder(fz: PointFeaturizer, ds: PointDataset, train: list[str], he
     """
     if mode not in ("lora", "full"):
         raise InputError(f"finetune mode must be lora or full; got {mode!r}")
+    fcfg.check()
     enc = fz.encoder
     base = {k: v.detach().clone() for k, v in enc.body.state_dict().items()}
     if mode == "lora":
@@ -124,7 +146,11 @@ def finetune_encoder(fz: PointFeaturizer, ds: PointDataset, train: list[str], he
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss.detach()) * int((y >= 0).sum())
+                v = float(loss.detach())
+                if not math.isfinite(v):
+                    raise ModelError(f"{mode} fine-tuning diverged: loss {v} at epoch {ep}/{fcfg.epochs} "
+                                     f"(encoder lr {plain_number(fcfg.lr)}); nothing was written. Lower --ft-lr")
+                total += v * int((y >= 0).sum())
                 count += int((y >= 0).sum())
         head.eval()
         m = make_val_scorer()(head)

@@ -10,6 +10,7 @@ epoch on val; write the checkpoint.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -17,13 +18,45 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from denuc.classify.head import HEAD_MODES, HeadMeta, save_head
+from denuc.core.mpp import check_mpp
 from denuc.data.base import PointDataset, open_dataset
 from denuc.encode.encoder import Encoder, build_encoder
 from denuc.errors import InputError
 from denuc.query.predictor import PointFeaturizer
-from denuc.train.features import DetectFn, augmented_gt_features, cached_features, concat_features
-from denuc.train.head import HeadTrainConfig, Scorer, det_scorer, fit_head, gt_scorer, split_train_val
+from denuc.train.features import (
+    DetectFn,
+    augmented_gt_features,
+    cached_features,
+    check_writable_dir,
+    concat_features,
+    default_cache_dir,
+)
+from denuc.train.head import (
+    HeadTrainConfig,
+    Scorer,
+    check_class_counts,
+    det_scorer,
+    fit_head,
+    gt_scorer,
+    split_train_val,
+)
+
+
+def check_out_file(out: str | os.PathLike[str]) -> Path:
+    """Refuse (:class:`InputError`) an ``out`` checkpoint path that is a folder or cannot be written.
+
+    Checked before any work, so a run never ends with a traceback after hours of training.
+    """
+    p = Path(out)
+    if p.is_dir():
+        raise InputError(f"--out {p} is a folder; give the head's file name, e.g. {p / 'head.safetensors'}")
+    if p.exists() and not p.is_file():
+        raise InputError(f"--out {p} exists and is not a regular file")
+    check_writable_dir(p.parent, f"--out {p}")
+    return p
 
 
 def load_detector(path: str | os.PathLike[str] | None, device: str | None = None) -> tuple[DetectFn, str]:
@@ -106,9 +139,36 @@ def train_head(
     cfg = config or HeadTrainConfig()
     if mode == "mlp" and not cfg.hidden:
         cfg.hidden = 256
+    # every setting and output location is checked before any feature is extracted
+    cfg.check()
+    if mpp is not None:
+        mpp = check_mpp(mpp, "working resolution (--mpp)")
+    if isinstance(stain_augment, bool) or int(stain_augment) != stain_augment or stain_augment < 0:
+        raise InputError(f"stain-jittered passes (--stain-augment) must be a whole number >= 0; got {stain_augment}")
+    if stain_augment and not (math.isfinite(float(stain_strength)) and 0 <= float(stain_strength) < 1):
+        raise InputError(f"stain jitter strength (--stain-strength) must be a number >= 0 and < 1; "
+                         f"got {float(stain_strength)}")
+    fcfg = None
+    if mode in ("lora", "full"):
+        from denuc.train.head_finetune import FinetuneConfig
+
+        try:
+            fcfg = FinetuneConfig(**(finetune or {})).check()
+        except TypeError as e:
+            raise InputError(f"unknown fine-tuning setting ({e})") from None
+    check_out_file(out)
+    cdir = Path(cache_dir) if cache_dir is not None else None
+    check_writable_dir((cdir or default_cache_dir()) / "features",
+                       f"--cache-dir {cdir}" if cdir is not None else
+                       f"feature cache {default_cache_dir()} (set --cache-dir or DENUC_CACHE)")
     ds = data if isinstance(data, PointDataset) else open_dataset(data)
     if not ds.classes:
         raise InputError(f"{ds.root}: the dataset defines no classes")
+    # val is needed to select the epoch (select "val") and to judge fine-tuning epochs (lora/full)
+    train, val, carved = split_train_val(ds, cfg.seed, log=log,
+                                         need_val=cfg.select == "val" or mode in ("lora", "full"))
+    ids = np.concatenate([ds.points(s).class_ids for s in train])  # cheap: refuse before any encoding
+    check_class_counts(np.bincount(ids[ids >= 0], minlength=len(ds.classes)), ds.classes)
     from denuc.train.detector import pick_device
 
     device = str(pick_device(device))  # None: cuda, then mps, then cpu (like predict and train-detector)
@@ -119,8 +179,6 @@ def train_head(
         check_lora_applies(enc)
     fz = PointFeaturizer(enc, mpp=mpp, window=window, stride=stride, align=align, stain_norm=stain_norm,
                          feature_tta=feature_tta)
-    cdir = Path(cache_dir) if cache_dir is not None else None
-    train, val, carved = split_train_val(ds, cfg.seed, log=log)
     detect, det_id = (None, "")
     if detector is not None or use_detector:
         detect, det_id = load_detector(detector, device)
@@ -130,24 +188,26 @@ def train_head(
         tr = concat_features([tr, *augmented_gt_features(fz.with_stain_norm("none"), ds, train, stain_augment, seed=cfg.seed,
                                                          strength=stain_strength, space=stain_space,
                                                          cache_dir=cdir, log=log)])
-    scorer, select_desc, _ = make_scorer(fz, ds, val, len(ds.classes), detect=detect, detector_id=det_id,
-                                         cache_dir=cdir, log=log)
+    scorer: Scorer | None = None
+    select_desc = "no val images"
+    if val:
+        scorer, select_desc, _ = make_scorer(fz, ds, val, len(ds.classes), detect=detect, detector_id=det_id,
+                                             cache_dir=cdir, log=log)
     t_feat = time.perf_counter() - t0
     log(f"training {mode} head on {len(tr)} points of {len(train)} images; selection: "
         f"{select_desc if cfg.select == 'val' else 'last epoch'}")
     t1 = time.perf_counter()
-    if cfg.select not in ("val", "last"):
-        raise InputError(f"epoch selection must be 'val' or 'last'; got {cfg.select!r}")
-    head, scores = fit_head(tr, len(ds.classes), cfg, scorer if cfg.select == "val" else None, log=log)
+    head, scores = fit_head(tr, len(ds.classes), cfg, scorer if cfg.select == "val" else None, log=log,
+                            class_names=ds.classes)
     if cfg.select == "last":
-        scores = {"epoch": cfg.epochs, **scorer(head)}
+        scores = {"epoch": cfg.epochs, **(scorer(head) if scorer is not None else {})}
         select_desc = f"last epoch of a fixed schedule (not selected); val reported: {select_desc}"
     enc_tensors: dict[str, Any] = {}
     enc_hash = ""
     if mode in ("lora", "full"):
-        from denuc.train.head_finetune import FinetuneConfig, finetune_encoder
+        from denuc.train.head_finetune import finetune_encoder
 
-        fcfg = FinetuneConfig(**(finetune or {}))
+        assert fcfg is not None
         head, scores, enc_tensors, enc_hash = finetune_encoder(
             fz, ds, train, head, scores, mode, fcfg, cfg, make_val_scorer=lambda: make_scorer(
                 fz, ds, val, len(ds.classes), detect=detect, detector_id=det_id, cache_dir=None, log=lambda m: None,
@@ -165,7 +225,12 @@ def train_head(
                "detector": det_id, "feature_seconds": round(t_feat, 1), "train_seconds": round(t_train, 1),
                **({"finetune": finetune or {}} if mode in ("lora", "full") else {})},
         encoder_hash=enc_hash, stain_norm=fz.stain_norm, feature_tta=fz.feature_tta,
+        untrained_classes=[c for c, u in zip(ds.classes, head.untrained.tolist()) if u],
     )
-    save_head(out, head, meta, enc_tensors)
+    meta.train["class_points"] = {c: int((tr.labels == i).sum()) for i, c in enumerate(ds.classes)}
+    try:
+        save_head(out, head, meta, enc_tensors)
+    except OSError as e:
+        raise InputError(f"{out}: cannot write the head checkpoint ({e.strerror or e})") from None
     log(f"wrote {out}: {meta.describe()}; val {scores}")
     return meta

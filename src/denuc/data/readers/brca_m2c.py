@@ -37,6 +37,14 @@ def read_yxc_file(path: Path, class_names: tuple[str, ...] = BRCA_CLASSES) -> Nu
         raise InputError(f"{path}: every line must be '<y> <x> <class id>' numbers") from None
     if arr.ndim != 2 or arr.shape[1] != 3:
         raise InputError(f"{path}: every line must have 3 fields '<y> <x> <class id>'")
+    bad_row = ~np.isfinite(arr).all(axis=1)
+    if bad_row.any():
+        raise InputError(f"{path}: NaN or infinite values on {int(bad_row.sum())} line(s), "
+                         f"e.g. point line {int(np.argmax(bad_row)) + 1}")
+    frac = arr[:, 2] != np.round(arr[:, 2])
+    if frac.any():
+        raise InputError(f"{path}: class ids must be whole numbers; got {float(arr[frac, 2][0]):g} "
+                         f"on point line {int(np.argmax(frac)) + 1}")
     ids = arr[:, 2].astype(np.int64)
     bad = sorted(set(ids.tolist()) - set(range(1, len(class_names) + 1)))
     if bad:
