@@ -3,6 +3,10 @@ shipped default), optionally with the score threshold re-chosen on val by
 ``detector_brca.py --retune`` (read from its result JSON).
 
     python benchmarks/detector_ship.py runs/X/best.safetensors [--result benchmarks/results/detector_brca_X.json]
+        [--tta-result benchmarks/results/detector_brca_X_tta8.json ...]
+
+``--tta-result`` adds the val-chosen thresholds of further ``detector_brca.py`` runs of the same
+checkpoint whose main pass count is > 1 (e.g. ``--tta 8``), so ``Detector.load(tta=8)`` uses them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--result", type=Path, default=None, help="detector_brca JSON whose val-chosen threshold to use")
+    ap.add_argument("--tta-result", type=Path, nargs="*", default=[],
+                    help="detector_brca JSONs of the same checkpoint run with --tta N (N > 1) first: their "
+                         "val-chosen thresholds are stored for N")
     args = ap.parse_args()
+    if args.tta_result and args.result is None:
+        raise SystemExit("--tta-result needs --result (the one-pass run whose threshold is the default)")
     model, meta = load_detector(args.checkpoint)
     if args.result is not None:
         res = json.loads(args.result.read_text())
@@ -32,8 +41,14 @@ def main() -> None:
             raise SystemExit(f"{args.result}: its main threshold is for tta x{res['tta']}; ship from a run "
                              "of detector_brca.py whose first --tta is 1")
         tta = {k: float(v["score_threshold"]) for k, v in (res.get("tta_results") or {}).items()}
+        for extra in args.tta_result:
+            r = json.loads(extra.read_text())
+            if r.get("checkpoint") != res.get("checkpoint") or r.get("tta", 1) == 1:
+                raise SystemExit(f"{extra}: not a --tta N (N > 1) run of {res.get('checkpoint')}")
+            tta[str(r["tta"])] = float(r["score_threshold"])
+            tta.update({k: float(v["score_threshold"]) for k, v in (r.get("tta_results") or {}).items() if k != "1"})
         if tta:
-            meta["tta_thresholds"] = tta  # val-chosen threshold per test-time augmentation pass count
+            meta["tta_thresholds"] = dict(sorted(tta.items(), key=lambda kv: int(kv[0])))  # val-chosen, per pass count
     meta["source_checkpoint"] = str(args.checkpoint)
     meta = portable_meta({k: v for k, v in meta.items() if k not in ("format", "version", "config")})
     dst = default_detector_path()

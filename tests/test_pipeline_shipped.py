@@ -25,3 +25,25 @@ def test_shipped_models_classify_the_sample() -> None:
     assert out.probs is not None and out.probs.shape == (len(out), len(meta.classes))
     assert (out.xy >= 0).all() and (out.xy < 200).all()
     assert set(out.meta["speed"]) == {"detect", "encode", "classify"}
+
+
+@pytest.mark.skipif(not (ASSETS / "detector.safetensors").is_file(), reason="shipped detector not in src/denuc/assets")
+def test_shipped_detector_uses_the_val_chosen_threshold_of_each_reported_tta() -> None:
+    """Every pass count with a reported result (benchmarks/reported/detector_brca_*stain2*.json)
+    gets the threshold that result was scored at, not the one-pass fallback."""
+    import json
+    from pathlib import Path
+
+    from denuc.detect.api import Detector
+
+    reported = Path(__file__).resolve().parents[1] / "benchmarks" / "reported"
+    runs = [json.loads(p.read_text()) for p in sorted(reported.glob("detector_brca_det_lite0_stain2*.json"))]
+    if not runs:
+        pytest.skip("reported detector results not in the checkout")
+    want = {}
+    for r in runs:
+        want[int(r["tta"])] = float(r["score_threshold"])
+        want.update({int(k): float(v["score_threshold"]) for k, v in r.get("tta_results", {}).items()})
+    assert {1, 4, 8} <= set(want)
+    for n, thr in want.items():
+        assert Detector.load(device="cpu", tta=n).threshold == pytest.approx(thr), n
