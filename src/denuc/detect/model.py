@@ -82,7 +82,8 @@ class PointDetector(nn.Module):
     ``forward(images (B, 3, H, W) normalised float, targets)``:
 
     * train mode: ``targets`` = list of ``{"points": (Ni, 2) float (x, y) px, "labels": (Ni,)
-      int in [0, num_classes)}``; returns ``{"loss_cls", "loss_offset", "loss"}``.
+      int in [0, num_classes), or -1 for a nucleus of unknown class}``; returns
+      ``{"loss_cls", "loss_offset", "loss"}``.
     * eval mode: list of ``{"points": (N, 2), "scores": (N,), "labels": (N,)}`` per image
       after ``score > score_threshold`` and point NMS (radius ``nms_radius_px``).
     """
@@ -129,7 +130,12 @@ class PointDetector(nn.Module):
         """CE over all proposals (background weight ``bg_weight``) + ``offset_weight`` x the
         squared error of matched proposals (summed over x, y, averaged over matches; 0 when
         the batch has no ground truth). Lengths in the matching cost and the offset error
-        are input pixels times ``length_scale``."""
+        are input pixels times ``length_scale``.
+
+        A point labelled -1 (a nucleus of unknown class) is matched by its probability of
+        being any nucleus, ``1 - p(background)``; its proposal's classification term is
+        ``-log(1 - p(background))`` (weight 1, like a class), so it is trained as a nucleus
+        without a class target, and its offset is trained as usual."""
         b, p, _ = logits.shape
         target_cls = torch.zeros(b, p, dtype=torch.long, device=logits.device)
         sq = logits.new_zeros(())
@@ -141,13 +147,27 @@ class PointDetector(nn.Module):
                 continue
             labels = t["labels"].to(points.device).long().reshape(-1)
             ls = self.config.length_scale
-            cost = match_cost(points[i].detach() * ls, probs[i][:, labels + 1], gt * ls)
+            known = labels >= 0
+            gt_probs = torch.where(known[None], probs[i][:, labels.clamp_min(0) + 1], 1.0 - probs[i][:, :1])
+            cost = match_cost(points[i].detach() * ls, gt_probs, gt * ls)
             rows, cols = self.matcher(cost)
             rows, cols = rows.to(points.device), cols.to(points.device)
-            target_cls[i, rows] = labels[cols] + 1
+            target_cls[i, rows] = torch.where(known[cols], labels[cols] + 1, -1)  # -1: nucleus, class unknown
             sq = sq + (((points[i, rows] - gt[cols]) * ls) ** 2).sum()
             n_match += len(rows)
-        loss_cls = F.cross_entropy(logits.reshape(b * p, -1), target_cls.reshape(-1), weight=self.cls_weight)
+        flat = logits.reshape(b * p, -1)
+        unknown = target_cls < 0
+        cls_weight: torch.Tensor = self.cls_weight  # type: ignore[assignment]
+        if not bool(unknown.any()):
+            loss_cls = F.cross_entropy(flat, target_cls.reshape(-1), weight=cls_weight)
+        else:
+            # weighted mean as F.cross_entropy's, with the unknown-class matches as
+            # -log(1 - p(bg)) = logsumexp(all logits) - logsumexp(class logits), weight 1
+            unk = unknown.reshape(-1)
+            tgt = target_cls.reshape(-1)
+            ce = F.cross_entropy(flat[~unk], tgt[~unk], weight=cls_weight, reduction="sum")
+            nll_fg = torch.logsumexp(flat[unk], -1) - torch.logsumexp(flat[unk][:, 1:], -1)
+            loss_cls = (ce + nll_fg.sum()) / (cls_weight[tgt[~unk]].sum() + unk.sum())
         loss_offset = self.config.offset_weight * sq / max(n_match, 1)
         return {"loss_cls": loss_cls, "loss_offset": loss_offset, "loss": loss_cls + loss_offset}
 

@@ -30,14 +30,20 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from denuc.core.files import atomic_write_text, check_out_dir
+from denuc.core.mpp import check_mpp
 from denuc.core.result import Nuclei
 from denuc.data.stain import STAIN_SPACES
 from denuc.detect.checkpoint import save_detector
 from denuc.detect.model import DetectorConfig, PointDetector, build_detector, normalise
 from denuc.detect.windows import MARGIN, STRIDE, WINDOW, RawDetections, detect_images
-from denuc.errors import InputError
+from denuc.errors import InputError, ModelError
 from denuc.train.augment import AugmentConfig, augment
-from denuc.train.detector_config import TrainConfig
+from denuc.train.detector_config import RUN_INDEPENDENT, TrainConfig
+from denuc.train.head import check_int, check_number
+
+#: Files of a training run in its output folder (a new run refuses a folder holding any of them).
+RUN_FILES = ("state.pt", "best.safetensors", "last.safetensors", "log.jsonl")
 
 THRESHOLDS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 
@@ -87,7 +93,9 @@ def pick_device(name: str | None = None) -> torch.device:
 def load_items(paths: Sequence[str], split: str, mpp: float, keep_classes: bool,
                vocab: tuple[str, ...] | None = None, limit: int = 0) -> tuple[list[Item], tuple[str, ...]]:
     """Images of ``split`` of every dataset, resampled to ``mpp``; labels index ``vocab``
-    (union of the datasets' classes when ``keep_classes``, else ``("nucleus",)``)."""
+    (union of the datasets' classes when ``keep_classes``, else ``("nucleus",)``; -1 =
+    an unclassified point, a nucleus of unknown class). Items are named
+    ``"{dataset index}/{folder name}/{stem}"``."""
     from denuc.data.base import open_dataset
     from denuc.data.resample import resample, resample_factor
 
@@ -95,7 +103,7 @@ def load_items(paths: Sequence[str], split: str, mpp: float, keep_classes: bool,
     if vocab is None:
         vocab = tuple(dict.fromkeys(c for d in dsets for c in d.classes)) if keep_classes else ("nucleus",)
     items: list[Item] = []
-    for d in dsets:
+    for di, d in enumerate(dsets):
         stems = d.stems(split)
         if limit:
             stems = stems[:limit]
@@ -112,7 +120,8 @@ def load_items(paths: Sequence[str], split: str, mpp: float, keep_classes: bool,
                 gt = Nuclei(pts.xy, class_ids=np.zeros(len(pts), np.int64), class_names=vocab, mpp=mpp,
                             image_size=pts.image_size, name=stem)
                 labels = gt.class_ids
-            gt.mpp, gt.name = mpp, f"{Path(d.root).name}/{stem}"
+            # keyed by dataset index too: two datasets may share a folder name (site1/x, site2/x)
+            gt.mpp, gt.name = mpp, f"{di}/{Path(d.root).name}/{stem}"
             items.append(Item(gt.name, img, gt.xy.copy(), np.asarray(labels, np.int64), gt))
     return items, vocab
 
@@ -250,18 +259,140 @@ def _set_rng_state(state: dict[str, Any], np_rng: np.random.Generator) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train a detector as configured; returns the summary (best epoch, val F1, paths).
-
-    ``cfg.threads`` (if set) applies to torch's CPU thread pool during the call only.
-    """
+def check_config(cfg: TrainConfig) -> None:
+    """Raise :class:`InputError` (or :class:`~denuc.errors.ResolutionError` for the mpp) for a
+    setting that cannot train, before any work."""
     if not cfg.datasets:
         raise InputError("no training datasets given")
+    if not isinstance(cfg.datasets, (list, tuple)) or not all(isinstance(p, str) and p for p in cfg.datasets):
+        raise InputError(f"datasets must be a list of folder paths; got {cfg.datasets!r}")
+    check_mpp(cfg.mpp, "training mpp (--mpp)")
+    if cfg.loss_ref_mpp != 0:
+        check_mpp(cfg.loss_ref_mpp, "loss reference mpp (--loss-ref-mpp; 0 = training px)")
+    check_int(cfg.epochs, 1, "epochs (--epochs)")
+    check_int(cfg.batch_size, 1, "batch size (--batch-size)")
+    # any size >= one 32-px padding unit works (the model pads to multiples of 32 px); multiples of
+    # 32 waste nothing
+    check_int(cfg.crop, 32, "crop size in px (--crop)")
+    check_int(cfg.stop_after, 0, "stop after N epochs (--stop-after; 0 = run to the end)")
+    check_int(cfg.max_train_images, 0, "max train images (--max-train-images; 0 = all)")
+    check_int(cfg.neck_width, 0, "neck width (--neck-width; 0 = the backbone's default)")
+    check_int(cfg.seed, 0, "seed (--seed)")
+    check_int(cfg.threads, 0, "threads (--threads; 0 = torch default)")
+    check_number(cfg.lr, "learning rate (--lr)", low=0.0)
+    check_number(cfg.min_lr, "final learning rate (--min-lr)", low=0.0)
+    check_number(cfg.weight_decay, "weight decay (--weight-decay)", low=0.0)
+    check_number(cfg.crops_per_epoch, "crops per epoch (--crops-per-epoch)", low=0.0, low_open=True)
+    check_number(cfg.offset_weight, "offset weight (--offset-weight)", low=0.0)
+    check_number(cfg.bg_weight, "background weight (--bg-weight)", low=0.0, low_open=True)
+    check_number(cfg.val_radius_um, "val matching radius in µm (--val-radius-um)", low=0.0, low_open=True)
+    check_number(cfg.nms_radius_um, "NMS radius in µm (--nms-radius-um)", low=0.0)
+    check_number(cfg.score_threshold, "score threshold (--score-threshold)", low=0.0, high=1.0)
     if cfg.workers < -1:
         raise InputError(f"workers must be >= 0, or -1 for automatic; got {cfg.workers}")
     if cfg.stain_space not in STAIN_SPACES or not 0.0 <= cfg.stain_p <= 1.0 or not 0.0 <= cfg.stain_strength < 1.0:
         raise InputError(f"stain jitter needs stain_p in [0, 1], stain_strength in [0, 1) and stain_space in "
                          f"{list(STAIN_SPACES)}; got {cfg.stain_p}, {cfg.stain_strength}, {cfg.stain_space!r}")
+    if cfg.resume and cfg.overwrite:
+        raise InputError("--resume continues the run in --out and --overwrite deletes it: give one of them")
+    seen: dict[Path, str] = {}
+    for p in cfg.datasets:
+        r = Path(p).resolve()
+        if r in seen:
+            raise InputError(f"dataset folder {r} is given twice (as {seen[r]!r} and {p!r}); give each dataset once")
+        seen[r] = p
+
+
+def dataset_ids(paths: Sequence[str]) -> list[str]:
+    """Names of the dataset folders for checkpoint metadata: the resolved folder's last
+    component, with as many parent components as needed to tell them apart
+    (``site1/converted``, ``site2/converted``); never an absolute path."""
+    parts = [Path(p).resolve().parts[1:] for p in paths]
+    for n in range(1, max((len(q) for q in parts), default=1) + 1):
+        ids = ["/".join(q[-n:]) for q in parts]
+        if len(set(ids)) == len(ids):
+            return ids
+    return ["/".join(q) for q in parts]
+
+
+def run_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The options that determine what a run computes (all but :data:`RUN_INDEPENDENT`), with
+    dataset folders and the ``init`` checkpoint as resolved paths; stored in ``state.pt``."""
+    d = {k: v for k, v in asdict(cfg).items() if k not in RUN_INDEPENDENT}
+    d["datasets"] = [str(Path(p).resolve()) for p in cfg.datasets]
+    d["init"] = str(Path(cfg.init).resolve()) if cfg.init else ""
+    return d
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``"name: old -> new"`` for every setting of ``new`` that differs from ``old`` (a setting
+    missing from ``old``, written by an older version, counts as its default)."""
+    defaults = asdict(TrainConfig())
+    out = []
+    for k, v in new.items():
+        was = old.get(k, defaults.get(k))
+        if was != v:
+            out.append(f"{k}: {was!r} -> {v!r}")
+    return out
+
+
+def _prepare_out(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[Path, dict[str, Any] | None, list[Path]]:
+    """Check the output folder before any slow work: ``(folder, state to resume or None, files
+    of an old run to delete before training)``.
+
+    * ``resume`` with ``state.pt``: the state, if its stored settings equal ``cfg``'s (else
+      :class:`InputError` listing each change); a state without settings (older versions)
+      resumes with a warning.
+    * ``resume`` without ``state.pt``: nothing to resume; says so and starts a new run.
+    * a new run in a folder holding a run (:data:`RUN_FILES`): :class:`InputError`, unless
+      ``overwrite`` (the old files are then returned for deletion).
+    """
+    out = check_out_dir(cfg.out)
+    state_path = out / "state.pt"
+    if cfg.resume and state_path.is_file():
+        need = ("model", "optimizer", "step", "epoch", "best_f1", "best_epoch", "history", "rng")
+        try:
+            st = torch.load(state_path, map_location="cpu", weights_only=True)
+            problem = "" if isinstance(st, dict) and all(k in st for k in need) else "entries are missing"
+        except Exception as e:  # noqa: BLE001 - torch.load raises many types for a damaged file
+            problem = str(e)
+        if problem:
+            raise ModelError(f"{state_path}: not a readable training state ({problem}); train into a new --out, "
+                             "or pass --overwrite instead of --resume to start again there")
+        if "config" not in st:
+            log(f"warning: {state_path} was written by an older version without its settings: cannot check that "
+                "this run's settings are the same; resuming anyway")
+        else:
+            changes = changed_settings(json.loads(st["config"]), run_settings(cfg))
+            if changes:
+                hint = (" (the cosine learning-rate schedule spans all epochs, so changing --epochs would change "
+                        "the learning rates of the epochs already trained)"
+                        if any(c.startswith("epochs:") for c in changes) else "")
+                raise InputError(f"--resume: {state_path} was trained with other settings; changed: "
+                                 f"{'; '.join(changes)}{hint}. Resume with the same settings, or train into a new "
+                                 "--out")
+        return out, st, []
+    if cfg.resume:
+        log(f"--resume: {state_path} does not exist, nothing to resume; starting a new run")
+    old = [out / f for f in RUN_FILES if (out / f).exists()]
+    if old and not cfg.overwrite:
+        raise InputError(f"--out {out} already holds a training run ({', '.join(p.name for p in old)}): continue it "
+                         "with --resume, train into a new --out, or pass --overwrite to delete it and start again")
+    tmp = out / "state.tmp"
+    return out, None, old + ([tmp] if old and tmp.exists() else [])
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train a detector as configured; returns the summary (best epoch, its selection score
+    ``best_score`` and what it is, ``selected_by``; paths).
+
+    Settings, datasets and the output folder are checked before any slow work (see
+    :func:`check_config`; a used ``out`` needs ``resume`` or ``overwrite``). The best epoch is
+    the one with the highest val detection F1 (val mean class F1 with ``classes``), or, when
+    no dataset has a val split, the lowest mean train loss (``best_score`` = minus that loss).
+    ``cfg.threads`` (if set) applies to torch's CPU thread pool during the call only.
+    """
+    check_config(cfg)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -272,8 +403,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
 
 
 def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, state, stale = _prepare_out(cfg, log)
     device = pick_device(cfg.device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -286,6 +416,9 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
         raise InputError(f"datasets {cfg.datasets} have no training images")
     log(f"data: {len(train_items)} train / {len(val_items)} val images at {cfg.mpp} µm/px, classes {vocab} "
         f"({time.time() - t0:.1f} s)")
+    n_unknown = sum(int((it.labels < 0).sum()) for it in train_items)
+    if n_unknown:
+        log(f"{n_unknown} unclassified training point(s): trained as nuclei of unknown class (no class target)")
 
     dcfg = DetectorConfig(backbone=cfg.backbone, neck_width=cfg.neck_width, num_classes=len(vocab),
                           class_names=vocab, head_activation=cfg.head_activation, matcher=cfg.matcher,
@@ -295,8 +428,6 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
     model = build_detector(dcfg, pretrained=cfg.pretrained and not cfg.init)
     if cfg.init:
         from safetensors.torch import load_file
-
-        from denuc.errors import ModelError
 
         try:
             model.load_state_dict(load_file(cfg.init), strict=True)
@@ -315,17 +446,29 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
     step, start_epoch, best_f1, best_epoch = 0, 0, -1.0, -1
     history: list[dict[str, Any]] = []
     state_path = out / "state.pt"
-    if cfg.resume and state_path.is_file():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
+    if state is not None:
+        st = state
+        try:
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ModelError(f"{state_path}: its model does not fit this run's settings ({e}); resume with the "
+                             "settings it was trained with, or train into a new --out") from None
         if "scaler" in st and use_amp:
             scaler.load_state_dict(st["scaler"])
         step, start_epoch = int(st["step"]), int(st["epoch"])
         best_f1, best_epoch = float(st["best_f1"]), int(st["best_epoch"])
         history = json.loads(st["history"])
         _set_rng_state(st["rng"], np_rng)
+        # the log is rewritten from the state: a kill between an epoch's log line and its state
+        # left a line the resumed run would repeat
+        atomic_write_text(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         log(f"resumed from {state_path} at epoch {start_epoch}")
+    for old_file in stale:  # --overwrite: the old run's files go only now that the new run could be set up
+        old_file.unlink(missing_ok=True)
+    if stale:
+        log(f"--overwrite: deleted the previous run's {', '.join(p.name for p in stale)} in {out}")
+    settings = json.dumps(run_settings(cfg))
 
     aug = AugmentConfig(crop=cfg.crop, p_stain=cfg.stain_p, stain_strength=cfg.stain_strength,
                         stain_space=cfg.stain_space)
@@ -334,7 +477,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
     if cfg.workers < 0:
         log(f"loader workers: {workers} (automatic on {device.type})")
     meta_base = {"mpp": cfg.mpp, "nms_radius_um": cfg.nms_radius_um, "window": WINDOW, "stride": STRIDE,
-                 "margin": MARGIN, "datasets": [str(p) for p in cfg.datasets], "train": asdict(cfg),
+                 "margin": MARGIN, "datasets": dataset_ids(cfg.datasets), "train": asdict(cfg),
                  "epochs": cfg.epochs}
     last_epoch = cfg.epochs if not cfg.stop_after else min(cfg.epochs, start_epoch + cfg.stop_after)
     for epoch in range(start_epoch, last_epoch):
@@ -367,7 +510,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
             if cfg.classes:
                 rec["val_mean_class_f1"] = scores[thr][1]
             score = scores[thr][key]
-        else:
+        else:  # no val split: the lowest train loss is "best"
             thr, score = cfg.score_threshold, -rec["loss"]
         model.config.score_threshold = thr
         meta = {**meta_base, "epoch": epoch + 1, "val_f1": rec.get("val_f1"), "val_threshold": thr,
@@ -383,13 +526,21 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
             f.write(json.dumps(rec) + "\n")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                     "step": step, "epoch": epoch + 1, "best_f1": best_f1, "best_epoch": best_epoch,
-                    "history": json.dumps(history), "rng": _rng_state(np_rng)}, out / "state.tmp")
+                    "history": json.dumps(history), "rng": _rng_state(np_rng), "config": settings},
+                   out / "state.tmp")
         (out / "state.tmp").replace(state_path)
+        if not scores:
+            val = "(no val split: best = lowest train loss)"
+        else:
+            val = f"val F1 {rec['val_f1']:.4f}" + (f" mean class F1 {rec['val_mean_class_f1']:.4f}"
+                                                   if cfg.classes else "") + f" @ {thr}"
         log(f"epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f} (cls {rec['loss_cls']:.4f} off "
-            f"{rec['loss_offset']:.4f}) val F1 {rec.get('val_f1', float('nan')):.4f} @ {thr} "
-            f"[{rec['train_s']} s] best epoch {best_epoch}")
-    return {"best_epoch": best_epoch, "best_score": best_f1, "out": str(out), "history": history,
-            "best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}
+            f"{rec['loss_offset']:.4f}) {val} [{rec['train_s']} s] best epoch {best_epoch}")
+    if start_epoch >= cfg.epochs:
+        log(f"{state_path}: all {cfg.epochs} epochs are already trained; nothing to do")
+    selected_by = ("train loss" if not val_items else "val mean class F1" if cfg.classes else "val F1")
+    return {"best_epoch": best_epoch, "best_score": best_f1, "selected_by": selected_by, "out": str(out),
+            "history": history, "best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}
 
 
 def _validate(model: PointDetector, items: list[Item], cfg: TrainConfig, vocab: tuple[str, ...]

@@ -1,6 +1,9 @@
 """``denuc train-detector``: train the class-agnostic (or, with ``--classes``, class-aware)
 point detector. Options come from an optional YAML file (``--config``), then flags, which
-override it. Every key of :class:`denuc.train.detector.TrainConfig` is both.
+override it (dataset folders given on the command line, positional or ``--datasets``, replace
+the YAML's ``datasets``). Every key of :class:`denuc.train.detector.TrainConfig` is both;
+YAML values must have the option's type (``true``/``false``, numbers, strings; ``datasets``
+a list, or one folder).
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from typing import Any
 HELP = "train the point detector on one or more datasets"
 
 _HELPS = {
-    "datasets": "dataset folders (any readable format, mixed freely)",
-    "out": "output folder (best/last .safetensors, state.pt, log.jsonl)",
+    "datasets": ("dataset folders (any readable format, mixed freely; each folder once); on the command line "
+                 "(here and/or positional) they replace the YAML's datasets"),
+    "out": ("output folder (best/last .safetensors, state.pt, log.jsonl); a folder holding a run needs --resume "
+            "or --overwrite"),
     "mpp": "training resolution in µm/px (e.g. 0.5 or 0.25); every dataset is resampled to it",
     "backbone": "shufflenetv2_0.5x|1.0x|1.5x|2.0x, resnet50, efficientnet-lite0",
     "neck_width": "PAN channels (0 = the backbone's default)",
@@ -25,7 +30,8 @@ _HELPS = {
     "loss_ref_mpp": ("measure lengths in the matching cost and offset loss in pixels at this mpp (e.g. 0.25, "
                      "the authors' scale, so their weights carry over to other training mpps); 0 = training px"),
     "bg_weight": "cross-entropy weight of the background class",
-    "classes": "keep the datasets' classes (joint detector-classifier) instead of one 'nucleus' class",
+    "classes": ("keep the datasets' classes (joint detector-classifier) instead of one 'nucleus' class; "
+                "unclassified points are trained as nuclei of unknown class"),
     "pretrained": "load the backbone's ImageNet weights where available (efficientnet-lite0)",
     "init": "initialise from a detector checkpoint of the same architecture (e.g. to fine-tune at another mpp)",
     "crops_per_epoch": "random crops per image and epoch, in units of ceil(H*W / crop^2)",
@@ -37,7 +43,12 @@ _HELPS = {
     "threads": "torch CPU threads (0 = torch default)",
     "workers": ("processes that prepare augmented crops in parallel (0 = in the training process; -1 = "
                 "automatic: up to 4 on CUDA, 0 otherwise); results do not depend on it"),
-    "resume": "continue from OUT/state.pt (optimizer, schedule, epoch, RNG)",
+    "resume": ("continue from OUT/state.pt (optimizer, schedule, epoch, RNG) with the same settings (only "
+               "--stop-after, --device, --workers, --threads and --progress may change; a changed setting, "
+               "--epochs included, is refused); without OUT/state.pt a new run starts (and says so)"),
+    "overwrite": "start a new run in an OUT that holds one, deleting its checkpoints, state.pt and log.jsonl first",
+    "epochs": ("epochs of the cosine schedule; the best epoch is chosen by val F1 (val mean class F1 with "
+               "--classes), or by the lowest train loss when no dataset has a val split"),
     "max_train_images": "use only the first N train images per dataset (0 = all)",
     "stop_after": "stop after N epochs in this run (0 = to the end); continue later with --resume",
 }
@@ -63,8 +74,11 @@ def _parse_bool(s: str) -> bool:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset_args", nargs="*", metavar="DATASET", help="dataset folders (same as --datasets)")
-    parser.add_argument("--config", type=Path, help="YAML file with any of the options below; flags override it")
+    parser.add_argument("dataset_args", nargs="*", metavar="DATASET",
+                        help="dataset folders (same as --datasets; they replace the YAML's datasets)")
+    parser.add_argument("--config", type=Path, help=("YAML file with any of the options below (keys with _, values of the option's type: "
+                              "true/false, unquoted numbers, datasets a list); flags override it (dataset folders "
+                              "on the command line replace its datasets)"))
     for name, tp, default in _fields():
         flag = "--" + name.replace("_", "-")
         hlp = _HELPS.get(name, "") + f" (default {default!r})"
@@ -77,8 +91,64 @@ def configure(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=base, default=None, help=hlp)
 
 
+def _loader() -> Any:
+    """PyYAML's SafeLoader, reading unquoted ``1e-3`` as a number (YAML 1.2) rather than a string."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return Loader
+
+
+def _yaml_value(name: str, tp: Any, v: Any, source: str) -> Any:
+    """YAML value ``v`` of option ``name`` checked against its type ``tp``; :class:`InputError`
+    naming the key otherwise (no guessing: a quoted ``'false'`` or ``'0.5'`` is refused)."""
+    from denuc.errors import InputError
+
+    def bad(want: str) -> InputError:
+        return InputError(f"{source}: {name} must be {want}; got {v!r} ({type(v).__name__})")
+
+    optional = typing.get_origin(tp) in (typing.Union, type(int | None)) and type(None) in typing.get_args(tp)
+    if v is None:
+        if optional:
+            return None
+        raise bad("given a value (it is empty)")
+    base = next(a for a in typing.get_args(tp) if a is not type(None)) if optional else tp
+    if typing.get_origin(base) is list:
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            raise bad("a list of folder paths (or one path)")
+        return list(v)
+    if base is bool:
+        if not isinstance(v, bool):
+            raise bad("true or false (unquoted)")
+        return v
+    if base is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad("a whole number (unquoted)")
+        return v
+    if base is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad("a number (unquoted)")
+        return float(v)
+    if base is str:
+        if not isinstance(v, str):
+            raise bad("a string")
+        return v
+    return v
+
+
 def resolve_config(args: argparse.Namespace) -> Any:
-    """:class:`TrainConfig` from YAML (if any) then flags."""
+    """:class:`TrainConfig` from YAML (if any, each value type-checked) then flags. Dataset
+    folders on the command line (``--datasets`` and positional ones, together) replace the
+    YAML's ``datasets``, like every other flag."""
     import yaml
 
     from denuc.errors import InputError
@@ -87,20 +157,25 @@ def resolve_config(args: argparse.Namespace) -> Any:
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         try:
-            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+            loaded = yaml.load(Path(args.config).read_text(), Loader=_loader())  # a SafeLoader
         except (OSError, yaml.YAMLError) as e:
             raise InputError(f"{args.config}: cannot read the YAML config ({e})") from None
-        names = {n for n, _, _ in _fields()}
-        unknown = sorted(set(loaded) - names)
+        loaded = {} if loaded is None else loaded
+        if not isinstance(loaded, dict):
+            raise InputError(f"{args.config}: the YAML config must be a mapping of option: value; "
+                             f"got a {type(loaded).__name__}")
+        types = {n: tp for n, tp, _ in _fields()}
+        unknown = sorted(str(k) for k in set(loaded) - set(types))
         if unknown:
-            raise InputError(f"{args.config}: unknown option(s) {unknown}; known: {sorted(names)}")
-        values.update(loaded)
+            raise InputError(f"{args.config}: unknown option(s) {unknown}; known: {sorted(types)}")
+        values.update({k: _yaml_value(k, types[k], v, str(args.config)) for k, v in loaded.items()})
     for name, _, _ in _fields():
         v = getattr(args, name, None)
-        if v is not None:
+        if v is not None and name != "datasets":
             values[name] = v
-    if getattr(args, "dataset_args", None):
-        values["datasets"] = list(values.get("datasets") or []) + list(args.dataset_args)
+    cli_datasets = list(getattr(args, "datasets", None) or []) + list(getattr(args, "dataset_args", None) or [])
+    if cli_datasets:
+        values["datasets"] = cli_datasets
     return TrainConfig(**values)
 
 
@@ -108,6 +183,10 @@ def main(args: argparse.Namespace) -> int:
     from denuc.train.detector import train
 
     cfg = resolve_config(args)
-    summary = train(cfg)
-    print(f"best epoch {summary['best_epoch']} (val F1 {summary['best_score']:.4f}); checkpoint {summary['best']}")
+    s = train(cfg)
+    if s["selected_by"] == "train loss":
+        what = f"lowest train loss {-s['best_score']:.4f}; no val split"
+    else:
+        what = f"{s['selected_by']} {s['best_score']:.4f}"
+    print(f"best epoch {s['best_epoch']} ({what}); checkpoint {s['best']}")
     return 0

@@ -40,7 +40,13 @@ class TrainConfig:
     device: str | None = None
     threads: int = 0
     workers: int = -1  # processes preparing augmented crops (0 = in the training process; -1 = 4 on CUDA, else 0)
-    resume: bool = False
+    resume: bool = False  # continue OUT/state.pt; with no state.pt there, start a new run (and say so)
+    overwrite: bool = False  # a new run may replace the run already in OUT (its files are deleted first)
     max_train_images: int = 0  # 0 = all (for quick experiments)
     stop_after: int = 0  # stop after this many epochs in this run (0 = run to the end); continue with resume
     progress: bool = True
+
+
+#: Options that do not change what a run computes: they may differ between a run and its
+#: ``resume``. Every other option is stored in ``state.pt`` and must stay the same.
+RUN_INDEPENDENT = ("out", "device", "threads", "workers", "resume", "overwrite", "stop_after", "progress")
