@@ -5,7 +5,10 @@ Accepted input (``.geojson``, ``.json`` or gzip-compressed ``.geojson.gz``):
 * a ``FeatureCollection``, a bare list of features, or a single ``Feature``;
 * geometries ``Point`` (one nucleus), ``MultiPoint`` (one nucleus per point, e.g. a QuPath
   points annotation), ``Polygon`` / ``MultiPolygon`` (one nucleus at the area centroid;
-  holes are subtracted, a MultiPolygon's parts are area-weighted);
+  holes are subtracted, a MultiPolygon's parts are area-weighted; the area is kept so that
+  readers can tell nucleus outlines from region annotations, see :func:`region_area_px2`);
+* QuPath cell objects: the feature's ``nucleusGeometry`` (beside the cell boundary in
+  ``geometry``) gives the nucleus when present;
 * class name from ``properties.classification.name`` (QuPath >= 0.4 may write ``names``,
   joined with ``": "`` as QuPath displays derived classes); no classification = no class;
 * ``properties.objectType`` ``detection``, ``cell`` or ``annotation`` (or absent);
@@ -33,6 +36,13 @@ from denuc.errors import InputError
 GEOJSON_SUFFIXES = (".geojson", ".geojson.gz", ".json", ".json.gz")
 OBJECT_TYPES = ("detection", "cell", "annotation")
 SCORE_MEASUREMENT = "Detection score"
+#: Polygons with a larger area (µm²) are region annotations (e.g. a "Tumor" or "Stroma" area
+#: that QuPath's "export all objects" includes), not nucleus outlines. Nuclei are about
+#: 20-300 µm² (a 400 µm² disc is 22.6 µm across).
+REGION_AREA_UM2 = 400.0
+#: The bound in px² when the image's µm/px is unknown: 400 µm² at 0.25 µm/px (40x), the
+#: finest common scan, so no nucleus outline of a coarser scan is taken for a region.
+REGION_AREA_PX2_DEFAULT = 6400.0
 
 
 @dataclass
@@ -44,12 +54,15 @@ class GeoPoints:
         names: ``N`` class names (``None`` = unclassified).
         scores: ``(N,)`` float32 ``"Detection score"`` or NaN where absent.
         polygon: ``(N,)`` bool, True where the point is the centroid of a polygon.
+        area: ``(N,)`` float64 area in px² of the polygon a point is the centroid of
+            (0 for points).
     """
 
     xy: np.ndarray
     names: list[str | None]
     scores: np.ndarray
     polygon: np.ndarray
+    area: np.ndarray
 
     def __len__(self) -> int:
         return len(self.xy)
@@ -112,7 +125,13 @@ def _ring_area_centroid(ring: np.ndarray) -> tuple[float, np.ndarray]:
 
 
 def polygon_centroid(polygons: Sequence[Sequence[Any]]) -> np.ndarray:
-    """Area centroid ``(2,)`` (x, y) of one or more polygons given as GeoJSON rings.
+    """Area centroid ``(2,)`` (x, y) of one or more polygons given as GeoJSON rings
+    (see :func:`polygon_area_centroid`)."""
+    return polygon_area_centroid(polygons)[1]
+
+
+def polygon_area_centroid(polygons: Sequence[Sequence[Any]]) -> tuple[float, np.ndarray]:
+    """Area (>= 0) and area centroid ``(2,)`` (x, y) of one or more polygons given as GeoJSON rings.
 
     Args:
         polygons: a list of polygons, each a list of rings ``[[x, y], ...]``: the first
@@ -120,7 +139,8 @@ def polygon_centroid(polygons: Sequence[Sequence[Any]]) -> np.ndarray:
             not matter. Several polygons (a MultiPolygon) are weighted by their areas.
 
     A degenerate input whose area is below ``1e-9`` of its bounding box (a line, a
-    repeated point) falls back to the mean of its vertices (closing vertices not counted).
+    repeated point) falls back to the mean of its vertices (closing vertices not counted)
+    and area 0.
     """
     total = 0.0
     moment = np.zeros(2)
@@ -140,23 +160,50 @@ def polygon_centroid(polygons: Sequence[Sequence[Any]]) -> np.ndarray:
     allv = np.vstack(verts)
     w, h = allv.max(axis=0) - allv.min(axis=0)
     if abs(total) > 1e-9 * w * h and total != 0.0:
-        return moment / total
-    return allv.mean(axis=0)
+        return abs(total), moment / total
+    return 0.0, allv.mean(axis=0)
+
+
+def _geometry(geom: dict[str, Any]) -> tuple[np.ndarray, bool, float]:
+    kind = geom.get("type")
+    coords: Any = geom.get("coordinates")
+    if kind == "Point":
+        return _ring([coords]), False, 0.0
+    if kind == "MultiPoint":
+        return (_ring(coords) if coords else np.zeros((0, 2))), False, 0.0
+    if kind in ("Polygon", "MultiPolygon"):
+        area, c = polygon_area_centroid([coords] if kind == "Polygon" else coords)
+        return c[None], True, area
+    raise ValueError(f"unsupported geometry type {kind!r} (need Point, MultiPoint, Polygon or MultiPolygon)")
 
 
 def geometry_points(geom: dict[str, Any]) -> tuple[np.ndarray, bool]:
     """``(k, 2)`` nucleus positions of one geometry and whether it was a polygon."""
-    kind = geom.get("type")
-    coords: Any = geom.get("coordinates")
-    if kind == "Point":
-        return _ring([coords]), False
-    if kind == "MultiPoint":
-        return (_ring(coords) if coords else np.zeros((0, 2))), False
-    if kind == "Polygon":
-        return polygon_centroid([coords])[None], True
-    if kind == "MultiPolygon":
-        return polygon_centroid(coords)[None], True
-    raise ValueError(f"unsupported geometry type {kind!r} (need Point, MultiPoint, Polygon or MultiPolygon)")
+    pts, is_poly, _ = _geometry(geom)
+    return pts, is_poly
+
+
+def nucleus_geometry(feature: dict[str, Any]) -> dict[str, Any]:
+    """The geometry that locates the nucleus of a feature: QuPath's ``nucleusGeometry`` of a
+    cell object when present (its ``geometry`` is then the cell boundary), else ``geometry``."""
+    geom = feature.get("nucleusGeometry")
+    if geom is None:
+        return feature["geometry"]
+    if not isinstance(geom, dict):
+        raise TypeError("'nucleusGeometry' must be a GeoJSON geometry object")
+    return geom
+
+
+def region_area_px2(mpp: float | None) -> float:
+    """Area in px² above which a polygon is a region annotation, not a nucleus:
+    :data:`REGION_AREA_UM2` at ``mpp`` µm/px, or :data:`REGION_AREA_PX2_DEFAULT` if unknown."""
+    return REGION_AREA_UM2 / float(mpp) ** 2 if mpp else REGION_AREA_PX2_DEFAULT
+
+
+def region_mask(points: GeoPoints, mpp: float | None) -> np.ndarray:
+    """``(N,)`` bool: True where a point is the centroid of a region-sized polygon
+    (area > :func:`region_area_px2`)."""
+    return points.polygon & (points.area > region_area_px2(mpp))
 
 
 def feature_class_name(props: dict[str, Any]) -> str | None:
@@ -202,6 +249,7 @@ def read_geojson_points(path: str | os.PathLike[str]) -> GeoPoints:
     names: list[str | None] = []
     scores: list[float] = []
     poly: list[bool] = []
+    areas: list[float] = []
     for i, f in enumerate(read_geojson_features(p)):
         props = f.get("properties") or {}
         if not isinstance(props, dict):
@@ -210,7 +258,7 @@ def read_geojson_points(path: str | os.PathLike[str]) -> GeoPoints:
         if otype is not None and str(otype).lower() not in OBJECT_TYPES:
             raise InputError(f"{p}: feature {i}: objectType {otype!r} is not one of {list(OBJECT_TYPES)}")
         try:
-            pts, is_poly = geometry_points(f["geometry"])
+            pts, is_poly, area = _geometry(nucleus_geometry(f))
             name = feature_class_name(props)
             score = feature_score(props)
         except (ValueError, TypeError) as e:
@@ -221,5 +269,7 @@ def read_geojson_points(path: str | os.PathLike[str]) -> GeoPoints:
         names += [name] * len(pts)
         scores += [score] * len(pts)
         poly += [is_poly] * len(pts)
+        areas += [area] * len(pts)
     xy = np.concatenate(xys) if xys else np.zeros((0, 2))
-    return GeoPoints(xy, names, np.asarray(scores, dtype=np.float32), np.asarray(poly, dtype=bool))
+    return GeoPoints(xy, names, np.asarray(scores, dtype=np.float32), np.asarray(poly, dtype=bool),
+                     np.asarray(areas, dtype=np.float64))

@@ -15,6 +15,12 @@ of class c only against the GT of class c (points without a class, id -1, count 
 detection). The headline ``mean_f1`` is the mean of the per-class F1 over the scored
 classes (default: the whole GT vocabulary).
 
+Class-agnostic predictions (no ``class`` column, empty class cells, or only the detector's
+class-agnostic name ``"nucleus"``, as ``denuc detect`` writes; see
+:func:`~denuc.evaluate.predictions.unclassify_agnostic`) are scored for detection; the
+report is flagged ``class_agnostic`` and its table shows the per-class F1 as not
+applicable (the counts stay: no class predictions, F1 0).
+
 Radius: exactly one of ``radius_px`` (used as is for every image), ``radius_um`` (divided
 by each image's µm/px) or neither (the protocol's default physical radius, converted
 through each image's µm/px). Converted radii are rounded to 1e-9 px.
@@ -36,11 +42,15 @@ from typing import Any
 import numpy as np
 
 from denuc.core.mpp import check_mpp
-from denuc.core.result import Nuclei
+from denuc.core.result import NO_CLASS, Nuclei
 from denuc.data.base import PointDataset, open_dataset
 from denuc.errors import InputError
 from denuc.evaluate.matching import MAX_COORD, PROTOCOLS, Protocol, round_radius
-from denuc.evaluate.predictions import MISSING_POLICIES, read_predictions
+from denuc.evaluate.predictions import (
+    MISSING_POLICIES,
+    read_predictions,
+    unclassify_agnostic,
+)
 
 
 @dataclass
@@ -107,7 +117,8 @@ class EvalReport:
 
     ``radius_px`` is the radius in pixels when every image used the same one, else None
     (then ``radius_px_range`` holds the min and max). ``radius_um`` is the radius in µm
-    when known.
+    when known. ``class_agnostic`` is True when there are predictions and none carries a
+    class: per-class F1 (0 by the counts) does not apply, and the table says so.
     """
 
     protocol: str
@@ -118,6 +129,7 @@ class EvalReport:
     radius_um: float | None = None
     split: str | None = None
     radius_px_range: tuple[float, float] | None = None
+    class_agnostic: bool = False
 
     @property
     def mean_f1(self) -> float:
@@ -141,6 +153,7 @@ class EvalReport:
             "radius_um": self.radius_um,
             "split": self.split,
             "n_images": self.n_images,
+            "class_agnostic": self.class_agnostic,
         }
         if self.radius_px_range is not None:
             d["radius_px_range"] = list(self.radius_px_range)
@@ -163,11 +176,18 @@ class EvalReport:
         rows = [("detection", self.detection), *self.classes.items()]
         w = max([len("mean class F1"), *(len(n) for n, _ in rows)])
         lines = [head, f"{'':{w}}  {'prec':>6} {'recall':>6} {'F1':>6} {'TP':>7} {'#pred':>7} {'#GT':>7}"]
-        for name, c in rows:
+        for i, (name, c) in enumerate(rows):
+            if self.class_agnostic and i > 0:
+                lines.append(f"{name:{w}}  {'n/a':>6} {'n/a':>6} {'n/a':>6} {'-':>7} {'-':>7} {c.n_gt:7d}")
+                continue
             note = "  (no pred, no GT)" if c.empty else ""
             lines.append(f"{name:{w}}  {c.precision:6.3f} {c.recall:6.3f} {c.f1:6.3f} "
                          f"{c.tp:7d} {c.n_pred:7d} {c.n_gt:7d}{note}")
-        lines.append(f"{'mean class F1':{w}}  {'':6} {'':6} {self.mean_f1:6.3f}")
+        if self.class_agnostic:
+            lines.append(f"{'mean class F1':{w}}  {'':6} {'':6} {'n/a':>6}  "
+                         "(class-agnostic predictions: detection only)")
+        else:
+            lines.append(f"{'mean class F1':{w}}  {'':6} {'':6} {self.mean_f1:6.3f}")
         return "\n".join(lines)
 
 
@@ -223,6 +243,7 @@ def _load_pred(pred: str | os.PathLike[str] | Mapping[str, Nuclei], gt: Mapping[
         if not isinstance(p, Nuclei):
             raise InputError(f"predictions of {s!r} must be a Nuclei; got {type(p).__name__}")
         src = str(p.meta.get("source") or f"predictions of {s!r}")
+        p = unclassify_agnostic(p, class_names, src)
         far = ~(np.abs(p.xy) <= MAX_COORD).all(axis=1)
         if far.any():
             x, y = (float(v) for v in p.xy[far][0])
@@ -304,6 +325,8 @@ def evaluate(
             ``x,y,class[,score]``; see ``pred_format``), or a mapping stem -> Nuclei.
             Coordinates are (x, y) pixels of the GT image; a Nuclei whose ``mpp`` differs
             from the GT's is rescaled exactly. Predictions of stems not in the GT are ignored.
+            Predictions whose only class is ``"nucleus"`` (a class-agnostic detector's, e.g.
+            ``denuc detect`` output) count as unclassified when the GT has no such class.
         protocol: a name in :data:`~denuc.evaluate.matching.PROTOCOLS`.
         radius_px, radius_um: the matching radius (at most one); default = the protocol's.
         split: split of a dataset to score (None = all images); recorded in the report.
@@ -345,6 +368,8 @@ def evaluate(
         per_image[s] = ImageCounts(det, per_class, r)
 
     detection = sum((c.detection for c in per_image.values()), Counts())
+    agnostic = detection.n_pred > 0 and all(p.class_ids is None or bool((p.class_ids == NO_CLASS).all())
+                                            for p in pred_map.values())
     pooled = {name: sum((c.classes[name] for c in per_image.values()), Counts()) for name in scored}
     empty = [n for n, c in pooled.items() if c.empty]
     if empty:
@@ -363,5 +388,5 @@ def evaluate(
     return EvalReport(
         protocol=protocol, detection=detection, classes=pooled, per_image=per_image,
         radius_px=uniform, radius_um=r_um, split=split,
-        radius_px_range=None if uniform is not None else (values[0], values[-1]),
+        radius_px_range=None if uniform is not None else (values[0], values[-1]), class_agnostic=agnostic,
     )

@@ -17,9 +17,13 @@ point at exactly ``r`` (e.g. integer offsets (3, 4) with r = 5) is decided exact
 inclusive protocols keep it, strict ones drop it. Candidate pairs come from a KD-tree
 (:func:`candidate_pairs`), queried slightly beyond ``r`` and then filtered exactly.
 
-Ties are deterministic: equal scores keep input order (stable sort) and equal distances
-go to the lower index of the point being chosen (lower GT index for prediction-driven
-rules, lower prediction index for GT-driven rules).
+Ties in the greedy rules are deterministic: equal scores keep input order (stable sort)
+and equal distances go to the lower index of the point being chosen (lower GT index for
+prediction-driven rules, lower prediction index for GT-driven rules). ``hungarian`` has
+no index rule: when several matchings have the same number of pairs and the same total
+distance, the solver returns one of them (the same one for the same input, but not
+necessarily the lowest indices; e.g. a prediction equidistant to GT 0 and GT 1 may take
+GT 1). The count, and so every score, is the same whichever it returns.
 
 Protocols (registry :data:`PROTOCOLS`), each with a default radius expressed as
 "``px`` pixels at ``mpp`` µm/px" (a physical distance, converted to each image's pixels):
@@ -265,7 +269,9 @@ def match_hungarian(pred_xy: np.ndarray, pred_scores: np.ndarray | None, gt_xy: 
     with its own "unmatched" dummy and every GT with its own, at cost ``B/2`` each, and
     the dummies of a candidate pair may pair with each other at no cost. A matching ``M``
     then costs ``sum(d - B for pairs in M) + const``; with ``B > (min(P, G) + 1) * r``
-    one more pair always beats any saving in distance. Scores are ignored.
+    one more pair always beats any saving in distance. Scores are ignored. Among equally
+    good matchings (same count and total distance) the one returned is the solver's,
+    not chosen by index; the count does not depend on it.
     """
     p, _, g, r = _check(pred_xy, pred_scores, gt_xy, radius_px)
     pi, gi, d = candidate_pairs(p, g, r, inclusive=True)

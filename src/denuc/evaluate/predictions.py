@@ -4,6 +4,9 @@ Formats (registry :data:`PRED_FORMATS`), one file per image stem:
 
 * ``csv`` (default): ``<stem>.csv`` with header ``x,y,class[,score]`` (class = name),
   read with :meth:`Nuclei.read_csv`; an empty or header-only file means zero predictions.
+  A file whose only class name is the detector's class-agnostic name (``"nucleus"``,
+  what ``denuc detect`` writes) reads as unclassified predictions when the GT vocabulary
+  has no such class (see :func:`unclassify_agnostic`).
 * ``brca-m2c``: ``<stem>_pred_class_coords.txt`` with ``<row y> <col x> <class id>`` lines,
   class ids 1-based into the GT vocabulary (the layout of BRCA-M2C labels and of the
   published MCSpatNet predictions); no scores.
@@ -11,12 +14,15 @@ Formats (registry :data:`PRED_FORMATS`), one file per image stem:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from denuc.core.result import Nuclei
+import numpy as np
+
+from denuc.core.result import NO_CLASS, Nuclei
 from denuc.errors import InputError
 from denuc.registry import Registry
 
@@ -39,8 +45,61 @@ class PredFormat:
 PRED_FORMATS: Registry[PredFormat] = Registry("prediction format")
 
 
+@functools.cache
+def class_agnostic_name() -> str:
+    """The class name of a class-agnostic detector's points (``denuc detect`` output):
+    the default :attr:`DetectorConfig.class_names <denuc.detect.model.DetectorConfig>`."""
+    # imports torch: only reached when predictions name a class outside the GT vocabulary
+    from denuc.detect.model import DetectorConfig
+
+    return DetectorConfig.class_names[0]
+
+
+def unclassify_agnostic(pts: Nuclei, class_names: Sequence[str], source: str) -> Nuclei:
+    """Predictions whose only class is the class-agnostic ``"nucleus"`` as unclassified ones.
+
+    When ``pts`` names classes outside the GT vocabulary ``class_names``, and the only such
+    name is :func:`class_agnostic_name` (and the GT has no class of that name), the points
+    are returned without classes (``class_ids`` None, vocabulary ``class_names``): they count
+    for detection only. If points of that name are mixed with points of real classes,
+    :class:`InputError` names ``source``. Anything else is returned unchanged.
+    """
+    names = tuple(class_names)
+    if pts.class_ids is None or not set(pts.class_names) - set(names):
+        return pts
+    agnostic = class_agnostic_name()
+    if agnostic in names or set(pts.class_names) - set(names) != {agnostic}:
+        return pts  # other unknown names: the caller's error
+    k = pts.class_names.index(agnostic)
+    present = {pts.class_names[i] for i in np.unique(pts.class_ids[pts.class_ids != NO_CLASS]).tolist()}
+    mixed = sorted(present - {agnostic})
+    if mixed and agnostic in present:
+        raise InputError(f"{source}: mixes the class-agnostic name {agnostic!r} (denuc detect output) with "
+                         f"class name(s) {mixed}; give every point a class of {list(names)}, or none")
+    if mixed:  # the name is in the vocabulary of ``pts`` but no point has it: keep the real classes
+        return _drop_name(pts, k, names)
+    return Nuclei(pts.xy, pts.scores, None, names, None, pts.mpp, pts.image_size, pts.name)
+
+
+def _drop_name(pts: Nuclei, k: int, names: tuple[str, ...]) -> Nuclei:
+    keep = tuple(c for i, c in enumerate(pts.class_names) if i != k)
+    assert pts.class_ids is not None
+    ids = np.where(pts.class_ids > k, pts.class_ids - 1, pts.class_ids)
+    return Nuclei(pts.xy, pts.scores, ids, keep, None, pts.mpp, pts.image_size, pts.name).with_classes(names)
+
+
 def _read_csv(path: Path, class_names: tuple[str, ...]) -> Nuclei:
-    return Nuclei.read_csv(path, class_names)
+    try:
+        return Nuclei.read_csv(path, class_names)
+    except InputError as first:
+        agnostic = class_agnostic_name()
+        if agnostic in class_names:
+            raise
+        try:  # the detector's class-agnostic name: detection-only predictions
+            pts = Nuclei.read_csv(path, (*class_names, agnostic))
+        except InputError:
+            raise first from None
+        return unclassify_agnostic(pts, class_names, str(path))
 
 
 def _read_yxc(path: Path, class_names: tuple[str, ...]) -> Nuclei:

@@ -23,8 +23,11 @@ Rules (all violations raise :class:`~denuc.errors.InputError` naming the file):
   header) means the image has zero nuclei; a point file without an image is ignored with
   a warning;
 * class names in point files must be listed in ``classes``; an empty ``class`` cell (or an
-  unclassified GeoJSON point) means "nucleus of unknown class" (class id -1); an
-  unclassified GeoJSON *polygon* is refused because it is usually a region outline;
+  unclassified GeoJSON point or nucleus outline) means "nucleus of unknown class" (class id -1);
+* a GeoJSON polygon larger than :data:`~denuc.data.geojson_points.REGION_AREA_UM2` (400 µm²
+  at the image's mpp) is a region annotation (e.g. a "Tumor" area), classified or not: it is
+  skipped with one warning per file naming the count and the classes; its class need not be
+  in ``classes``;
 * points outside their image follow the reader's ``outside`` policy (``"error"`` or ``"drop"``);
 * stems that are in no split are still listed by ``stems(None)``.
 Coordinates are (x, y) = (column, row) in pixels of the image, origin at its top-left corner.
@@ -45,7 +48,12 @@ from denuc.core.mpp import check_mpp
 from denuc.core.palette import RGB, default_colors, parse_color
 from denuc.core.result import NO_CLASS, Nuclei
 from denuc.data.base import PointDataset, register_dataset
-from denuc.data.geojson_points import read_geojson_points
+from denuc.data.geojson_points import (
+    REGION_AREA_UM2,
+    read_geojson_points,
+    region_area_px2,
+    region_mask,
+)
 from denuc.data.splits import SplitLists, ordered_stems, parse_splits
 from denuc.errors import InputError
 
@@ -197,29 +205,38 @@ class GenericDataset(SplitLists, PointDataset):
         if path.suffix.lower() == ".csv":
             pts = Nuclei.read_csv(path, self.classes)
         else:
-            pts = geojson_to_nuclei(path, self.classes)
+            pts = geojson_to_nuclei(path, self.classes, self.mpp_of(stem))
         return Nuclei(pts.xy, pts.scores, pts.class_ids, self.classes)  # class_ids None -> -1 in points()
 
 
-def geojson_to_nuclei(path: str | os.PathLike[str], classes: Sequence[str]) -> Nuclei:
+def geojson_to_nuclei(path: str | os.PathLike[str], classes: Sequence[str], mpp: float | None = None) -> Nuclei:
     """Read a QuPath GeoJSON point file into :class:`Nuclei` with vocabulary ``classes``.
 
-    Unclassified points get class -1; unknown class names and unclassified polygons raise
-    :class:`InputError` naming the file. Scores are kept when every feature has one.
+    Points and nucleus-sized polygons (centroids) are nuclei; unclassified ones get class -1.
+    Polygons larger than 400 µm² at ``mpp`` µm/px (6400 px² when ``mpp`` is None; see
+    :func:`~denuc.data.geojson_points.region_area_px2`) are region annotations: they are
+    skipped, classified or not, with one warning naming their count and classes. Unknown
+    class names of the remaining features raise :class:`InputError` naming the file.
+    Scores are kept when every kept feature has one.
     """
     g = read_geojson_points(path)
+    region = region_mask(g, mpp)
+    if region.any():
+        kinds = sorted({"(unclassified)" if n is None else n for n, r in zip(g.names, region) if r})
+        where = f"{REGION_AREA_UM2:g} µm² at {mpp:g} µm/px" if mpp else "mpp unknown"
+        warnings.warn(f"{path}: skipped {int(region.sum())} polygon(s) larger than {region_area_px2(mpp):g} px² "
+                      f"({where}) as region annotations, not nuclei; their classes: {kinds}", stacklevel=2)
+    keep = ~region
+    names = [n for n, k in zip(g.names, keep) if k]
     index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({n for n in g.names if n is not None and n not in index})
+    unknown = sorted({n for n in names if n is not None and n not in index})
     if unknown:
         raise InputError(f"{path}: unknown class name(s) {unknown}; known: {list(classes)}")
-    region = [i for i, (n, poly) in enumerate(zip(g.names, g.polygon)) if n is None and poly]
-    if region:
-        raise InputError(f"{path}: {len(region)} unclassified polygon(s) (region outlines?); classify or remove them")
-    ids = np.array([NO_CLASS if n is None else index[n] for n in g.names], dtype=np.int64)
-    scores = g.scores if len(g) and np.all(np.isfinite(g.scores)) else None
+    ids = np.array([NO_CLASS if n is None else index[n] for n in names], dtype=np.int64)
+    scores = g.scores[keep] if keep.any() and np.all(np.isfinite(g.scores[keep])) else None
     name = Path(path).name
     suf = _suffix(name, POINT_SUFFIXES)
-    return Nuclei(g.xy, scores, ids, tuple(classes), name=name[: -len(suf)] if suf else Path(path).stem)
+    return Nuclei(g.xy[keep], scores, ids, tuple(classes), name=name[: -len(suf)] if suf else Path(path).stem)
 
 
 # ------------------------------------------------------------------ writers
