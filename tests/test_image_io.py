@@ -69,7 +69,19 @@ def test_16bit_gray_png(tmp_path: Path) -> None:
     Image.fromarray(g16).save(tmp_path / "g16.png")
     out = read_image(tmp_path / "g16.png")
     assert out.shape == (2, 3, 3) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out[..., 0], (g16.astype(np.uint32) // 257).astype(np.uint8))
+    np.testing.assert_array_equal(out[..., 0], np.round(g16 / 65535 * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("bits", [10, 12, 14])
+def test_low_bit_data_in_16bit_files_is_scaled_from_its_depth(tmp_path: Path, bits: int) -> None:
+    """Bright-field data from a 10-14-bit camera in a 16-bit file keeps its brightness (not /257)."""
+    full = (1 << bits) - 1
+    rgb = np.array([[[full, full // 2, 0], [full, full, full]]], dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "c.tif", rgb, photometric="rgb")
+    with pytest.warns(UserWarning, match=rf"c\.tif: 16-bit image whose values stay within {bits} bits"):
+        out = read_image(tmp_path / "c.tif")
+    np.testing.assert_array_equal(out[0, 0], [255, round(full // 2 * 255 / full), 0])
+    np.testing.assert_array_equal(out[0, 1], [255, 255, 255])
 
 
 def test_tiff_8bit_16bit_rgba_and_float(tmp_path: Path) -> None:

@@ -53,12 +53,23 @@ def describe_exception(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
+def uint16_depth(a: np.ndarray) -> int:
+    """Bit depth (8, 10, 12, 14 or 16) of uint16 image data: the smallest whose full scale
+    holds the maximum value."""
+    hi = int(a.max()) if a.size else 0
+    return next(b for b in (8, 10, 12, 14, 16) if hi < (1 << b))
+
+
 def to_rgb_uint8(arr: np.ndarray, source: str = "array") -> np.ndarray:
     """Normalise any 2-D/3-D image array to ``(H, W, 3)`` uint8 RGB.
 
     * ``(H, W)`` grayscale -> replicated; ``(H, W, 1)`` likewise.
     * ``(H, W, 4)`` RGBA -> alpha-composited on white.
-    * uint16 -> divided by 257; float in [0, 1] -> x255; bool -> 0/255.
+    * uint16 -> scaled from its bit depth to 8 bit: 16-bit full scale, unless no value exceeds
+      the 8/10/12/14-bit full scale, which is then taken as the data's depth (cameras store
+      10-14-bit data in 16-bit files; bright-field background is near full scale, so the depth
+      shows in the maximum), with a warning naming ``source``; float in [0, 1] -> x255;
+      bool -> 0/255.
     """
     a = np.asarray(arr)
     if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 2, 3, 4):
@@ -72,7 +83,14 @@ def to_rgb_uint8(arr: np.ndarray, source: str = "array") -> np.ndarray:
     if a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
     elif a.dtype == np.uint16:
-        a = (a.astype(np.uint32) // 257).astype(np.uint8)
+        bits = uint16_depth(a)
+        if bits < 16:
+            import warnings
+
+            warnings.warn(f"{source}: 16-bit image whose values stay within {bits} bits (max {int(a.max())}); "
+                          f"read as {bits}-bit data", stacklevel=2)
+        full = (1 << bits) - 1
+        a = ((a.astype(np.uint32) * 255 + full // 2) // full).astype(np.uint8)
     elif np.issubdtype(a.dtype, np.floating):
         if not np.all(np.isfinite(a)):
             raise InputError(f"{source}: float image contains NaN or inf")
