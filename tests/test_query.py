@@ -209,3 +209,28 @@ def test_feature_tta_averages_the_features_of_flipped_and_rotated_passes() -> No
         fz.features_at(np.array([[130.0, 10.0]]))
     with pytest.raises(InputError, match="feature_tta"):
         PointFeaturizer(enc, feature_tta=3)
+
+
+@pytest.mark.parametrize("feature_tta", [1, 4])
+def test_bounded_map_cache_streams_windows_with_identical_features(feature_tta: int) -> None:
+    """With room for one batch of maps, a query over many windows encodes, samples and drops
+    them batch by batch: same features as keeping every map, memory bounded by the cache."""
+    rng = np.random.default_rng(8)
+    img = rng.integers(0, 256, (230, 260, 3), dtype=np.uint8)
+    xy = np.stack([rng.uniform(0, 260, 500), rng.uniform(0, 230, 500)], axis=1)
+    enc = coord_encoder(input_size=96, stride=8, window=64)
+    one_map_mb = enc.dim * enc.map_size() ** 2 * 4 / 2**20
+    kw = {"window": 64, "stride": 48, "batch_size": 3, "feature_tta": feature_tta}
+    full = PointFeaturizer(enc, **kw)
+    small = PointFeaturizer(enc, cache_mb=3.5 * one_map_mb * feature_tta, **kw)  # 3.5 maps per pass -> 3
+    assert full.cache_windows > 100 and (small.cache_windows if feature_tta == 1 else 3) == 3
+    for fz in (full, small):
+        fz.set_image(img, 0.25)
+    ref, got = full.features_at(xy), small.features_at(xy)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert small.windows_encoded == full.windows_encoded > 3  # every needed window, each once
+    subs = [s for _, s in small._passes] or [small]
+    assert all(len(s._maps) <= 3 for s in subs)
+    torch.testing.assert_close(small.features_at(xy[:40]), ref[:40], rtol=0, atol=0)  # re-encodes dropped maps
+    with pytest.raises(InputError, match="cache_mb"):
+        PointFeaturizer(enc, cache_mb=-1)

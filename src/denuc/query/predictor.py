@@ -41,6 +41,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 #: most feature values one batched sampling call may produce (bounds its memory: 2**26 fp32 = 256 MiB)
 SAMPLE_CHUNK_VALUES = 2**26
 
+#: default MiB of encoded window maps kept per image (:class:`PointFeaturizer` ``cache_mb``)
+CACHE_MB = 256.0
+
 
 def _as_uint8(arr: np.ndarray) -> np.ndarray:
     """uint8 as is; float in [0, 255] rounded and clipped (stain normalisers take uint8)."""
@@ -90,6 +93,10 @@ class PointFeaturizer:
         feature_tta: 1, or 2/4/8 dihedral passes of the image (:data:`denuc.detect.tta.TTA_PASSES`):
             each point's feature is the mean of its features in the flipped/rotated images
             (costs that many encodings; nuclei classes do not depend on orientation).
+        cache_mb: MiB of encoded window maps kept for the current image (default
+            :data:`CACHE_MB`; at least one batch). A query needing more windows streams them:
+            each batch is encoded, sampled and dropped, so memory does not grow with the image
+            (later queries re-encode what was dropped). Features are the same either way.
 
     Attributes:
         n_encoded: windows encoded since construction (counts encoder work).
@@ -99,7 +106,7 @@ class PointFeaturizer:
     def __init__(self, encoder: Encoder, *, mpp: float | None = None, window: int | None = None,
                  stride: int | None = None, align: str = "center", batch_size: int | None = None,
                  device: str | torch.device | None = None, stain_norm: str = "none",
-                 precision: str = "auto", feature_tta: int = 1) -> None:
+                 precision: str = "auto", feature_tta: int = 1, cache_mb: float | None = None) -> None:
         if align not in ALIGN_MODES:
             raise InputError(f"align must be one of {ALIGN_MODES}; got {align!r}")
         if stain_norm not in STAIN_NORMALIZERS:
@@ -126,8 +133,12 @@ class PointFeaturizer:
         self._passes: list[tuple[tuple[int, bool], PointFeaturizer]] = []
         #: normalise stains on the encoder's device (default: unless it is the CPU, where numpy is faster)
         self.stain_on_device = self.device.type != "cpu"
+        self.cache_mb = float(CACHE_MB if cache_mb is None else cache_mb)
+        if not self.cache_mb >= 0:
+            raise InputError(f"cache_mb must be >= 0; got {cache_mb!r}")
         self.n_encoded = 0
         self.encode_ms = 0.0
+        self._image_encoded = 0  # windows encoded for the current image
         self._img: torch.Tensor | None = None
         self._maps: dict[tuple[int, int], torch.Tensor] = {}
         self._batches: list[torch.Tensor] = []  # (B, C, h, w) maps as encoded, batch by batch
@@ -149,7 +160,7 @@ class PointFeaturizer:
         """A featurizer with the same encoder and geometry but another stain normaliser."""
         return PointFeaturizer(self.encoder, mpp=self.mpp, window=self.window, stride=self.stride, align=self.align,
                                batch_size=self.batch_size, device=self.device, stain_norm=stain_norm,
-                               precision=self.precision, feature_tta=self.feature_tta)
+                               precision=self.precision, feature_tta=self.feature_tta, cache_mb=self.cache_mb)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -197,7 +208,20 @@ class PointFeaturizer:
         self.work_hw = (int(h), int(w))
         self._xs = window_origins(max(w, self.window), self.window, self.stride)
         self._ys = window_origins(max(h, self.window), self.window, self.stride)
+        self._drop_maps()
+        self._image_encoded = 0
+
+    def _drop_maps(self) -> None:
         self._maps, self._batches, self._where = {}, [], {}
+
+    @property
+    def cache_windows(self) -> int:
+        """Windows whose maps may be kept at once: :attr:`cache_mb` worth, rounded down to whole
+        batches (at least one), so streaming encodes the same batches as keeping everything."""
+        s = self.encoder.map_size()
+        per = self.encoder.dim * s * s * 4  # fp32 bytes of one window's map
+        n = int(self.cache_mb * 2**20 // max(per, 1))
+        return max(self.batch_size, n - n % self.batch_size)
 
     def _set_passes(self, arr: np.ndarray) -> None:
         """Stain-normalise once, then give every dihedral pass of the image to its own featurizer."""
@@ -208,7 +232,8 @@ class PointFeaturizer:
         if not self._passes:
             self._passes = [(p, PointFeaturizer(self.encoder, mpp=self.mpp, window=self.window, stride=self.stride,
                                                 align=self.align, batch_size=self.batch_size, device=self.device,
-                                                precision=self.precision)) for p in tta_passes(self.feature_tta)]
+                                                precision=self.precision, cache_mb=self.cache_mb / self.feature_tta))
+                            for p in tta_passes(self.feature_tta)]
         for (k, flip), sub in self._passes:
             sub.set_image(transform_image(arr, k, flip), self.image_mpp)
         self._img = self._passes[0][1]._img
@@ -217,7 +242,7 @@ class PointFeaturizer:
     @property
     def windows_encoded(self) -> int:
         """Windows encoded for the current image (all passes)."""
-        return sum(len(sub._maps) for _, sub in self._passes) if self._passes else len(self._maps)
+        return sum(sub._image_encoded for _, sub in self._passes) if self._passes else self._image_encoded
 
     def _features_tta(self, xy: np.ndarray) -> torch.Tensor:
         from denuc.detect.tta import points_to_transformed
@@ -265,6 +290,7 @@ class PointFeaturizer:
                 self._where[k] = (len(self._batches), r)
             self._batches.append(maps)
             self.n_encoded += len(chunk)
+            self._image_encoded += len(chunk)
         self.encode_ms += (time.perf_counter() - t0) * 1e3
 
     def _check_inside(self, xy: np.ndarray) -> None:
@@ -335,16 +361,36 @@ class PointFeaturizer:
             return out
         ny = len(self._ys)
         need = np.unique(flat)
-        keys = [(u // ny, u % ny) for u in need.tolist()]
-        self._encode([k for k in keys if k not in self._maps])
+        new = np.array([u for u in need.tolist() if (u // ny, u % ny) not in self._maps], dtype=np.int64)
+        cap = self.cache_windows
+        if len(self._maps) + len(new) <= cap:  # everything fits: encode what is missing, sample all
+            self._encode([(u // ny, u % ny) for u in new.tolist()])
+            self._sample_points(out, flat, local, np.arange(len(flat)))
+            return out
+        # stream: points of kept windows first, then encode, sample and drop `cap` windows at a time
+        self._sample_points(out, flat, local, np.flatnonzero(~np.isin(flat, new)))
+        for c0 in range(0, len(new), cap):
+            chunk = new[c0:c0 + cap]
+            if len(self._maps) + len(chunk) > cap:
+                self._drop_maps()
+            self._encode([(u // ny, u % ny) for u in chunk.tolist()])
+            self._sample_points(out, flat, local, np.flatnonzero(np.isin(flat, chunk)))
+        return out
+
+    def _sample_points(self, out: torch.Tensor, flat: np.ndarray, local: np.ndarray, sel: np.ndarray) -> None:
+        """Write the features of points ``sel`` (their windows ``flat[sel]`` are encoded) into ``out``."""
+        if len(sel) == 0:
+            return
+        ny = len(self._ys)
+        need = np.unique(flat[sel])
         # (batch, row) of every point's map, without a loop over points or windows
-        where = np.array([self._where[k] for k in keys], dtype=np.int64)[np.searchsorted(need, flat)]
+        where = np.array([self._where[(u // ny, u % ny)] for u in need.tolist()],
+                         dtype=np.int64)[np.searchsorted(need, flat[sel])]
         # one grid_sample per encoded batch (not per window): host-device traffic and kernel
         # launches do not grow with the number of windows
         for b in np.unique(where[:, 0]).tolist():
-            sel = np.flatnonzero(where[:, 0] == b)
-            self._sample_into(out, self._batches[b], where[sel, 1], sel, local[sel])
-        return out
+            s = np.flatnonzero(where[:, 0] == b)
+            self._sample_into(out, self._batches[b], where[s, 1], sel[s], local[sel[s]])
 
     def _sample_into(self, out: torch.Tensor, fmaps: torch.Tensor, rows: np.ndarray, dest: np.ndarray,
                      local: np.ndarray) -> None:
