@@ -131,6 +131,19 @@ def test_rescale_scales_coordinates_and_size() -> None:
     assert r.mpp == 0.25 and r.image_size == (200, 160)
     with pytest.raises(ResolutionError, match="mpp is unknown"):
         Nuclei([[0, 0]]).rescale(0.5)
+    for bad in (0, -0.5, float("nan"), float("inf"), None, "x", True):
+        with pytest.raises(ResolutionError, match="target mpp"):
+            n.rescale(bad)  # type: ignore[arg-type]
+
+
+def test_rescaled_image_size_is_the_resampled_images() -> None:
+    """Odd sizes: the same floor rule as denuc.data.resample (103 px at 0.25 -> 51 px at 0.5)."""
+    from denuc.data.resample import resample, resample_factor
+
+    for h, w, src, dst in ((103, 77, 0.25, 0.5), (1, 9, 0.25, 1.0), (98, 99, 0.5, 0.3)):
+        img = np.zeros((h, w, 3), np.uint8)
+        size = Nuclei([[0.0, 0.0]], mpp=src, image_size=(h, w)).rescale(dst).image_size
+        assert size == resample(img, resample_factor(src, dst)).shape[:2]
 
 
 @settings(max_examples=200, deadline=None)
@@ -167,6 +180,16 @@ def test_csv_round_trip_is_lossless(tmp_path: Path) -> None:
     _assert_same(back, n)
     assert back.mpp == 0.5 and back.name == "pts"
     assert not list((tmp_path / "sub").glob("*.tmp"))  # atomic write leaves no temp file
+
+
+def test_csv_without_class_names_takes_the_vocabulary_from_the_prob_columns(tmp_path: Path) -> None:
+    """predict output where a class got no point: all probability columns still come back."""
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]], np.float32)
+    n = Nuclei([[1.5, 2.25], [3.0, 4.0]], np.array([0.9, 0.8], np.float32), np.array([0, 1]),
+               ("lymphocyte", "tumor", "stromal"), probs)
+    back = Nuclei.read_csv(n.to_csv(tmp_path / "p.csv"))
+    assert back.class_names == ("lymphocyte", "tumor", "stromal") and back.classes == ["lymphocyte", "tumor"]
+    np.testing.assert_array_equal(back.probs, probs)
 
 
 def test_csv_unclassified_points_round_trip(tmp_path: Path) -> None:

@@ -191,17 +191,28 @@ class Nuclei:
 
         Pixel-edge frame: a point at physical position ``p`` µm from the image's top-left
         edge sits at ``p / mpp`` pixels, so coordinates scale by exactly ``self.mpp / mpp``.
-        Round trips are exact up to float rounding. ``image_size`` is scaled and rounded.
+        Round trips are exact up to float rounding (about 1e-13 px). ``image_size`` becomes the
+        size :func:`denuc.data.resample.resample` gives the resampled image (floor, at least 1).
         """
         if self.mpp is None:
             from denuc.errors import ResolutionError
 
             raise ResolutionError("cannot rescale points whose mpp is unknown; set mpp first")
-        f = self.mpp / float(mpp)
+        import math
+
+        from denuc.errors import ResolutionError
+
+        try:
+            target = float(mpp)
+        except (TypeError, ValueError):
+            raise ResolutionError(f"rescale needs a target mpp in µm per pixel; got {mpp!r}") from None
+        if isinstance(mpp, bool) or not math.isfinite(target) or target <= 0:
+            raise ResolutionError(f"rescale needs a positive, finite target mpp in µm per pixel; got {mpp!r}")
+        f = self.mpp / target
         size = None
-        if self.image_size is not None:
-            size = (int(round(self.image_size[0] * f)), int(round(self.image_size[1] * f)))
-        return Nuclei(self.xy * f, self.scores, self.class_ids, self.class_names, self.probs, float(mpp), size,
+        if self.image_size is not None:  # as denuc.data.resample sizes the resampled image
+            size = (max(1, math.floor(self.image_size[0] * f + 1e-9)), max(1, math.floor(self.image_size[1] * f + 1e-9)))
+        return Nuclei(self.xy * f, self.scores, self.class_ids, self.class_names, self.probs, target, size,
                       self.name, dict(self.meta))
 
     def shift(self, dx: float, dy: float) -> Nuclei:
@@ -274,10 +285,14 @@ class Nuclei:
                                  f"({int(np.isnan(scores).sum())} of {len(scores)}); drop the column or fill it")
         ids = None
         names = tuple(class_names) if class_names is not None else ()
+        # without a vocabulary, prob_<class> columns (as written by to_csv) give it, in their order
+        from_probs = tuple(str(c)[5:] for c in df.columns if str(c).startswith("prob_") and len(str(c)) > 5)
+        if class_names is None:
+            names = from_probs
         if "class" in df.columns:
             # empty cells (read as NaN) mean "no class"
             labels = df["class"].fillna("").astype(str).str.strip().tolist()
-            if class_names is None:
+            if class_names is None and not from_probs:
                 names = tuple(sorted(set(labels) - {""}))
             index = {c: i for i, c in enumerate(names)}
             unknown = sorted({c for c in labels if c not in index and c != ""})
