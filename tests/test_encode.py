@@ -121,8 +121,8 @@ def test_phikon_family_loads_a_local_transformers_folder(tmp_path: Path) -> None
         with pytest.raises(ModelError, match="pip install transformers"):
             build_encoder("phikon-v2", weights=folder)
         return
-    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                    image_size=64, patch_size=16)
+    cfg = ViTConfig(hidden_size=1024, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                    image_size=64, patch_size=16)  # phikon-v2's width and patch (checked on load)
     ViTModel(cfg, add_pooling_layer=False).save_pretrained(folder)
     enc = build_encoder("phikon-v2", weights=folder)
-    assert enc(torch.randn(2, 3, 64, 64)).shape == (2, 32, 4, 4)
+    assert enc(torch.randn(2, 3, 64, 64)).shape == (2, 1024, 4, 4)

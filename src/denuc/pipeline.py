@@ -49,11 +49,41 @@ def check_head_encoder(meta: HeadMeta, enc: Encoder, head_path: str) -> None:
         raise ModelError(f"head {head_path} was trained on encoder {meta.encoder!r}, not {enc.name!r}; "
                          f"use --encoder {meta.encoder} or a head trained for {enc.name}")
     if enc.weights_hash != meta.weights_hash:
-        raise ModelError(f"head {head_path} was trained on {meta.encoder} weights {meta.weights_hash[:12]}..., but the "
-                         f"encoder was loaded with weights {enc.weights_hash[:12]}... ({enc.weights_source}); "
-                         "pass the same weights the head was trained with")
+        trained = f" from {meta.weights_source}" if meta.weights_source else ""
+        raise ModelError(f"head {head_path} was trained on {meta.encoder} weights {meta.weights_hash[:12]}...{trained}, "
+                         f"but the encoder was loaded with weights {enc.weights_hash[:12]}... ({enc.weights_source}); "
+                         "pass the same weights file the head was trained with (the hash is of the file's bytes, so "
+                         "the same tensors saved in another format or by another tool count as different)")
     if enc.dim != meta.dim:
         raise ModelError(f"head {head_path} expects {meta.dim}-d features; encoder {enc.name} gives {enc.dim}")
+
+
+def default_weights_ref(encoder: str) -> str:
+    """Portable reference of an encoder's default weights (``hf-hub:org/name``, ``bundled``;
+    "" when it has none), comparable with :attr:`HeadMeta.weights_source`."""
+    from denuc.encode.specs import get_spec
+
+    spec = get_spec(encoder)
+    if spec.family == "efficientnet-lite":
+        return "bundled"
+    return f"hf-hub:{spec.hub_id}" if spec.hub_id else ""
+
+
+def check_default_weights(meta: HeadMeta, encoder: str, head_path: str) -> None:
+    """Before building ``encoder`` with its default weights (no ``--weights``): refuse, naming the
+    expected source, a head whose recorded weights source is another one (a local file, another
+    hub repo, random). Heads without a recorded source (older ones) are not checked here."""
+    src = meta.weights_source
+    default = default_weights_ref(encoder)
+    if not src or src == default:
+        return
+    if src.startswith("hf-hub:") or src == "random":
+        how = f"--weights {src} (Python: weights={src!r})"
+    else:
+        how = f"--weights <your copy of {src}> (a file, or for model.safetensors / pytorch_model.bin its folder)"
+    raise ModelError(f"head {head_path} was trained with {meta.encoder} weights from {src} (sha256 "
+                     f"{meta.weights_hash[:12]}...), not the encoder's default weights"
+                     f"{f' ({default})' if default else ''}; pass {how}")
 
 
 def apply_encoder_tensors(enc: Encoder, tensors: dict[str, torch.Tensor], meta: HeadMeta, head_path: str) -> None:
@@ -136,6 +166,8 @@ class DeNuC:
             if name != meta.encoder:
                 raise ModelError(f"head {head_path} was trained on encoder {meta.encoder!r}, not {name!r}; "
                                  f"use --encoder {meta.encoder} or a head trained for {name}")
+            if weights is None:
+                check_default_weights(meta, name, str(head_path))
             enc = build_encoder(name, weights, offline=offline, device=device)
         check_head_encoder(meta, enc, str(head_path))
         apply_encoder_tensors(enc, enc_tensors, meta, str(head_path))

@@ -76,7 +76,10 @@ class HeadMeta:
 
     Attributes:
         classes, colors: class vocabulary (index = class id) and RGB colours.
-        encoder: encoder registry name; ``weights_hash``: sha256 of its base weights.
+        encoder: encoder registry name; ``weights_hash``: sha256 of its base weights file.
+        weights_source: where those weights came from, portable (``hf-hub:org/name``,
+            ``bundled``, ``random`` or the file's ``folder/name``, never an absolute path);
+            "" in heads written before it was recorded (``Encoder.weights_ref`` of the encoder).
         dim: feature dim ``C``; ``hidden``: MLP width (0 = linear); ``mode``: how it was trained.
         mpp: working resolution (µm/px) at which windows were encoded.
         window, stride, align, input_size: window geometry of the point query.
@@ -106,11 +109,13 @@ class HeadMeta:
     stain_norm: str = "none"
     feature_tta: int = 1
     untrained_classes: list[str] = field(default_factory=list)
+    weights_source: str = ""
     version: str = ""
     format: int = FORMAT_VERSION
 
     def describe(self) -> str:
-        return (f"{self.mode} head for encoder {self.encoder} (weights {self.weights_hash[:12]}), "
+        return (f"{self.mode} head for encoder {self.encoder} (weights {self.weights_hash[:12]}"
+                + (f" from {self.weights_source}" if self.weights_source else "") + "), "
                 f"classes {self.classes}, {self.mpp} µm/px, window {self.window}/{self.stride}, align {self.align}"
                 + (f", stain norm {self.stain_norm}" if self.stain_norm != "none" else "")
                 + (f", features averaged over {self.feature_tta} passes" if self.feature_tta != 1 else "")

