@@ -35,6 +35,7 @@ from denuc.train.features import (
     augmented_gt_features,
     cached_features,
     concat_features,
+    default_cache_dir,
 )
 from denuc.train.head import HeadTrainConfig, Scorer, fit_head, macro_f1, predict_probs
 from denuc.train.site_cv import (
@@ -76,6 +77,7 @@ class Recipe:
     norm: str = "none"  # stain normaliser before encoding; the stain-jittered passes skip it (as train-head does)
     tta: int = 1  # features averaged over this many dihedral passes of each image (train-head --feature-tta)
     taps: tuple[str, ...] = ()  # efficientnet-lite0 taps other than the default s8+s16+s32
+    input_stats: str = "imagenet"  # encoder input mean/std: imagenet (the spec) or lite0 (0.5/0.5, as trained)
     scales: tuple[float, ...] = ()  # extra training passes with the image magnified by each factor (nuclei look s x larger)
     notes: dict[str, object] = field(default_factory=dict)
 
@@ -123,6 +125,8 @@ def recipes() -> list[Recipe]:
         *[Recipe(f"30 ep, wd 1e-1, macenko, stain hed 0.4 x2, taps {'+'.join(t)}", replace(e30, weight_decay=1e-1),
                  aug=("hed", 0.4, 2), norm="macenko", taps=t)
           for t in (("s16", "s32"), ("s8", "s16", "s32", "head"), ("s16", "s32", "head"))],
+        Recipe("30 ep, wd 1e-1, macenko, stain hed 0.4 x2, lite0 input stats", replace(e30, weight_decay=1e-1),
+               aug=("hed", 0.4, 2), norm="macenko", input_stats="lite0"),
         Recipe("30 ep, wd 1e-1, macenko, stain hed 0.4 x2, scale 0.8+1.25", replace(e30, weight_decay=1e-1),
                aug=("hed", 0.4, 2), norm="macenko", scales=(0.8, 1.25)),
         Recipe("30 ep, wd 1e-1, macenko, stain hed 0.4 x2, scale 0.9+1.1", replace(e30, weight_decay=1e-1),
@@ -167,8 +171,16 @@ def main() -> int:
             return out, {"train": [], "val": []}
         space, strength, n = r.aug
         enc = all_taps_encoder(r.taps) if r.taps else fz.encoder
-        fr = fz if r.tta == 1 and not r.taps else PointFeaturizer(enc, feature_tta=r.tta)
-        augs = {sp: augmented_gt_features(fr, ds, st, n, strength=strength, space=space) if n else []
+        cache = None
+        if r.input_stats == "lite0":  # same name and weights, other input normalisation: own cache folder
+            from denuc.encode.weights import WeightsSource
+            from denuc.models.efficientnet_lite import LITE0_MEAN, LITE0_STD
+
+            enc = EfficientNetLiteEncoder(enc.spec.with_(mean=LITE0_MEAN, std=LITE0_STD), enc.body,
+                                          WeightsSource(None, enc.weights_hash, enc.weights_source), taps=enc.taps)
+            cache = default_cache_dir() / "lite0-input-stats"
+        fr = fz if r.tta == 1 and enc is fz.encoder else PointFeaturizer(enc, feature_tta=r.tta)
+        augs = {sp: augmented_gt_features(fr, ds, st, n, strength=strength, space=space, cache_dir=cache) if n else []
                 for sp, st in (("train", train), ("val", val))}
         for m in r.scales:  # same images, resampled to mpp / m before encoding
             sz = PointFeaturizer(fr.encoder, mpp=fr.mpp / m, feature_tta=r.tta, stain_norm=r.norm)
@@ -176,10 +188,10 @@ def main() -> int:
                 augs[sp].append(cached_features(sz, ds, st)["gt"])
         if r.norm != "none":
             nz = fr.with_stain_norm(r.norm)
-            return {sp: cached_features(nz, ds, st)["gt"] for sp, st in (("train", train), ("val", val))}, augs
+            return {sp: cached_features(nz, ds, st, cache_dir=cache)["gt"] for sp, st in (("train", train), ("val", val))}, augs
         if fr is fz:
             return plain, augs
-        return {sp: cached_features(fr, ds, st)["gt"] for sp, st in (("train", train), ("val", val))}, augs
+        return {sp: cached_features(fr, ds, st, cache_dir=cache)["gt"] for sp, st in (("train", train), ("val", val))}, augs
 
     rows = []
     todo = [r for r in recipes() if args.only is None or r.name in args.only]
@@ -198,7 +210,7 @@ def main() -> int:
         s = summarize(folds)
         rows.append({"recipe": r.name, "train": asdict(r.cfg), "stop_epoch": r.stop_epoch,
                      "stain_augment": {"space": r.aug[0], "strength": r.aug[1], "passes": r.aug[2]},
-                     "multiscale": r.multiscale, "stain_norm": r.norm, "feature_tta": r.tta, "taps": list(r.taps or LITE0_DEFAULT_TAPS), "scales": list(r.scales), "site_cv": s, "folds": [asdict(x) for x in folds],
+                     "multiscale": r.multiscale, "stain_norm": r.norm, "feature_tta": r.tta, "input_stats": r.input_stats, "taps": list(r.taps or LITE0_DEFAULT_TAPS), "scales": list(r.scales), "site_cv": s, "folds": [asdict(x) for x in folds],
                      "official_val_macro_f1": vf1, "seconds": round(time.perf_counter() - t0, 1)})
         print(f"{r.name:36} " + " ".join(f"{x.site}={x.macro_f1:.4f}" for x in folds)
               + f"  mean {s['mean']:.4f} ± {s['std']:.4f}  val {vf1:.4f}", flush=True)
