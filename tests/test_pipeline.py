@@ -78,6 +78,15 @@ def test_head_refuses_other_encoder_or_weights(trained, tmp_path: Path) -> None:
     save_file(sd, str(f))
     with pytest.raises(ModelError, match="weights"):
         DeNuC.load(detector=GridDetector(), encoder="tiny-uni", head=head, weights=str(f))
+    from dataclasses import replace
+
+    from denuc.classify.head import read_meta
+    from denuc.pipeline import check_head_encoder
+
+    meta = read_meta(head)
+    check_head_encoder(meta, enc, str(head))
+    with pytest.raises(ModelError, match=r"trained with 96 px encoder inputs"):
+        check_head_encoder(replace(meta, input_size=96), enc, str(head))
 
 
 def _predict(argv: list[str]) -> int:

@@ -234,3 +234,18 @@ def test_bounded_map_cache_streams_windows_with_identical_features(feature_tta: 
     torch.testing.assert_close(small.features_at(xy[:40]), ref[:40], rtol=0, atol=0)  # re-encodes dropped maps
     with pytest.raises(InputError, match="cache_mb"):
         PointFeaturizer(enc, cache_mb=-1)
+
+
+def test_float_images_in_0_1_and_0_255_give_the_same_features() -> None:
+    rng = np.random.default_rng(11)
+    img = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    xy = np.stack([rng.uniform(0, 90, 30), rng.uniform(0, 70, 30)], axis=1)
+    out = []
+    for arr in (img, img.astype(np.float32), img.astype(np.float64) / 255.0):
+        fp = PointFeaturizer(coord_encoder(input_size=96, stride=8, window=64), window=64, stride=48)
+        fp.set_image(arr, 0.25)
+        out.append(fp.features_at(xy))
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
+    torch.testing.assert_close(out[2], out[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="NaN"):
+        fp.set_image(np.full((8, 8, 3), np.nan), 0.25)

@@ -56,6 +56,9 @@ def check_head_encoder(meta: HeadMeta, enc: Encoder, head_path: str) -> None:
                          "the same tensors saved in another format or by another tool count as different)")
     if enc.dim != meta.dim:
         raise ModelError(f"head {head_path} expects {meta.dim}-d features; encoder {enc.name} gives {enc.dim}")
+    if enc.input_size != meta.input_size:
+        raise ModelError(f"head {head_path} was trained with {meta.input_size} px encoder inputs; encoder {enc.name} "
+                         f"takes {enc.input_size} px")
 
 
 def default_weights_ref(encoder: str) -> str:

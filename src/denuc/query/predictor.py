@@ -170,7 +170,9 @@ class PointFeaturizer:
         return None
 
     def set_image(self, image: np.ndarray, mpp: float | None) -> None:
-        """Take an ``(H, W, 3)`` RGB image (uint8, or float in [0, 255]) at ``mpp`` µm/px.
+        """Take an ``(H, W, 3)`` RGB image at ``mpp`` µm/px: uint8, or float in [0, 255] (a float
+        image whose values all lie in [0, 1] is taken as [0, 1], as :func:`denuc.data.image.to_rgb_uint8`
+        does).
 
         Nothing is encoded yet; windows are encoded on demand by :meth:`features_at`.
         """
@@ -178,6 +180,11 @@ class PointFeaturizer:
         arr = np.asarray(image)
         if arr.ndim != 3 or arr.shape[2] != 3:
             raise InputError(f"image must be (H, W, 3) RGB; got shape {arr.shape}")
+        if arr.dtype.kind == "f":
+            if not np.isfinite(arr).all():
+                raise InputError("image contains NaN or inf")
+            if arr.size and float(arr.max()) <= 1.0:
+                arr = arr * 255.0
         self.image_hw = (int(arr.shape[0]), int(arr.shape[1]))
         if self.feature_tta > 1:
             self._set_passes(arr)
