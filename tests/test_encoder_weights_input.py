@@ -439,3 +439,20 @@ def test_old_heads_without_a_source_still_load(tmp_path: Path) -> None:
     assert "weights_source" not in raw
     model = DeNuC.load(detector=_Grid(), device="cpu")
     assert model.encoder.weights_hash == model.meta.weights_hash and model.encoder.weights_ref == "bundled"
+
+
+def test_head_trained_on_a_local_copy_of_bundled_weights_loads_without_weights(tmp_path: Path) -> None:
+    """Same file bytes as the bundled Lite0 weights: the hash decides, the recorded file name does not."""
+    import shutil
+
+    from denuc.models.efficientnet_lite import weights_path
+
+    copy = tmp_path / "mymodels" / "efficientnet_lite0.pth"
+    copy.parent.mkdir()
+    shutil.copyfile(weights_path(), copy)
+    enc = build_encoder("efficientnet-lite0", weights=copy)
+    assert enc.weights_ref == "mymodels/efficientnet_lite0.pth"
+    head = tmp_path / "h.safetensors"
+    _head_for(enc, head)
+    model = DeNuC.load(detector=_Grid(), head=head, device="cpu")
+    assert model.encoder.weights_hash == enc.weights_hash

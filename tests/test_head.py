@@ -196,3 +196,27 @@ def test_feature_cache_key_separates_encoder_variants(blobs) -> None:  # type: i
     default, other = (cache_key(PointFeaturizer(e, precision="fp32"), blobs, stems, "gt") for e in (b, reordered))
     assert "taps" not in default[1] and other[1]["taps"] == ["s32", "s16", "s8"]
     assert default[0] != other[0]
+
+
+def test_gt_and_detected_points_share_one_encoding_when_maps_stream(blobs) -> None:  # type: ignore[no-untyped-def]
+    """With room for one batch of maps only, GT and detected points of an image are still
+    answered from one encoding pass (same windows as with an unbounded cache), same features."""
+    from denuc.core.result import Nuclei
+
+    enc = build_encoder("tiny-uni", weights="random")
+    stems = blobs.stems("train")[:2]
+
+    def detect(image: np.ndarray, mpp: float) -> Nuclei:  # points spread over the whole image
+        h, w = image.shape[:2]
+        g = np.stack(np.meshgrid(np.linspace(1, w - 1, 7), np.linspace(1, h - 1, 7)), -1).reshape(-1, 2)
+        return Nuclei(g, np.ones(len(g), np.float32), mpp=mpp)
+
+    runs = []
+    for cache_mb in (None, 0.0):
+        fz = PointFeaturizer(enc, window=64, batch_size=2, cache_mb=cache_mb)
+        out = cached_features(fz, blobs, stems, detect=detect, use_cache=False, log=lambda m: None)
+        runs.append((fz.n_encoded, out))
+    (n_full, full), (n_small, small) = runs
+    assert n_small == n_full
+    for k in ("gt", "det"):
+        np.testing.assert_array_equal(small[k].feats, full[k].feats)

@@ -134,12 +134,30 @@ def test_a_new_run_in_a_used_folder_is_refused_unless_overwrite(ds: Path, tmp_pa
         train(_cfg(ds, out, resume=True, overwrite=True), log=lambda s: None)
     lines, log = _quiet()
     train(_cfg(ds, out, epochs=1, overwrite=True), log=log)  # type: ignore[arg-type]
-    assert _log_epochs(out) == [1] and any("--overwrite: deleted" in x for x in lines)
+    assert _log_epochs(out) == [1] and any("deleted the previous run" in x for x in lines)
     assert read_meta(out / "best.safetensors")["epochs"] == 1
     # a folder with only unrelated files is fine for a new run
     (tmp_path / "free").mkdir()
     (tmp_path / "free" / "notes.txt").write_text("x")
     train(_cfg(ds, tmp_path / "free", epochs=1), log=lambda s: None)
+
+
+def test_resume_after_a_kill_before_the_first_state_starts_fresh(ds: Path, tmp_path: Path) -> None:
+    """Files of a run killed before its first state.pt are stale: --resume deletes them and starts."""
+    out = tmp_path / "k"
+    train(_cfg(ds, out, epochs=1), log=lambda s: None)
+    (out / "state.pt").unlink()  # as if killed between the epoch's checkpoints and its state
+    lines, log = _quiet()
+    train(_cfg(ds, out, epochs=1, resume=True), log=log)  # type: ignore[arg-type]
+    assert any("nothing to resume" in x and "deleting the unfinished run" in x for x in lines)
+    assert _log_epochs(out) == [1] and (out / "state.pt").is_file()
+
+
+def test_without_val_the_lowest_train_loss_is_kept_even_when_above_one(tmp_path: Path) -> None:
+    nv = write_blob_dataset(tmp_path / "noval", n_train=2, n_val=0, size=64)
+    out = tmp_path / "nv"
+    res = train(_cfg(nv, out, epochs=1, offset_weight=1000.0), log=lambda s: None)
+    assert (out / "best.safetensors").is_file() and res["best_epoch"] == 1 and res["best_score"] < -1
 
 
 def test_cli_has_an_overwrite_flag(ds: Path, tmp_path: Path) -> None:
@@ -180,7 +198,8 @@ def test_yaml_values_must_have_the_option_type(tmp_path: Path, text: str, match:
 
 
 def test_yaml_numbers_and_a_single_dataset_are_read_as_meant(tmp_path: Path) -> None:
-    cfg = _resolve(tmp_path, "datasets: tiny\nlr: 1e-3\nmin_lr: 0\nclasses: false\ndevice:\nepochs: 3\n")
+    cfg = _resolve(tmp_path, "datasets: tiny\nlr: 1e-3\nmin_lr: 0\nclasses: false\ndevice:\nepochs: 3\ninit:\n")
+    assert cfg.init == ""  # type: ignore[attr-defined]
     assert cfg.datasets == ["tiny"] and cfg.lr == 1e-3 and isinstance(cfg.min_lr, float)  # type: ignore[attr-defined]
     assert cfg.classes is False and cfg.device is None and cfg.epochs == 3  # type: ignore[attr-defined]
 

@@ -75,10 +75,13 @@ def default_weights_ref(encoder: str) -> str:
 def check_default_weights(meta: HeadMeta, encoder: str, head_path: str) -> None:
     """Before building ``encoder`` with its default weights (no ``--weights``): refuse, naming the
     expected source, a head whose recorded weights source is another one (a local file, another
-    hub repo, random). Heads without a recorded source (older ones) are not checked here."""
+    hub repo, random), so that nothing is downloaded in vain. Heads without a recorded source
+    (older ones) are not checked here, nor are encoders whose default weights are bundled:
+    building those costs nothing, and the hash check (:func:`check_head_encoder`) accepts a
+    local copy of the same weights file."""
     src = meta.weights_source
     default = default_weights_ref(encoder)
-    if not src or src == default:
+    if not src or src == default or default == "bundled":
         return
     if src.startswith("hf-hub:") or src == "random":
         how = f"--weights {src} (Python: weights={src!r})"

@@ -192,7 +192,8 @@ class Nuclei:
         Pixel-edge frame: a point at physical position ``p`` µm from the image's top-left
         edge sits at ``p / mpp`` pixels, so coordinates scale by exactly ``self.mpp / mpp``.
         Round trips are exact up to float rounding (about 1e-13 px). ``image_size`` becomes the
-        size :func:`denuc.data.resample.resample` gives the resampled image (floor, at least 1).
+        size :func:`denuc.data.resample.resample` gives the resampled image
+        (:func:`~denuc.data.resample.resampled_size`).
         """
         if self.mpp is None:
             from denuc.errors import ResolutionError
@@ -210,8 +211,10 @@ class Nuclei:
             raise ResolutionError(f"rescale needs a positive, finite target mpp in µm per pixel; got {mpp!r}")
         f = self.mpp / target
         size = None
-        if self.image_size is not None:  # as denuc.data.resample sizes the resampled image
-            size = (max(1, math.floor(self.image_size[0] * f + 1e-9)), max(1, math.floor(self.image_size[1] * f + 1e-9)))
+        if self.image_size is not None:
+            from denuc.data.resample import resampled_size
+
+            size = resampled_size(self.image_size, f)
         return Nuclei(self.xy * f, self.scores, self.class_ids, self.class_names, self.probs, target, size,
                       self.name, dict(self.meta))
 

@@ -23,6 +23,14 @@ def resample_factor(src_mpp: float, dst_mpp: float) -> float:
     return float(src_mpp) / float(dst_mpp)
 
 
+def resampled_size(hw: tuple[int, int], factor: float) -> tuple[int, int]:
+    """``(H, W)`` of an image of size ``hw`` after :func:`resample` by ``factor``: unchanged when
+    ``factor`` is within 1e-6 of 1, else ``floor(size * factor)``, at least 1 px."""
+    if abs(factor - 1.0) < 1e-6:
+        return int(hw[0]), int(hw[1])
+    return max(1, math.floor(hw[0] * factor)), max(1, math.floor(hw[1] * factor))
+
+
 def resample(img: np.ndarray, factor: float) -> np.ndarray:
     """Resample an ``(H, W, 3)`` uint8 image by ``factor`` (antialiased bilinear).
 
@@ -36,7 +44,7 @@ def resample(img: np.ndarray, factor: float) -> np.ndarray:
     import torch.nn.functional as F
 
     h, w = img.shape[:2]
-    out_h, out_w = max(1, math.floor(h * factor)), max(1, math.floor(w * factor))
+    out_h, out_w = resampled_size((h, w), factor)
     need = max(1, math.ceil(1.0 / factor))  # shortest axis that still gives 1 output px
     while need * factor < 1.0:
         need += 1

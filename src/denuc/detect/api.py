@@ -132,13 +132,13 @@ class Detector:
         """``(image as (H, W, 3) uint8, image resampled to the model's mpp, mpp)``; any array
         :func:`~denuc.data.image.to_rgb_uint8` reads is converted (gray, RGBA, 16-bit, float)."""
         from denuc.data.image import as_rgb_image
-        from denuc.data.resample import resample, resample_factor
+        from denuc.data.resample import resample, resample_factor, resampled_size
 
         src = name or "image"
         mpp_v = check_mpp(mpp, src)
         img = as_rgb_image(image, src)
         f = resample_factor(mpp_v, self.mpp)
-        h, w = (max(1, math.floor(n * f)) for n in img.shape[:2])
+        h, w = resampled_size(img.shape[:2], f)
         if h * w > MAX_WORK_PIXELS:
             raise InputError(f"{src}: {img.shape[1]} x {img.shape[0]} px at {mpp_v:g} µm/px becomes {w} x {h} px at "
                              f"the detector's {self.mpp:g} µm/px, more than {MAX_WORK_PIXELS / 1e6:.0f} Mpx; check "

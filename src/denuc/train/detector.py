@@ -343,7 +343,8 @@ def _prepare_out(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[Path, di
     * ``resume`` with ``state.pt``: the state, if its stored settings equal ``cfg``'s (else
       :class:`InputError` listing each change); a state without settings (older versions)
       resumes with a warning.
-    * ``resume`` without ``state.pt``: nothing to resume; says so and starts a new run.
+    * ``resume`` without ``state.pt``: nothing to resume (no epoch finished); says so, deletes
+      any files an unfinished run left and starts a new run.
     * a new run in a folder holding a run (:data:`RUN_FILES`): :class:`InputError`, unless
       ``overwrite`` (the old files are then returned for deletion).
     """
@@ -372,10 +373,12 @@ def _prepare_out(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[Path, di
                                  f"{'; '.join(changes)}{hint}. Resume with the same settings, or train into a new "
                                  "--out")
         return out, st, []
-    if cfg.resume:
-        log(f"--resume: {state_path} does not exist, nothing to resume; starting a new run")
     old = [out / f for f in RUN_FILES if (out / f).exists()]
-    if old and not cfg.overwrite:
+    if cfg.resume:
+        # no state: no epoch finished (state.pt is written last), so any run files left are stale
+        log(f"--resume: {state_path} does not exist, nothing to resume; starting a new run"
+            + (f" (deleting the unfinished run's {', '.join(p.name for p in old)})" if old else ""))
+    if old and not (cfg.overwrite or cfg.resume):
         raise InputError(f"--out {out} already holds a training run ({', '.join(p.name for p in old)}): continue it "
                          "with --resume, train into a new --out, or pass --overwrite to delete it and start again")
     tmp = out / "state.tmp"
@@ -443,7 +446,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
                        for it in train_items]
     steps_per_epoch = math.ceil(sum(crops_per_image) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    step, start_epoch, best_f1, best_epoch = 0, 0, -1.0, -1
+    step, start_epoch, best_f1, best_epoch = 0, 0, -math.inf, -1
     history: list[dict[str, Any]] = []
     state_path = out / "state.pt"
     if state is not None:
@@ -467,7 +470,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
     for old_file in stale:  # --overwrite: the old run's files go only now that the new run could be set up
         old_file.unlink(missing_ok=True)
     if stale:
-        log(f"--overwrite: deleted the previous run's {', '.join(p.name for p in stale)} in {out}")
+        log(f"deleted the previous run's {', '.join(p.name for p in stale)} in {out}")
     settings = json.dumps(run_settings(cfg))
 
     aug = AugmentConfig(crop=cfg.crop, p_stain=cfg.stain_p, stain_strength=cfg.stain_strength,

@@ -106,6 +106,10 @@ def _loader() -> Any:
     return Loader
 
 
+#: string options whose empty YAML value (``init:``) means "none" (their default, "")
+EMPTY_MEANS_NONE = ("init",)
+
+
 def _yaml_value(name: str, tp: Any, v: Any, source: str) -> Any:
     """YAML value ``v`` of option ``name`` checked against its type ``tp``; :class:`InputError`
     naming the key otherwise (no guessing: a quoted ``'false'`` or ``'0.5'`` is refused)."""
@@ -118,6 +122,8 @@ def _yaml_value(name: str, tp: Any, v: Any, source: str) -> Any:
     if v is None:
         if optional:
             return None
+        if name in EMPTY_MEANS_NONE:  # `init:` left empty means no checkpoint, as "" does
+            return ""
         raise bad("given a value (it is empty)")
     base = next(a for a in typing.get_args(tp) if a is not type(None)) if optional else tp
     if typing.get_origin(base) is list:

@@ -211,8 +211,12 @@ def _extract(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], want_g
             det = detect(sample.image, sample.mpp)
             h, w = sample.image.shape[:2]
             sets["det"] = det.select(det.inside(h, w))
-        for kind, pts in sets.items():
-            f = fz.features_at(pts.xy).cpu().numpy().astype(np.float16)
+        # one query for both point sets: a streamed image (larger than the map cache) is encoded once
+        every = fz.features_at(np.concatenate([p.xy.reshape(-1, 2) for p in sets.values()]) if sets
+                               else np.zeros((0, 2))).cpu().numpy().astype(np.float16)
+        offsets = np.cumsum([0] + [len(p) for p in sets.values()])
+        for (kind, pts), a, b in zip(sets.items(), offsets[:-1], offsets[1:], strict=True):
+            f = every[a:b]
             lab = pts.class_ids if (kind == "gt" and pts.class_ids is not None) else np.full(len(pts), -1)
             sc = pts.scores if pts.scores is not None else np.ones(len(pts), np.float32)
             parts[kind].append((f, lab.astype(np.int64), pts.xy, sc.astype(np.float32), i))
