@@ -105,15 +105,6 @@ def apply_encoder_tensors(enc: Encoder, tensors: dict[str, torch.Tensor], meta: 
     enc.freeze()
 
 
-def auto_device() -> torch.device:
-    """cuda, then mps, then cpu."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 class DeNuC:
     """Detector + frozen encoder + head. Call it on an image to get classified nuclei.
 

@@ -25,13 +25,14 @@ import numpy as np
 
 from denuc.core.mpp import check_mpp
 from denuc.core.result import Nuclei
+from denuc.data.image import MAX_IMAGE_PIXELS
 from denuc.errors import InputError, ModelError
 
 DEFAULT_DETECTOR = "detector.safetensors"
 
-#: Largest image (pixels) the detector works on after resampling to its mpp: the same bound as
+#: Largest image (pixels) the detector works on after resampling to its mpp: the bound of
 #: :data:`denuc.data.image.MAX_IMAGE_PIXELS` (2**28 px, about 3 GB as float32 RGB while resampling).
-MAX_WORK_PIXELS = 2**28
+MAX_WORK_PIXELS = MAX_IMAGE_PIXELS
 
 
 def check_threshold(threshold: Any) -> float:

@@ -70,15 +70,6 @@ def portable_file_ref(path: Path) -> str:
     return "/".join(Path(path).parts[-2:])
 
 
-def is_local_ref(ref: str) -> bool:
-    """True when a portable reference names a local file (not the hub, bundled or random weights)."""
-    return bool(ref) and not ref.startswith("hf-hub:") and ref not in ("bundled", "random")
-
-
-def _source(path: Path | None, sha256: str, description: str, ref: str) -> WeightsSource:
-    return WeightsSource(path, sha256, description, ref)
-
-
 def env_offline() -> bool:
     """True when ``HF_HUB_OFFLINE`` is set to a true value (read at call time)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
@@ -232,23 +223,23 @@ def resolve_weights(
     off = env_offline() if offline is None else bool(offline)
     if weights is None:
         if default_file is not None:
-            return _source(default_file, file_sha256(default_file), f"bundled {default_file.name}", "bundled")
+            return WeightsSource(default_file, file_sha256(default_file), f"bundled {default_file.name}", "bundled")
         if default_hub is None:
             raise ModelError("this encoder has no default weights; pass weights=<file|folder|hf-hub:repo>")
         weights = f"hf-hub:{default_hub}"
     w = str(weights)
     if w == "random":
-        return _source(None, "random-seed0", "random initialisation (seed 0)", "random")
+        return WeightsSource(None, "random-seed0", "random initialisation (seed 0)", "random")
     p = Path(w).expanduser()
     if p.is_dir():
         f = _folder_file(p)
-        return _source(f, file_sha256(f), str(f), portable_file_ref(f))
+        return WeightsSource(f, file_sha256(f), str(f), portable_file_ref(f))
     if p.is_file():
-        return _source(p, file_sha256(p), str(p), portable_file_ref(p))
+        return WeightsSource(p, file_sha256(p), str(p), portable_file_ref(p))
     if w.startswith("hf-hub:") or (w.count("/") == 1 and not w.startswith((".", "/", "~"))):
         repo = w.removeprefix("hf-hub:")
         f = _hub_download(repo, offline=off, token=token)
-        return _source(f, file_sha256(f), f"hf-hub:{repo}", f"hf-hub:{repo}")
+        return WeightsSource(f, file_sha256(f), f"hf-hub:{repo}", f"hf-hub:{repo}")
     raise ModelError(f"weights {w!r}: no such file or folder, and not a Hugging Face repo id (org/name)")
 
 

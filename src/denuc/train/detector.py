@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from denuc.core.checks import check_int, check_number
 from denuc.core.files import atomic_write_text, check_out_dir
 from denuc.core.mpp import check_mpp
 from denuc.core.result import Nuclei
@@ -40,7 +41,6 @@ from denuc.detect.windows import MARGIN, STRIDE, WINDOW, RawDetections, detect_i
 from denuc.errors import InputError, ModelError
 from denuc.train.augment import AugmentConfig, augment
 from denuc.train.detector_config import RUN_INDEPENDENT, TrainConfig
-from denuc.train.head import check_int, check_number
 
 #: Files of a training run in its output folder (a new run refuses a folder holding any of them).
 RUN_FILES = ("state.pt", "best.safetensors", "last.safetensors", "log.jsonl")

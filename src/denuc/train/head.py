@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from denuc.classify.head import PointHead
+from denuc.core.checks import check_int, check_number, plain_number
 from denuc.core.result import Nuclei
 from denuc.data.base import PointDataset
 from denuc.errors import InputError, ModelError
@@ -61,41 +62,6 @@ class HeadTrainConfig:
         if self.select not in ("val", "last"):
             raise InputError(f"epoch selection must be 'val' or 'last'; got {self.select!r}")
         return self
-
-
-def plain_number(v: object) -> str:
-    """``v`` for a message: numbers as plain Python numbers (never ``np.float64(...)``)."""
-    if isinstance(v, (bool, np.bool_)):
-        return repr(bool(v))
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        return repr(float(v))
-    return repr(v)
-
-
-def check_int(v: object, low: int, what: str) -> int:
-    """``v`` as an int >= ``low``, else :class:`InputError` naming ``what``."""
-    try:
-        ok = not isinstance(v, bool) and float(v) == int(v) and int(v) >= low  # type: ignore[arg-type]
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise InputError(f"{what} must be a whole number >= {low}; got {plain_number(v)}")
-    return int(v)  # type: ignore[arg-type]
-
-
-def check_number(v: object, what: str, low: float, high: float | None = None, low_open: bool = False) -> float:
-    """``v`` as a finite float with ``low <= v < high`` (``low < v`` if ``low_open``), else :class:`InputError`."""
-    try:
-        f = float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        f = math.nan
-    ok = math.isfinite(f) and (f > low if low_open else f >= low) and (high is None or f < high)
-    if not ok:
-        rng = (f"> {low:g}" if low_open else f">= {low:g}") + (f" and < {high:g}" if high is not None else "")
-        raise InputError(f"{what} must be a finite number {rng}; got {plain_number(v)}")
-    return f
 
 
 def split_train_val(ds: PointDataset, seed: int = 0, fraction: float = 0.1,

@@ -27,19 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from denuc.classify.head import PointHead
+from denuc.core.checks import check_int, check_number, plain_number
 from denuc.data.base import PointDataset
 from denuc.encode.encoder import Encoder, ViTEncoder
 from denuc.encode.weights import state_dict_sha256
 from denuc.errors import InputError, ModelError
 from denuc.query.predictor import PointFeaturizer
-from denuc.train.head import (
-    HeadTrainConfig,
-    Scorer,
-    check_int,
-    check_number,
-    class_weight_tensor,
-    plain_number,
-)
+from denuc.train.head import HeadTrainConfig, Scorer, class_weight_tensor
 
 
 @dataclass
