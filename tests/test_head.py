@@ -196,6 +196,9 @@ def test_feature_cache_key_separates_encoder_variants(blobs) -> None:  # type: i
     default, other = (cache_key(PointFeaturizer(e, precision="fp32"), blobs, stems, "gt") for e in (b, reordered))
     assert "taps" not in default[1] and other[1]["taps"] == ["s32", "s16", "s8"]
     assert default[0] != other[0]
+    # the same model fed another input normalisation gives other features
+    own = EfficientNetLiteEncoder(b.spec.with_(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)), b.body, w)
+    assert cache_key(PointFeaturizer(own, precision="fp32"), blobs, stems, "gt")[0] != default[0]
 
 
 def test_gt_and_detected_points_share_one_encoding_when_maps_stream(blobs) -> None:  # type: ignore[no-untyped-def]

@@ -4,9 +4,10 @@ Each image is encoded once (:class:`~denuc.query.PointFeaturizer`) and queried a
 ground-truth points and, optionally, at a detector's points (both sets come out of the same
 pass). Results are cached as ``.npz`` under ``cache_dir`` (default ``~/.cache/denuc``,
 env ``DENUC_CACHE``) with a key over everything that changes the features: encoder name,
-weights hash (and variant), dataset path, a content hash of its labels, a content hash of its
-image files (sha256 of their bytes: a replaced image is a new key), the image stems, working
-mpp, window/stride, align mode, input size and (for detected points) the detector identity.
+weights hash (and variant), input normalisation, dataset path, a content hash of its labels,
+a content hash of its image files (sha256 of their bytes: a replaced image is a new key), the
+image stems, working mpp, window/stride, align mode, input size and (for detected points) the
+detector identity.
 Files are written atomically (temporary file + rename). A cache file that cannot be read
 (truncated, corrupt, inconsistent) is a miss: it is reported, deleted and re-extracted.
 """
@@ -185,6 +186,7 @@ def cache_key(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], point
     """``(hex key, the dict it hashes)``; ``points`` is ``gt`` or ``det:<detector id>``."""
     desc: dict[str, object] = {
         "encoder": fz.encoder.name, "weights": fz.encoder.weights_hash, "dim": fz.encoder.dim, **fz.encoder.variant(),
+        "input_mean": list(fz.encoder.spec.mean), "input_std": list(fz.encoder.spec.std),
         "dataset": str(Path(ds.root).resolve()), "labels": labels_hash(ds, stems), "images": images_hash(ds, stems),
         "stems": list(stems),
         "points": points, **fz.geometry(),
