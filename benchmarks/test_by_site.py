@@ -69,12 +69,11 @@ def main() -> int:
     seen = {tcga_site(s) for s in ds.stems("train") + ds.stems("val")}
     test = ds.stems("test")
     groups = site_split(test, seen)
-    gt = {s: ds.load(s).points for s in test}
-
     model = DeNuC.load(tta=args.tta)
-    t0, preds = time.perf_counter(), {}
+    t0, preds, gt = time.perf_counter(), {}, {}
     for s in test:
         smp = ds.load(s)
+        gt[s] = smp.points
         preds[s] = model(smp.image, smp.mpp, name=s)
     secs = time.perf_counter() - t0
     mcs_dir = args.work / "mcspatnet"
