@@ -114,7 +114,7 @@ def test_predict_cli_writes_csv_resumes_and_survives_bad_files(trained, tmp_path
     assert _predict([str(SAMPLE), "--out", str(out), "--mpp", "0.5", "--head", str(head)]) == 0
     csv = out / "brca-m2c-sample.csv"
     header = csv.read_text().splitlines()[0]
-    assert header == "x,y,class,score,prob_dark,prob_light"
+    assert header == "x,y,class,score,det_score,prob_dark,prob_light"
     n = Nuclei.read_csv(csv, class_names=("dark", "light"))
     assert len(n) > 10 and n.probs is not None
     assert _predict([str(SAMPLE), "--out", str(out), "--mpp", "0.5", "--head", str(head)]) == 0
@@ -150,7 +150,7 @@ def test_no_detections_gives_empty_result_with_prob_columns(trained, tmp_path: P
     assert len(out) == 0 and out.probs is not None and out.probs.shape == (0, 2)
     assert out.meta["windows_encoded"] == 0  # no point, no encoder pass
     out.to_csv(tmp_path / "e.csv")
-    assert (tmp_path / "e.csv").read_text().splitlines()[0] == "x,y,class,score,prob_dark,prob_light"
+    assert (tmp_path / "e.csv").read_text().splitlines()[0] == "x,y,class,score,det_score,prob_dark,prob_light"
 
 
 def test_stain_normalising_head_carries_its_normaliser_to_prediction(tmp_path: Path) -> None:

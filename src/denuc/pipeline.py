@@ -194,7 +194,7 @@ class DeNuC:
         det_scores = points.scores if points.scores is not None else np.ones(len(points), np.float32)
         scores = det_scores * (probs.max(1) if len(probs) else np.zeros(0, np.float32))
         out = Nuclei(points.xy, scores, ids, self.class_names, probs, mpp, tuple(image.shape[:2]), points.name,
-                     dict(points.meta))
+                     dict(points.meta), det_scores=det_scores, roi=points.roi)
         out.meta["speed"] = {"encode": round(enc_ms, 2), "classify": round(total - enc_ms, 2)}
         out.meta["windows_encoded"] = self.featurizer.windows_encoded
         return out

@@ -57,6 +57,9 @@ class Nuclei:
         mpp: µm per pixel of the image the coordinates refer to, or None if unknown.
         image_size: ``(height, width)`` in pixels of that image, or None.
         name: an identifier such as the image stem.
+        det_scores: ``(N,)`` float32 detector confidence (before classification), or None;
+            ``scores`` of a classified result is ``det_scores x`` the chosen class's probability.
+        roi: ``(N,)`` object array of region-of-interest names (``""`` = none), or None.
     """
 
     xy: np.ndarray
@@ -68,10 +71,20 @@ class Nuclei:
     image_size: tuple[int, int] | None = None
     name: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    det_scores: np.ndarray | None = None
+    roi: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.xy = _as_xy(self.xy)
         n = len(self.xy)
+        if self.det_scores is not None:
+            self.det_scores = np.asarray(self.det_scores, dtype=np.float32).reshape(-1)
+            if len(self.det_scores) != n:
+                raise InputError(f"{len(self.det_scores)} detection scores for {n} points")
+        if self.roi is not None:
+            self.roi = np.asarray(self.roi, dtype=object).reshape(-1)
+            if len(self.roi) != n:
+                raise InputError(f"{len(self.roi)} ROI names for {n} points")
         self.class_names = tuple(str(c) for c in self.class_names)
         if self.scores is not None:
             self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
@@ -138,20 +151,24 @@ class Nuclei:
             self.image_size,
             self.name,
             dict(self.meta),
+            pick(self.det_scores),
+            pick(self.roi),
         )
 
     def with_classes(self, class_names: Sequence[str]) -> Nuclei:
         """Re-express the class ids in another vocabulary (names must exist in it)."""
         class_names = tuple(class_names)
         if self.class_ids is None:
-            return Nuclei(self.xy, self.scores, None, class_names, None, self.mpp, self.image_size, self.name)
+            return Nuclei(self.xy, self.scores, None, class_names, None, self.mpp, self.image_size, self.name,
+                          det_scores=self.det_scores, roi=self.roi)
         lut = np.full(len(self.class_names) + 1, NO_CLASS, dtype=np.int64)
         for i, c in enumerate(self.class_names):
             if c not in class_names:
                 raise InputError(f"class {c!r} is not one of {class_names}")
             lut[i] = class_names.index(c)
         ids = lut[self.class_ids]  # -1 maps to the last entry, which is NO_CLASS
-        return Nuclei(self.xy, self.scores, ids, class_names, None, self.mpp, self.image_size, self.name)
+        return Nuclei(self.xy, self.scores, ids, class_names, None, self.mpp, self.image_size, self.name,
+                      det_scores=self.det_scores, roi=self.roi)
 
     @staticmethod
     def concat(parts: Sequence[Nuclei]) -> Nuclei:
@@ -183,6 +200,8 @@ class Nuclei:
             first.mpp,
             first.image_size,
             first.name,
+            det_scores=cat("det_scores"),
+            roi=cat("roi"),
         )
 
     # -------------------------------------------------------------- geometry
@@ -216,7 +235,7 @@ class Nuclei:
 
             size = resampled_size(self.image_size, f)
         return Nuclei(self.xy * f, self.scores, self.class_ids, self.class_names, self.probs, target, size,
-                      self.name, dict(self.meta))
+                      self.name, dict(self.meta), self.det_scores, self.roi)
 
     def shift(self, dx: float, dy: float) -> Nuclei:
         """Translate every point by ``(dx, dy)`` pixels (e.g. window -> image frame)."""
@@ -230,16 +249,20 @@ class Nuclei:
 
     # ------------------------------------------------------------ conversion
     def numpy(self) -> dict[str, np.ndarray]:
-        """Plain arrays: ``xy``, and ``scores``/``class_ids``/``probs`` where present."""
+        """Plain arrays: ``xy``, and ``scores``/``class_ids``/``probs``/``det_scores`` where present
+        (``roi`` as a unicode array)."""
         out: dict[str, np.ndarray] = {"xy": self.xy}
-        for k in ("scores", "class_ids", "probs"):
+        if self.roi is not None:
+            out["roi"] = self.roi.astype(str) if len(self.roi) else np.zeros(0, dtype="<U1")
+        for k in ("scores", "class_ids", "probs", "det_scores"):
             v = getattr(self, k)
             if v is not None:
                 out[k] = v
         return out
 
     def to_pandas(self) -> pd.DataFrame:
-        """Columns ``x, y[, class][, score][, prob_<class>...]`` (``class`` holds names)."""
+        """Columns ``x, y[, class][, score][, det_score][, prob_<class>...][, roi]`` (``class`` holds
+        names; ``det_score`` is the detector's own confidence)."""
         import pandas as pd
 
         cols: dict[str, Any] = {"x": self.xy[:, 0], "y": self.xy[:, 1]}
@@ -247,9 +270,13 @@ class Nuclei:
             cols["class"] = self.classes
         if self.scores is not None:
             cols["score"] = self.scores
+        if self.det_scores is not None:
+            cols["det_score"] = self.det_scores
         if self.probs is not None:
             for j, c in enumerate(self.class_names):
                 cols[f"prob_{c}"] = self.probs[:, j]
+        if self.roi is not None:
+            cols["roi"] = self.roi
         return pd.DataFrame(cols)
 
     @classmethod
@@ -286,6 +313,13 @@ class Nuclei:
             if np.isnan(scores).any():
                 raise InputError(f"{source}: score contains NaN or empty cells "
                                  f"({int(np.isnan(scores).sum())} of {len(scores)}); drop the column or fill it")
+        det_scores = None
+        if "det_score" in df.columns:
+            try:
+                det_scores = df["det_score"].to_numpy(np.float32)
+            except (TypeError, ValueError) as e:
+                raise InputError(f"{source}: det_score must be numbers ({e})") from None
+        roi = df["roi"].fillna("").astype(str).to_numpy(object) if "roi" in df.columns else None
         ids = None
         names = tuple(class_names) if class_names is not None else ()
         # without a vocabulary, prob_<class> columns (as written by to_csv) give it, in their order
@@ -306,7 +340,7 @@ class Nuclei:
         pcols = [f"prob_{c}" for c in names]
         if names and all(c in df.columns for c in pcols):
             probs = df[pcols].to_numpy(np.float32)
-        return cls(xy, scores, ids, names, probs, mpp, None, name)
+        return cls(xy, scores, ids, names, probs, mpp, None, name, det_scores=det_scores, roi=roi)
 
     # --------------------------------------------------------- persistence
     def to_csv(self, path: str | os.PathLike[str]) -> Path:
@@ -339,7 +373,7 @@ class Nuclei:
         try:
             # pandas >= 3 parses floats exactly by default (and deprecates the option); 2.x needs round_trip
             exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
-            df = pd.read_csv(p, keep_default_na=False, na_values=[""], dtype={"class": str}, **exact)
+            df = pd.read_csv(p, keep_default_na=False, na_values=[""], dtype={"class": str, "roi": str}, **exact)
         except Exception as e:  # pandas raises several parser error types
             raise InputError(f"{p}: not a valid CSV ({e})") from None
         df.columns = [str(c).strip() for c in df.columns]
@@ -365,8 +399,10 @@ class Nuclei:
             header = json.loads(str(z["header"]))
             get = lambda k: z[k] if k in z.files else None  # noqa: E731
             size = header.get("image_size")
+            roi = get("roi")
             return cls(get("xy"), get("scores"), get("class_ids"), tuple(header["class_names"]), get("probs"),
-                       header["mpp"], tuple(size) if size else None, header.get("name", ""))
+                       header["mpp"], tuple(size) if size else None, header.get("name", ""),
+                       det_scores=get("det_scores"), roi=None if roi is None else roi.astype(object))
 
     def __repr__(self) -> str:
         return (f"Nuclei(n={len(self)}, classes={list(self.class_names)}, mpp={self.mpp}, "
