@@ -20,7 +20,7 @@ PRESET_OPTIONS = ("epochs", "lr", "weight_decay", "select", "stain_norm", "stain
 
 
 def _preset_help(name: str) -> str:
-    from denuc.train.head import HEAD_PRESETS
+    from denuc.train.head_presets import HEAD_PRESETS
 
     return f" (default: {HEAD_PRESETS['shipped'][name]!r}; --preset paper: {HEAD_PRESETS['paper'][name]!r})"
 
@@ -37,7 +37,7 @@ class _DeprecatedClassWeights(argparse.Action):
 
 def configure(p: argparse.ArgumentParser) -> None:
     from denuc.data.base import OUTSIDE_POLICIES
-    from denuc.train.head import CLASS_BALANCE, HEAD_PRESETS
+    from denuc.train.head_presets import CLASS_BALANCE, HEAD_PRESETS
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = (__doc__ or "").split("\n\n", 1)[1].replace("``", "'")
@@ -121,7 +121,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def resolved(args: argparse.Namespace) -> dict[str, Any]:
     """The preset's values with the flags given explicitly on top (keys of :data:`PRESET_OPTIONS`)."""
-    from denuc.train.head import HEAD_PRESETS
+    from denuc.train.head_presets import HEAD_PRESETS
 
     base = dict(HEAD_PRESETS[args.preset])
     for k in PRESET_OPTIONS:
