@@ -103,7 +103,7 @@ def test_dataset_without_val_holds_back_train_images_for_detector_and_head(
     assert rc == 0, err
     assert "no val split in" in log and "held back as val" in log
     rep = json.loads((out / "report" / "report.json").read_text())
-    assert rep["val_images"] == 1 and rep["held_back_val"] == [str(nv)]  # round(0.1 * 11) = 1 image
+    assert rep["val_images"] == 1 and rep["held_back_val"] == ["noval"]  # round(0.1 * 11) = 1 image
     det_log = [json.loads(x) for x in (out / "train" / "detector" / "log.jsonl").read_text().splitlines()]
     assert "val_f1" in det_log[0]  # the detector chose its epoch on the held-back image too
     _, meta, _ = load_head(out / "head.safetensors")

@@ -18,6 +18,14 @@ from typing import Any
 
 HELP = "train the point detector on one or more datasets"
 
+EPILOG = """\
+Settings come from the preset, then the YAML file (--config, which may name a preset), then
+flags, each overriding the one before. The default preset, recipe, fine-tunes the shipped
+EfficientNet-Lite0 detector at 0.25 µm/px with H&E stain jitter (the settings of its own last
+training stage, src/denuc/assets/detector.md); --preset quick trains ShuffleNetV2 1.0x from
+ImageNet weights at 0.5 µm/px for 100 epochs (the former quick start).
+A dataset without a val split gives --val-fraction of its train images to val."""
+
 _HELPS = {
     "datasets": ("dataset folders (any readable format, mixed freely; each folder once); on the command line "
                  "(here and/or positional) they replace the YAML's datasets"),
@@ -94,7 +102,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from denuc.train.detector_config import PRESETS
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = (__doc__ or "").split("\n\n", 1)[0].replace("``", "'")
+    parser.epilog = EPILOG
     parser.add_argument("dataset_args", nargs="*", metavar="DATASET",
                         help="dataset folders (same as --datasets; they replace the YAML's datasets) (default: none)")
     parser.add_argument("--config", type=Path, help=("YAML file with any of the options below (keys with _, values of the option's type: "

@@ -409,7 +409,7 @@ def stage_select(tcfg: TrainConfig, plan: DataPlan, out: Path, device: str | Non
     val = ds.stems("val")
     tuned, start = Path(tcfg.out) / "best.safetensors", init_path(tcfg.init)
     assert start is not None
-    rec: dict[str, Any] = {"val_images": len(val), "held_back": plan.held_back}
+    rec: dict[str, Any] = {"val_images": len(val), "held_back": [Path(h).name for h in plan.held_back]}
     if val:
         log(f"[2/4] select: val detection F1 of the fine-tuned and the starting detector on {len(val)} images")
         sc_tuned = val_detection(tuned, ds, val, device)
@@ -452,6 +452,13 @@ def stage_head(s: FinetuneSettings, plan: DataPlan, out: Path, log: Callable[[st
     meta = train_head(plan.combined(), name, out / "head.safetensors", weights=s.weights,
                       detector=out / "detector.safetensors", config=hcfg, cache_dir=s.cache_dir, device=s.device,
                       offline=True if s.offline else None, history=history, log=log, **aug)  # type: ignore[arg-type]
+    # the model folder is meant to be shared: no local paths in the head's metadata
+    from denuc.classify.head import load_head, save_head
+    from denuc.core.files import portable_meta
+
+    head, meta, enc_tensors = load_head(out / "head.safetensors")
+    meta.train = portable_meta(meta.train)  # type: ignore[assignment]
+    save_head(out / "head.safetensors", head, meta, enc_tensors)
     return {"history": history, "val_scores": meta.val_scores, "temperature": meta.temperature,
             "encoder": meta.encoder, "weights_source": meta.weights_source, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -459,6 +466,7 @@ def stage_head(s: FinetuneSettings, plan: DataPlan, out: Path, log: Callable[[st
 def stage_report(s: FinetuneSettings, plan: DataPlan, out: Path, state: dict[str, Any],
                  log: Callable[[str], None]) -> dict[str, Any]:
     """Run the finished model on val and write ``out/report``; returns the report dict."""
+    from denuc.core.files import portable_meta
     from denuc.evaluate.api import evaluate
     from denuc.pipeline import DeNuC
     from denuc.train.finetune_report import write_report
@@ -477,7 +485,8 @@ def stage_report(s: FinetuneSettings, plan: DataPlan, out: Path, state: dict[str
         gt[st] = pts
         pred[st] = model(sample.image, sample.mpp, name=st)
     seconds = time.perf_counter() - t0
-    rep: dict[str, Any] = {"val_images": len(val), "held_back_val": plan.held_back, "classes": list(plan.classes),
+    rep: dict[str, Any] = {"val_images": len(val), "held_back_val": [Path(h).name for h in plan.held_back],
+                           "classes": list(plan.classes),
                            "train_points": plan.train_points, "val_points": plan.val_points}
     if val:
         ev = evaluate(gt, pred, protocol="denuc", radius_um=3.0)
@@ -490,7 +499,7 @@ def stage_report(s: FinetuneSettings, plan: DataPlan, out: Path, state: dict[str
                    "gt_points": hm.val_report, "val_scores": hm.val_scores}
     rep["detector"] = state["done"]["select"]
     rep["stages"] = {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in state["done"].items()}
-    rep["settings"] = {k: v for k, v in state["settings"].items() if k != "datasets"}
+    rep["settings"] = portable_meta({k: v for k, v in state["settings"].items() if k != "datasets"})
     rep["datasets"] = [Path(p).name for p in s.datasets]
     det_log = out / "train" / "detector" / "log.jsonl"
     det_hist = [json.loads(x) for x in det_log.read_text().splitlines()] if det_log.is_file() else []
@@ -543,17 +552,17 @@ def finetune(s: FinetuneSettings, log: Callable[[str], None] = print) -> dict[st
     import torch
 
     t_start = time.perf_counter()
-    tcfg = check_settings(s)
-    plan = inspect_data(s, log)
-    state = prepare_out(s, log)
-    out = Path(s.out)
     from denuc.core.files import check_out_dir
     from denuc.train.features import check_writable_dir, default_cache_dir
 
+    tcfg = check_settings(s)
+    plan = inspect_data(s, log)
     cdir = Path(s.cache_dir) if s.cache_dir else None
     check_writable_dir((cdir or default_cache_dir()) / "features",
                        f"--cache-dir {cdir}" if cdir else f"feature cache {default_cache_dir()} (set --cache-dir "
                        "or DENUC_CACHE)")
+    state = prepare_out(s, log)  # last check: with --overwrite it deletes the previous run's files
+    out = Path(s.out)
     log(f"data: {sum(len(sp['train']) for sp in plan.splits)} train / {sum(len(sp['val']) for sp in plan.splits)} "
         f"val images; classes {list(plan.classes)}; training points {plan.train_points}")
     if plan.held_back:
@@ -581,7 +590,9 @@ def finetune(s: FinetuneSettings, log: Callable[[str], None] = print) -> dict[st
             else:
                 log("[1/4] detector: finished before, skipped")
             if "select" not in done:
+                t0 = time.perf_counter()
                 done["select"] = stage_select(tcfg, plan, out, s.device, log)
+                done["select"]["seconds"] = round(time.perf_counter() - t0, 1)
                 _save_state(out, state)
             else:
                 log("[2/4] select: finished before, skipped")
@@ -591,9 +602,10 @@ def finetune(s: FinetuneSettings, log: Callable[[str], None] = print) -> dict[st
             else:
                 log("[3/4] head: finished before, skipped")
             if "report" not in done:
+                t0 = time.perf_counter()
                 rep = stage_report(s, plan, out, state, log)
                 write_model_yaml(s, plan, out, state)
-                done["report"] = {"written": True}
+                done["report"] = {"seconds": round(time.perf_counter() - t0, 1)}
                 _save_state(out, state)
             else:
                 rep = json.loads((out / "report" / "report.json").read_text())

@@ -38,8 +38,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="detector to start from: 'shipped' or a detector checkpoint; its backbone and working mpp "
                         "are kept (default: %(default)s)")
     g.add_argument("--epochs", type=int, default=d.epochs,
-                   help="detector epochs; about 2 min each per 80 images of 0.5 µm/px (~465 px) on a 2-core CPU "
-                        "(default: %(default)s)")
+                   help="detector epochs; each takes 2-5 min per 80 images of ~465 px at 0.5 µm/px on a 2-core "
+                        "CPU (4.8 min measured on a shared one) (default: %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="detector peak learning rate (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="detector crops per step (default: %(default)s)")
     g.add_argument("--crops-per-epoch", type=float, default=d.crops_per_epoch,
