@@ -26,6 +26,7 @@ from pathlib import Path
 from common import run_info, write_result
 
 from denuc.cli import main as denuc_main
+from denuc.core.files import portable_meta
 from denuc.data.base import open_dataset
 from denuc.data.paths import brca_m2c_dir
 from denuc.detect.api import Detector, default_detector_path
@@ -72,7 +73,7 @@ def main() -> None:
     result = {
         "name": args.name, **run_info("finetune_brca.py", one_thread=args.threads == 1),
         "cpu": f"{platform.machine()}, {os.cpu_count()} cores (shared), {args.threads} torch thread(s)",
-        "settings": state["settings"],
+        "settings": portable_meta(state["settings"]),
         "wall_s": round(wall, 1), "wall_min": round(wall / 60, 1),
         "stage_seconds": {k: v.get("seconds") for k, v in state["done"].items() if isinstance(v, dict)},
         "val": {"fine_tuned": tuned, "shipped": shipped, "delta_f1": tuned["f1"] - shipped["f1"],

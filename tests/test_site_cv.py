@@ -87,7 +87,7 @@ def test_train_head_cli_options_reach_the_checkpoint(tmp_path: Path, monkeypatch
 
     register_tiny()
     ds = make_blob_dataset(tmp_path / "blobs", n_images=6)
-    monkeypatch.setattr("denuc.train.head_run.open_dataset", lambda path: ds)  # in-memory synthetic dataset
+    monkeypatch.setattr("denuc.train.head_run.open_training_dataset", lambda path, **kw: ds)  # in-memory synthetic dataset
     p = argparse.ArgumentParser()
     head_cli.configure(p)
     out = tmp_path / "h.safetensors"

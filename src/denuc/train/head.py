@@ -7,10 +7,12 @@ errors, :func:`denuc.evaluate.evaluate`), else macro-F1 at ground-truth points.
 
 Class balance (``class_balance``): ``none`` (default), ``weighted`` (cross-entropy weights
 ``N / (K n_c)``) or ``sampled`` (each epoch draws as many points as there are, with
-replacement, each class equally likely). ``none`` stays the default: class weighting
-measured no gain on val (``benchmarks/reported/classifier_site_cv.json``, "30 ep,
-class-balanced": official val macro-F1 0.783 against 0.791 unweighted, site-CV mean 0.698
-against 0.696).
+replacement, each class equally likely). ``none`` stays the default: with the shipped head's
+recipe on BRCA-M2C val, balancing lowered the mean class F1 at detected points (none 0.685,
+weighted 0.675, sampled 0.672) and the macro-F1 at ground-truth points (0.788, 0.781, 0.776;
+``benchmarks/reported/head_class_balance.json``), as weighting did in the site
+cross-validation (``classifier_site_cv.json``, "30 ep, class-balanced": val macro-F1 0.783
+against 0.791).
 
 The shipped head's recipe (``denuc train-head``'s defaults, :data:`HEAD_PRESETS`
 ``shipped``) and the paper's (``paper``) are named presets.

@@ -87,7 +87,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="points per SGD step (default: %(default)s)")
     p.add_argument("--class-balance", choices=CLASS_BALANCE, default="none",
                    help="balance the classes: none, weighted (loss weights inverse to class frequency) or sampled "
-                        "(each class drawn equally often); weighting measured no gain on val (default: %(default)s)")
+                        "(each class drawn equally often); both lowered val mean class F1 on BRCA-M2C (default: %(default)s)")
     p.add_argument("--class-weights", choices=("auto", "none"), action=_DeprecatedClassWeights,
                    help=argparse.SUPPRESS)
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
