@@ -11,7 +11,7 @@ import pytest
 from denuc import __version__
 from denuc.cli import COMMANDS, main
 
-EXPECTED = {"evaluate", "convert", "train-detector", "detect", "train-head", "predict"}
+EXPECTED = {"evaluate", "convert", "train-detector", "detect", "train-head", "predict", "summarize"}
 
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
