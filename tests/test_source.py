@@ -408,3 +408,13 @@ def test_large_stripped_tiff_is_read_as_a_slide(tmp_path: Path, monkeypatch: pyt
     with open_source(tmp_path / "big.tif") as s:
         assert s.backend == "tiffslide" and s.mpp == pytest.approx(0.5)  # OpenSlide wants tiles
         np.testing.assert_array_equal(s.read(5, 7, 50, 40), img[7:47, 5:55])
+
+
+def test_level0_location_lands_on_the_level_pixel() -> None:
+    from denuc.source.slide import _level0_for
+
+    rng = np.random.default_rng(0)
+    for ds in [1.0, 4.0, 4.007999999999999, 16.161290322580644, *rng.uniform(1, 64, 20)]:
+        for v in [0, 1, 2, 7, 123, 999, *rng.integers(0, 10**6, 20)]:
+            u = _level0_for(int(v), float(ds))
+            assert int(u / ds) == v and (u == 0 or int((u - 1) / ds) < v)
