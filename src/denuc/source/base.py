@@ -298,9 +298,10 @@ def tiff_slide_kind(path: str | os.PathLike[str]) -> str:
     """Why a TIFF file is a slide, or ``""`` when it is a plain image (or not a readable TIFF).
 
     Reads the TIFF header and page chain only (no pixels). A TIFF is a slide when it holds
-    OME-XML, an Aperio/Philips/Leica/Hamamatsu/Ventana description, or when its first page
-    is tiled and there is more than one page or level (pyramid), or when it is tiled and
-    larger than :data:`denuc.data.image.MAX_IMAGE_PIXELS` (too big to read whole).
+    OME-XML, an Aperio/Philips/Leica/Hamamatsu/Ventana description, when its first page is
+    tiled and there is more than one page or level (pyramid; or the tiled file is damaged,
+    so that the slide readers report how), or when its first page is larger than
+    :data:`denuc.data.image.MAX_IMAGE_PIXELS` (too big to read whole).
     """
     from denuc.data.image import MAX_IMAGE_PIXELS, quiet_tifffile
     from denuc.source.tiffmeta import truncation
@@ -314,14 +315,14 @@ def tiff_slide_kind(path: str | os.PathLike[str]) -> str:
                 if getattr(tf, f"is_{flag}", False):
                     return flag
             page: Any = tf.pages.first
+            if int(page.imagewidth) * int(page.imagelength) > MAX_IMAGE_PIXELS:
+                return "large"  # too big to read whole: a slide reader reads it region by region
             if not page.is_tiled:
                 return ""
             if len(tf.pages) > 1 or page.subifds:
                 return "tiled pyramid"
             if truncation(tf, p.stat().st_size) or any("invalid page" in n for n in notes):
                 return "damaged tiled TIFF"  # the slide readers report the damage
-            if int(page.imagewidth) * int(page.imagelength) > MAX_IMAGE_PIXELS:
-                return "large tiled"
     except Exception:  # noqa: BLE001 - not a TIFF tifffile can parse: a plain image path decides
         return ""
     return ""

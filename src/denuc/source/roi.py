@@ -20,8 +20,9 @@ import numpy as np
 
 from denuc.errors import InputError
 
-#: Up to this many regions, :meth:`RegionsOfInterest.contains` tests each region against the
-#: points in its bounding box; above it, it queries an STRtree.
+#: Up to this many regions, :meth:`RegionsOfInterest.contains` tests each region against all
+#: points (bounding-box filter first); above it, the points are sorted by x once and each region
+#: looks only at the points in its x-range.
 _LOOP_MAX = 32
 
 #: QuPath object types that are not regions (cells and detections exported with annotations).
@@ -83,15 +84,19 @@ class RegionsOfInterest:
                 x0, y0, x1, y1 = self._bounds[k]
                 cand = np.flatnonzero((idx < 0) & (x > x0) & (x < x1) & (y > y0) & (y < y1))
                 if len(cand):
-                    inside = shapely.contains_xy(g, x[cand], y[cand])
-                    idx[cand[inside]] = k
+                    idx[cand[shapely.contains_xy(g, x[cand], y[cand])]] = k
             return idx
-        finite = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
-        pt_i, geom_i = self._tree.query(shapely.points(pts[finite]), predicate="within")
-        first = np.full(len(finite), len(self.geoms), dtype=np.int64)
-        np.minimum.at(first, pt_i, geom_i)
-        hit = first < len(self.geoms)
-        idx[finite[hit]] = first[hit]
+        # many regions: points sorted by x, so each region looks only at its own x-strip
+        order = np.argsort(x)
+        xs, ys = x[order], y[order]
+        for k, g in enumerate(self.geoms):
+            x0, y0, x1, y1 = self._bounds[k]
+            lo, hi = np.searchsorted(xs, [x0, x1], side="right")
+            strip = ys[lo:hi]
+            cand = order[lo:hi][(strip > y0) & (strip < y1)]
+            cand = cand[idx[cand] < 0]
+            if len(cand):
+                idx[cand[shapely.contains_xy(g, x[cand], y[cand])]] = k
         return idx
 
     def contains(self, xy: np.ndarray) -> np.ndarray:

@@ -60,10 +60,19 @@ def _one_line(e: BaseException) -> str:
 
 
 class _Pyramid(SlideSource):
-    """Shared set-up of the slide readers."""
+    """Shared set-up of the slide readers.
+
+    A reader can be pickled (it is reopened from its path on unpickling, e.g. in a worker
+    process), and a process forked from the one that opened it gets its own file handles on
+    first read instead of sharing the parent's file offsets.
+    """
 
     vendor: str
     properties: dict[str, str]
+    _args: tuple[str, float | None, str]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self._args)
 
     def _finish(self, info: _TiffInfo, mpp: float | None, vendor_mpp: Found | None) -> None:
         """Check every level's first and last pixel decode, then set ``mpp``/``mpp_source``
@@ -103,6 +112,9 @@ class OpenSlideSource(_Pyramid):
     def __init__(self, path: str | os.PathLike[str], mpp: float | None = None, name: str = "") -> None:
         p = Path(path)
         self.path, self.name, self.backend = p, name or _stem(p), "openslide"
+        self._args = (str(p), mpp, name)
+        self._pid = os.getpid()
+        self._reopen_lock = threading.Lock()
         try:
             import openslide
         except Exception as e:  # noqa: BLE001 - ImportError, or the native library failing to load
@@ -112,14 +124,15 @@ class OpenSlideSource(_Pyramid):
         if info.is_ome:
             raise BackendDeclined("OME-TIFF is left to tiffslide (OpenSlide reads neither its pyramid nor its "
                                   "PhysicalSize)")
+        self._target = _dicom_file(p) if p.is_dir() else p
         try:
-            fmt = openslide.OpenSlide.detect_format(str(p))
+            fmt = openslide.OpenSlide.detect_format(str(self._target))
         except Exception as e:  # noqa: BLE001
             raise BackendDeclined(_one_line(e)) from None
         if fmt is None:
             raise BackendDeclined("not a slide format OpenSlide recognises")
         try:
-            self._osr = openslide.OpenSlide(str(p))
+            self._osr = openslide.OpenSlide(str(self._target))
         except Exception as e:  # noqa: BLE001 - OpenSlideUnsupportedFormatError, OpenSlideError
             raise BackendDeclined(_one_line(e)) from None
         try:
@@ -142,10 +155,21 @@ class OpenSlideSource(_Pyramid):
             self._osr.close()
             raise
 
+    def _handle(self) -> Any:
+        """The OpenSlide handle of this process (reopened once after a fork)."""
+        if self._pid != os.getpid():
+            with self._reopen_lock:
+                if self._pid != os.getpid():
+                    import openslide
+
+                    self._osr = openslide.OpenSlide(str(self._target))
+                    self._pid = os.getpid()
+        return self._osr
+
     def _read_region(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
         ds = self.level_downsamples[level]
         loc = (int(round(x * ds)), int(round(y * ds)))
-        im = self._osr.read_region(loc, level, (w, h))
+        im = self._handle().read_region(loc, level, (w, h))
         return composite_on_white(np.asarray(im))
 
     def close(self) -> None:
@@ -163,9 +187,11 @@ class TiffSlideSource(_Pyramid):
     def __init__(self, path: str | os.PathLike[str], mpp: float | None = None, name: str = "") -> None:
         p = Path(path)
         self.path, self.name, self.backend = p, name or _stem(p), "tiffslide"
+        self._args = (str(p), mpp, name)
         self._local = threading.local()
         self._handles: list[Any] = []
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         info = _TiffInfo(p)
         _damaged(p, info)
         ts = self._handle()
@@ -187,6 +213,11 @@ class TiffSlideSource(_Pyramid):
             raise
 
     def _handle(self) -> Any:
+        """This thread's tiffslide handle (opened on first use; fresh ones after a fork)."""
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():  # the parent's handles stay the parent's
+                    self._local, self._handles, self._pid = threading.local(), [], os.getpid()
         ts = getattr(self._local, "ts", None)
         if ts is not None:
             return ts
@@ -248,6 +279,14 @@ def _level0_for(v: int, ds: float) -> int:
     while int(u / ds) < v:
         u += 1
     return u
+
+
+def _dicom_file(folder: Path) -> Path:
+    """A ``.dcm`` file of a DICOM slide folder (OpenSlide finds the other levels beside it)."""
+    files = sorted(q for q in folder.iterdir() if q.suffix.lower() == ".dcm")
+    if not files:
+        raise BackendDeclined("folder holds no .dcm file")
+    return files[0]
 
 
 def _stem(p: Path) -> str:

@@ -203,12 +203,17 @@ def _level_tiles(tile_fn: TileFn, size0: tuple[int, int], size: tuple[int, int],
     """Tiles of one level in row-major order, each ``(tile, tile, 3)``; edge tiles are padded by
     repeating their last row/column (which keeps JPEG ringing off the image edge)."""
     lw, lh = size
+    uniform: dict[bytes, np.ndarray] = {}  # one read-only tile per colour, yielded again and again
     for ty in range(0, lh, tile):
         for tx in range(0, lw, tile):
             w, h = min(tile, lw - tx), min(tile, lh - ty)
             a = _reduced(tile_fn, tx, ty, w, h, d)
             if a.shape[:2] == (1, 1):
-                yield np.broadcast_to(a, (tile, tile, 3)).copy()
+                key = a.tobytes()
+                if key not in uniform:
+                    uniform[key] = np.ascontiguousarray(np.broadcast_to(a, (tile, tile, 3)))
+                    uniform[key].flags.writeable = False
+                yield uniform[key]
                 continue
             if (h, w) != (tile, tile):
                 a = np.pad(a, ((0, tile - h), (0, tile - w), (0, 0)), mode="edge")
