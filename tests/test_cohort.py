@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from denuc.cli import main as cli_main
-from denuc.cohort.claims import Claim, claim_order, claim_path, claimed_inputs, read_claim, try_claim
+from denuc.cohort.claims import claim_order, claim_path, claimed_inputs, read_claim, try_claim
 from denuc.cohort.inputs import expand_inputs, parse_shard, shard, world
 from denuc.cohort.summary import write_summary_table
 from denuc.errors import InputError
@@ -180,8 +180,10 @@ def _race(out: str, stale_after: float, barrier: Any, q: mp.Queue) -> None:
 
 
 def _worker(inputs: list[str], out: str, rank: int, world_size: int) -> None:
-    for p, claim in claimed_inputs([Path(x) for x in inputs], Path(out), lambda p: (Path(out) / f"{p.stem}.done").exists(),
-                                   rank, world_size):
+    def done(p: Path) -> bool:
+        return (Path(out) / f"{p.stem}.done").exists()
+
+    for p, claim in claimed_inputs([Path(x) for x in inputs], Path(out), done, rank, world_size):
         with open(Path(out) / "log.txt", "a") as f:  # appends of one short line are atomic
             f.write(f"{rank} {p.stem}\n")
         time.sleep(0.01)
