@@ -207,7 +207,7 @@ def run_inputs(command: str, args: argparse.Namespace, build: Any) -> int:
         done += 1
         s = res.summary
         counts = s.get("counts") or {}
-        n = s.get("n_nuclei", sum(counts.values()) if counts else None)
+        n = s.get("nuclei")
         tiles = s.get("tiles", {})
         print(f"{f.name}: {'' if n is None else f'{n} nuclei '}{counts if counts else ''} in "
               f"{time.perf_counter() - t0:.2f} s ({tiles.get('selected', '?')} of {tiles.get('total', '?')} tiles) -> "

@@ -171,8 +171,8 @@ class _Prepared:
     def facts(self, runner: TileStream) -> dict[str, Any]:
         s, p = self.source, self.plan
         f: dict[str, Any] = {
-            "input": str(s.path) if s.path is not None else s.name, "kind": _kind(s), "backend": s.backend,
-            "mpp": s.mpp, "mpp_source": s.mpp_source, "size": list(s.dimensions), "levels": s.level_count,
+            "input": str(s.path) if s.path is not None else s.name, "backend": s.backend,
+            "mpp_source": s.mpp_source, "levels": s.level_count,
             "detector_level": p.det.level, "detector_level_mpp": s.level_mpp(p.det.level), "detector_mpp": p.det.mpp,
             "tissue": self.tissue.method, "tiles": dict(self.tiles), "tile_px": runner.tile_px,
         }
@@ -298,7 +298,9 @@ def _run_memory(runner: TileStream, source: Any, opts: RunOptions, timer: StageT
         bar.set_postfix(nuclei=n)
     bar.close()
     nuclei = _chunk_nuclei(parts, runner, source)
-    summary = {**prep.facts(runner), **ctx.stats, "models": models or {},
+    counts = {c: int((nuclei.class_ids == k).sum()) for k, c in enumerate(nuclei.class_names)}
+    summary = {**prep.facts(runner), **ctx.stats, "kind": _kind(source), "mpp": float(source.mpp),
+               "size": list(source.dimensions), "nuclei": len(nuclei), "counts": counts, "models": models or {},
                "timings_ms": timer.as_dict(), "wall_s": round(time.perf_counter() - t_start, 3)}
     nuclei.meta["summary"] = summary
     return SourceResult(source.name, "done", nuclei, summary)
@@ -357,7 +359,9 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
         with timer("write"):
             for s in sinks:
                 paths.append(s.close(summary))
-        summary["timings_ms"] = timer.as_dict()
+        for p in paths:  # what was written, counts included
+            if p.name.endswith(".summary.json"):
+                summary = json.loads(p.read_text())
     except BaseException:
         bar.close()
         for s in sinks:
