@@ -39,9 +39,12 @@ def test_user_errors_are_one_line_messages_not_tracebacks(tmp_path: Path, capsys
     img = tmp_path / "a.png"
     img.write_bytes(b"not a png")
     out = str(tmp_path / "out")
-    assert main(["detect", str(img), "--out", out]) == 2  # no --mpp
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 150, 200)).save(tmp_path / "b.png")
+    assert main(["detect", str(tmp_path / "b.png"), "--out", out]) == 1  # no --mpp, none in the file
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "--mpp" in err
+    assert "Traceback" not in err and "--mpp" in err and "b.png" in err
     assert main(["predict", str(img), "--out", out, "--mpp", "40"]) == 2  # a magnification, not µm/px
     err = capsys.readouterr().err
     assert "Traceback" not in err and "magnification" in err

@@ -189,9 +189,9 @@ def run_inputs(command: str, args: argparse.Namespace, build: Any) -> int:
     failed = done = busy = 0
     for f, claim in claimed_inputs(todo, out, is_done, rank, size, stale_after=opts.stale_after):
         t0 = time.perf_counter()
+        if runner is None:  # models load once, when some input needs them; their errors stop the run
+            runner, models, colors = build()
         try:  # any failure is this input's: report it and go on (Ctrl-C still stops the run)
-            if runner is None:
-                runner, models, colors = build()
             res = run_source(runner, f, mpp=args.mpp, name=f.stem, out_dir=out, opts=opts, models=models,
                              colors=colors, claim=claim)
         except Exception as e:

@@ -29,8 +29,8 @@ from denuc.errors import DenucError, InputError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 #: Largest image (width x height, pixels) DeNuC reads from one file: 2**28 px, e.g. 16384 x 16384
-#: (805 MB as 8-bit RGB). A 14000 x 14000 px lab tile is legitimate; anything larger is a
-#: whole-slide image and should be cut into tiles first. Pillow's own "decompression bomb" limit
+#: (805 MB as 8-bit RGB) held in memory at once. Larger inputs are slides: tiled TIFFs and slide
+#: formats are read tile by tile (:mod:`denuc.source`), other formats are refused with a hint. Pillow's own "decompression bomb" limit
 #: (89 Mpx by default) is raised to this bound when DeNuC first reads an image (a larger limit,
 #: or none, set by the caller is kept); above it :func:`read_image` refuses the file with an
 #: :class:`InputError`.
@@ -55,8 +55,9 @@ def _check_pixels(p: Path, h: int, w: int) -> None:
     if h * w > MAX_IMAGE_PIXELS:
         raise InputError(
             f"{p}: image is {w} x {h} px ({h * w / 1e6:.0f} Mpx), more than DeNuC reads from one file "
-            f"({MAX_IMAGE_PIXELS / 1e6:.0f} Mpx); treat it as a whole-slide image: cut it into tiles "
-            "(e.g. 4096 x 4096 px) and process the tiles")
+            f"({MAX_IMAGE_PIXELS / 1e6:.0f} Mpx) into memory at once; save it as a tiled pyramidal TIFF "
+            "(e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`, with its resolution) and give "
+            "DeNuC that file: slides are read tile by tile")
 
 
 def _pillow_image() -> Any:
