@@ -63,9 +63,14 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--workers", type=int, default=2, metavar="N",
                    help="loader threads that read and resample tiles ahead of the models (default: %(default)s)")
     p.add_argument("--shard", default=None, metavar="I/N",
-                   help="process only shard I of N of the inputs (e.g. SLURM array task $SLURM_ARRAY_TASK_ID/"
-                        "$SLURM_ARRAY_TASK_COUNT); under torchrun the ranks share the inputs by themselves "
-                        "(default: all inputs)")
+                   help="this process is worker I of N (e.g. SLURM array task $SLURM_ARRAY_TASK_ID/"
+                        "$SLURM_ARRAY_TASK_COUNT): it starts with every N-th input from I, then helps with inputs "
+                        "the others have not claimed (claims in --out keep every input to one process). Under "
+                        "torchrun or srun the rank and world size are read from the environment (default: "
+                        "from the environment, else the only worker)")
+    p.add_argument("--shard-only", action="store_true",
+                   help="with --shard: process only this shard's inputs, never the others' (for output folders "
+                        "that the workers do not share) (default: off)")
     p.add_argument("--stale-after", type=float, default=600.0, metavar="S",
                    help="seconds after which another process's claim on an input (a .<stem>.claim file in --out, "
                         "refreshed every chunk) counts as abandoned and is taken over (default: %(default)s)")
@@ -167,9 +172,15 @@ def run_inputs(command: str, args: argparse.Namespace, build: Any) -> int:
         check_mpp(args.mpp, "--mpp")
     opts = run_options(args)
     files = collect_inputs(args.inputs, args.inputs_file)
+    rank, size = world()
     if args.shard is not None:
-        i, n = parse_shard(args.shard)
-        files = shard(files, i, n)
+        rank, size = parse_shard(args.shard)
+        if args.shard_only:
+            files, rank, size = shard(files, rank, size), 0, 1
+    elif args.shard_only:
+        from denuc.errors import InputError
+
+        raise InputError("--shard-only needs --shard I/N")
     out = check_out_dir(args.out)
 
     def finals(f: Path) -> list[Path]:
@@ -184,7 +195,6 @@ def run_inputs(command: str, args: argparse.Namespace, build: Any) -> int:
     if not todo:
         _summary_table(out)
         return 0
-    rank, size = world()
     runner = models = colors = None
     failed = done = busy = 0
     for f, claim in claimed_inputs(todo, out, is_done, rank, size, stale_after=opts.stale_after):
@@ -237,6 +247,18 @@ def _summary_table(out: Path) -> None:
         write_summary_table(out)
 
 
+def process_device(name: str | None) -> Any:
+    """The device this process uses: ``name`` (default: cuda, then mps, then cpu); under torchrun
+    a CUDA device becomes ``cuda:LOCAL_RANK`` (one GPU per process)."""
+    from denuc.train.detector import pick_device
+    from denuc.train.distributed import launched_world, rank_device
+
+    dev = pick_device(name)
+    if name is not None and ":" in str(name):
+        return dev
+    return rank_device(dev, launched_world()[2])
+
+
 def main(args: argparse.Namespace) -> int:
     from denuc.core.mpp import check_mpp
 
@@ -246,7 +268,8 @@ def main(args: argparse.Namespace) -> int:
     def build() -> tuple[Any, dict[str, Any], dict[str, tuple[int, int, int]]]:
         from denuc.pipeline import DeNuC
 
-        model = DeNuC.load(detector=args.detector, encoder=args.encoder, head=args.head, device=args.device,
+        model = DeNuC.load(detector=args.detector, encoder=args.encoder, head=args.head,
+                           device=process_device(args.device),
                            weights=args.weights, offline=True if args.offline else None, tta=args.tta,
                            detector_window=args.detector_window, model=args.model)
         return model.stream(tile_px=args.tile_px, workers=args.workers), model.models(), model._colors()

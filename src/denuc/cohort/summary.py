@@ -27,7 +27,8 @@ SUMMARY_SUFFIX = ".summary.json"
 #: Name of the merged table in the output folder.
 TABLE_NAME = "summary.csv"
 #: Keys (at any depth) that describe how and where a run went, not its results.
-EXCLUDED_KEYS = frozenset({"timings", "timing", "profile", "host", "pid", "started", "finished", "elapsed"})
+EXCLUDED_KEYS = frozenset({"timings", "timing", "timings_ms", "wall_s", "resumed_tiles", "profile", "host", "pid",
+                           "started", "finished", "elapsed"})
 #: First column: the input's stem (outputs are named ``<stem>.*``).
 STEM_COLUMN = "stem"
 

@@ -31,9 +31,10 @@ def main(args: argparse.Namespace) -> int:
 
     def build() -> tuple[Any, dict[str, Any], None]:
         from denuc.detect.api import Detector
+        from denuc.pipeline_cli import process_device
         from denuc.stream.runner import TileStream
 
-        det = Detector.load(args.detector, device=args.device, threshold=args.threshold, tta=args.tta,
+        det = Detector.load(args.detector, device=process_device(args.device), threshold=args.threshold, tta=args.tta,
                             window=args.detector_window)
         return TileStream(det, None, tile_px=args.tile_px, workers=args.workers), {"detector": det.describe()}, None
 
