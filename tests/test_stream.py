@@ -169,3 +169,113 @@ def test_two_runs_on_one_out_folder_share_the_inputs(tmp_path: Path) -> None:
         assert json.loads((out / f"s{k}.summary.json").read_text())["tiles"]["selected"] >= 1
     assert not list(out.glob(".*.claim")) and not list(out.glob(".*.partial"))
     assert (out / "summary.csv").is_file()
+
+
+def _square(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+def test_roi_with_a_hole_keeps_only_nuclei_inside_and_names_them(slide, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path, _, _ = slide
+    roi = tmp_path / "roi.geojson"
+    roi.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"objectType": "annotation", "name": "bed"},
+         "geometry": {"type": "Polygon", "coordinates": [_square(0, 0, 400, 400), _square(100, 100, 300, 300)]}},
+        {"type": "Feature", "properties": {"classification": {"name": "margin"}},
+         "geometry": {"type": "Polygon", "coordinates": [_square(450, 0, 640, 520)]}}]}))
+    full, out = tmp_path / "full", tmp_path / "roi"
+    assert _detect([str(path), "--out", str(full), "--tile-px", "384"]) == 0
+    assert _detect([str(path), "--out", str(out), "--tile-px", "384", "--roi", str(roi), "--format", "csv,parquet"]) == 0
+    a = Nuclei.read_csv(full / "planted.csv")
+    b = Nuclei.read_csv(out / "planted.csv")
+    x, y = a.xy[:, 0], a.xy[:, 1]
+    in_bed = (x < 400) & (y < 400) & ~((x >= 100) & (x < 300) & (y >= 100) & (y < 300))
+    in_margin = (x >= 450) & (y < 520)
+    assert 0 < len(b) == int(in_bed.sum() + in_margin.sum())
+    assert b.roi is not None and set(b.roi) <= {"bed", "margin"}
+    bx, by = b.xy[:, 0], b.xy[:, 1]
+    assert not ((bx >= 100) & (bx < 300) & (by >= 100) & (by < 300)).any()  # the hole
+    np.testing.assert_array_equal(b.roi == "bed", bx < 400)
+    s = json.loads((out / "planted.summary.json").read_text())
+    assert s["rois"]["bed"]["nuclei"] == int(in_bed.sum()) and s["rois"]["margin"]["nuclei"] == int(in_margin.sum())
+    import pandas as pd
+
+    pq = pd.read_parquet(out / "planted.parquet")
+    assert len(pq) == len(b) and set(pq["roi"]) == set(b.roi)
+
+
+@pytest.mark.parametrize("content, match", [
+    ({"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {},
+                                                  "geometry": {"type": "Point", "coordinates": [1, 2]}}]}, "polygon"),
+    ({"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, "geometry": {
+        "type": "Polygon", "coordinates": [_square(5000, 5000, 6000, 6000)]}}]}, "outside"),
+])
+def test_bad_roi_is_one_line_naming_the_file_with_no_partial_output(slide, tmp_path: Path, content: dict, match: str,  # type: ignore[no-untyped-def,type-arg]
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    path, _, _ = slide
+    roi = tmp_path / "bad.geojson"
+    roi.write_text(json.dumps(content))
+    out = tmp_path / "o"
+    assert _detect([str(path), "--out", str(out), "--roi", str(roi)]) == 1
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "error" in x and "bad.geojson" in x)
+    assert match in line.lower() and "Traceback" not in err
+    assert not list(out.iterdir())
+
+
+def test_truncated_slide_is_one_line_and_the_others_go_on(slide, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    path, _, _ = slide
+    d = tmp_path / "in"
+    d.mkdir()
+    data = path.read_bytes()
+    (d / "cut.tif").write_bytes(data[: len(data) // 2])
+    img, _ = blobs(120, 150, 4)
+    write_pyramidal_tiff(d / "ok.tif", img, 0.25, tile=128, downsamples=(1,), compression="none", flavor="generic")
+    out = tmp_path / "o"
+    assert _detect([str(d), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert any("cut.tif" in x and "error" in x for x in err.splitlines()) and "Traceback" not in err
+    assert (out / "ok.csv").is_file() and not list(out.glob("cut.*"))
+    assert "1 of 2 input(s) failed; 1 written" in err
+
+
+def test_tiny_and_gray_images_are_processed_with_a_warning(tmp_path: Path) -> None:
+    from PIL import Image
+
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.new("RGB", (1, 1), (200, 100, 200)).save(d / "dot.png")
+    Image.new("L", (64, 64), 128).save(d / "gray.png")
+    with pytest.warns(UserWarning) as rec:
+        assert _detect([str(d), "--out", str(tmp_path / "o"), "--mpp", "0.5"]) == 0
+    text = " ".join(str(w.message) for w in rec)
+    assert "dot.png" in text and "gray.png" in text and "grayscale" in text.lower()
+    assert (tmp_path / "o" / "dot.csv").is_file() and (tmp_path / "o" / "gray.csv").is_file()
+
+
+def test_python_api_streams_a_slide_and_matches_the_cli(slide, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from denuc.encode import build_encoder
+    from denuc.encode.tiny import register_tiny
+    from denuc.pipeline import DeNuC
+    from denuc.train.head import HeadTrainConfig
+    from denuc.train.head_run import train_head
+    from denuc.train.head_synthetic import make_blob_dataset
+
+    register_tiny()
+    path, img, _ = slide
+    ds = make_blob_dataset(tmp_path / "blobs", n_images=4)
+    enc = build_encoder("tiny-uni", weights="random")
+    head = tmp_path / "head.safetensors"
+    train_head(ds, enc, head, cache_dir=tmp_path / "cache", config=HeadTrainConfig(epochs=2), window=64,
+               log=lambda m: None)
+    model = DeNuC.load(encoder="tiny-uni", head=head, weights="random", device="cpu")
+    whole = model(img, mpp=0.25)  # the array as one image
+    nuc, summary = model.predict_slide(path, tile_px=384)  # the slide file, tiled
+    assert summary["tiles"]["selected"] >= 4 and nuc.mpp == pytest.approx(0.25)
+    ia, ib = np.lexsort(whole.xy.T[::-1]), np.lexsort(nuc.xy.T[::-1])
+    np.testing.assert_array_equal(whole.xy[ia], nuc.xy[ib])
+    assert whole.probs is not None and nuc.probs is not None
+    np.testing.assert_allclose(whole.probs[ia], nuc.probs[ib], atol=1e-5)
+    chunks = list(model.iter_slide(path, tile_px=384))
+    assert sum(len(c) for c in chunks) == len(nuc) and len(chunks) >= 1
