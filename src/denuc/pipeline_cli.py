@@ -222,6 +222,9 @@ def run_inputs(command: str, args: argparse.Namespace, build: Any) -> int:
         print(f"{f.name}: {'' if n is None else f'{n} nuclei '}{counts if counts else ''} in "
               f"{time.perf_counter() - t0:.2f} s ({tiles.get('selected', '?')} of {tiles.get('total', '?')} tiles) -> "
               f"{', '.join(p.name for p in res.paths)}")
+        stages = s.get("timings_ms", {})
+        if stages:
+            print("  stage times: " + ", ".join(f"{k} {v / 1e3:.2f} s" for k, v in stages.items() if v >= 5))
         if args.profile:
             from denuc.stream.timing import StageTimer
 

@@ -20,6 +20,7 @@ finished chunk (same nuclei as an uninterrupted run). A claim file per input
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import sys
@@ -35,6 +36,9 @@ from denuc.core.result import Nuclei
 from denuc.errors import InputError
 from denuc.stream.runner import RunContext, TileStream
 from denuc.stream.timing import StageTimer
+
+#: most pixels a plain image's stain estimate reads (bounds its memory: float OD of 4 Mpx)
+STAIN_PIXELS = 2**22
 
 #: tissue options: ``auto`` (slides: thumbnail rule; plain images and arrays: processed whole), ``none``.
 TISSUE_CHOICES = ("auto", "none")
@@ -105,7 +109,8 @@ def _versions() -> dict[str, str]:
 
 def _stain_estimate(source: Any, runner: TileStream, plan: Any, tissue: Any) -> Any:
     """One Macenko estimate per source: from the whole image for plain images / arrays (as a
-    whole-image pass does), else from up to 16 tissue tiles of 512 px at the encoder's level."""
+    whole-image pass does; larger than :data:`STAIN_PIXELS`, from an evenly strided subset of
+    that many pixels), else from up to 16 tissue tiles of 512 px at the encoder's level."""
     from denuc.data.stain import estimate_stains
 
     c = runner.classifier
@@ -115,7 +120,9 @@ def _stain_estimate(source: Any, runner: TileStream, plan: Any, tissue: Any) -> 
         raise InputError(f"stain normaliser {c.stain_norm!r} is not supported on tiles")
     if _kind(source) == "image":
         w, h = source.level_dimensions[0]
-        return estimate_stains(source.read(0, 0, w, h, 0))
+        img = source.read(0, 0, w, h, 0)
+        step = max(1, math.ceil(math.sqrt(w * h / STAIN_PIXELS)))
+        return estimate_stains(img[::step, ::step] if step > 1 else img)  # every pixel up to 4 Mpx
     level = plan.enc.level
     ds = float(source.level_downsamples[level])
     lw, lh = source.level_dimensions[level]
