@@ -86,8 +86,9 @@ def main() -> None:
     if not ckpt.is_file():
         from denuc.train.detector import TrainConfig, train
 
-        train(TrainConfig(datasets=[str(root)], out=str(args.run), backbone=args.backbone, mpp=args.mpp,
-                          epochs=args.epochs, matcher=args.matcher, threads=args.threads, resume=True))
+        train(TrainConfig.from_preset("quick", datasets=[str(root)], out=str(args.run), backbone=args.backbone,
+                                      mpp=args.mpp, epochs=args.epochs, matcher=args.matcher, threads=args.threads,
+                                      resume=True))
     det = Detector.load(ckpt, device="cpu")
     meta = det.config
     base_threshold = det.threshold

@@ -57,15 +57,16 @@ def test_image_above_denucs_bound_is_a_per_image_error(tmp_path: Path, tiny_ckpt
     Image.fromarray(_rgb(40, 40)).save(d / "a_big.png")
     tifffile.imwrite(d / "b_big.tif", _rgb(40, 40), photometric="rgb")
     Image.fromarray(_rgb(20, 20)).save(d / "c_good.png")
-    with pytest.raises(InputError, match=r"a_big\.png: image is 40 x 40 px .*tiles"):
+    with pytest.raises(InputError, match=r"a_big\.png: image is 40 x 40 px .*pyramidal TIFF"):
         read_image(d / "a_big.png")
-    with pytest.raises(InputError, match=r"b_big\.tif: image is 40 x 40 px .*tiles"):
+    with pytest.raises(InputError, match=r"b_big\.tif: image is 40 x 40 px .*pyramidal TIFF"):
         read_image(d / "b_big.tif")
     out = tmp_path / "out"
     assert _detect([str(d), "--mpp", "0.5", "--out", str(out)], tiny_ckpt) == 1
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "a_big.png" in err and "b_big.tif" in err
-    assert (out / "c_good.csv").is_file() and not (out / "a_big.csv").exists()
+    assert "Traceback" not in err and "a_big.png" in err
+    # a TIFF is read tile by tile as a slide instead: no bound on its size
+    assert (out / "c_good.csv").is_file() and (out / "b_big.csv").is_file() and not (out / "a_big.csv").exists()
 
 
 def test_decompression_bomb_error_is_an_input_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,14 +106,16 @@ def test_unexpected_error_in_one_image_is_reported_and_the_rest_is_done(
     d.mkdir()
     for s in ("a", "b", "c"):
         Image.fromarray(_rgb(32, 32)).save(d / f"{s}.png")
-    orig = Detector.detect
+    orig = Detector.detect_works
+    calls = [0]
 
-    def flaky(self: Detector, image: np.ndarray, mpp: float | None, name: str = "") -> Nuclei:
-        if name == "b":
+    def flaky(self: Detector, works: list[np.ndarray]) -> list[object]:
+        calls[0] += 1
+        if calls[0] == 2:  # inputs run in name order: the second is b.png
             raise exc
-        return orig(self, image, mpp, name)
+        return orig(self, works)
 
-    monkeypatch.setattr(Detector, "detect", flaky)
+    monkeypatch.setattr(Detector, "detect_works", flaky)
     out = tmp_path / "out"
     assert _detect([str(d), "--mpp", "0.5", "--out", str(out)], tiny_ckpt) == 1
     err = capsys.readouterr().err
@@ -149,51 +152,47 @@ def test_keyboard_interrupt_still_stops_the_run(tmp_path: Path, tiny_ckpt: Path,
     for s in ("a", "b"):
         Image.fromarray(_rgb(32, 32)).save(d / f"{s}.png")
 
-    def interrupt(self: Detector, image: np.ndarray, mpp: float | None, name: str = "") -> Nuclei:
+    def interrupt(self: Detector, works: list[np.ndarray]) -> list[object]:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Detector, "detect", interrupt)
+    monkeypatch.setattr(Detector, "detect_works", interrupt)
     assert _detect([str(d), "--mpp", "0.5", "--out", str(tmp_path / "out")], tiny_ckpt) == 130
     assert "interrupted" in capsys.readouterr().err
-    assert not list((tmp_path / "out").glob("*.csv"))
-
-
-class _FakeModel:
-    """Stands in for DeNuC in `predict`: fails on one image with an unexpected error."""
-
-    class meta:
-        colors = ((255, 0, 0),)
-
-    def __call__(self, image: np.ndarray, mpp: float, name: str = "") -> Nuclei:
-        if name == "b":
-            raise ValueError("something inside broke")
-        if name == "c":
-            raise KeyboardInterrupt
-        return Nuclei(np.array([[1.0, 2.0]]), np.array([0.9]), np.array([0]), ("x",), mpp=mpp,
-                      image_size=image.shape[:2], name=name)
+    assert not list((tmp_path / "out").glob("*.csv")) and not list((tmp_path / "out").glob(".*claim"))
 
 
 def test_predict_reports_unexpected_errors_per_image_and_stops_on_ctrl_c(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from denuc.pipeline import DeNuC
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path) -> None:
+    import denuc.stream.job as job
 
-    monkeypatch.setattr(DeNuC, "load", classmethod(lambda cls, **kw: _FakeModel()))
+    orig = job._run_files
+
+    def run_files(runner, source, *a, **k):  # type: ignore[no-untyped-def]
+        if source.name == "b":
+            raise ValueError("something inside broke")
+        if source.name == "c":
+            raise KeyboardInterrupt
+        return orig(runner, source, *a, **k)
+
+    monkeypatch.setattr(job, "_run_files", run_files)
     d = tmp_path / "in"
     d.mkdir()
     for s in ("a", "b"):
         Image.fromarray(_rgb(16, 16)).save(d / f"{s}.png")
     (d / "bad.png").write_bytes(b"not a png")
     out = tmp_path / "out"
-    assert main(["predict", str(d), "--mpp", "0.5", "--out", str(out)]) == 1
+    argv = ["detect", str(d), "--mpp", "0.5", "--out", str(out), "--detector", str(tiny_ckpt)]
+    assert main(argv) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and "ValueError: something inside broke" in err
     bad_line = next(x for x in err.splitlines() if "bad.png" in x)
-    assert bad_line.startswith("denuc predict: error: ") and bad_line.count("bad.png") == 1
+    assert bad_line.startswith("denuc detect: error: ") and bad_line.count("bad.png") == 1
+    assert "2 of 3 input(s) failed; 1 written to" in err
     assert (out / "a.csv").is_file() and not (out / "b.csv").exists()
     Image.fromarray(_rgb(16, 16)).save(d / "c.png")
     Image.fromarray(_rgb(16, 16)).save(d / "d.png")
-    assert main(["predict", str(d), "--mpp", "0.5", "--out", str(out)]) == 130
-    assert not (out / "d.csv").exists()
+    assert main(argv) == 130
+    assert not (out / "d.csv").exists() and not list(out.glob(".*claim"))
 
 
 # ---------------------------------------------------------------- detect collects inputs like predict

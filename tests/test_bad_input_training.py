@@ -255,6 +255,17 @@ def test_predictions_outside_the_image_warn_with_file_and_count(tmp_path: Path) 
     assert rep.detection.n_pred == 3 and rep.detection.tp == 1  # kept, counted as false positives
 
 
+def test_duplicated_predictions_warn_with_file_and_count(tmp_path: Path) -> None:
+    csv = "x,y,class\n5,5,x\n5,5,x\n20,30,y\n5,5,y\n20,30.5,y\n"  # (5, 5) three times: 2 repeats
+    with pytest.warns(UserWarning, match=r"2 prediction\(s\) in 1 file\(s\) repeat the \(x, y\)") as w:
+        rep, path = _eval_folder(tmp_path, csv)
+    assert len(w) == 1 and f"{path}: 2 (e.g. (x, y) = (5, 5))" in str(w[0].message)
+    assert rep.detection.n_pred == 5 and rep.detection.tp == 2  # kept: the repeats are false positives
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _eval_folder(tmp_path, "x,y,class\n5,5,x\n20,30,y\n")  # no repeats, nothing outside: silent
+
+
 def test_yxc_prediction_errors_name_the_file(tmp_path: Path) -> None:
     pred = tmp_path / "pred"
     pred.mkdir()

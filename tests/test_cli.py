@@ -11,7 +11,7 @@ import pytest
 from denuc import __version__
 from denuc.cli import COMMANDS, main
 
-EXPECTED = {"evaluate", "convert", "train-detector", "detect", "train-head", "finetune", "predict"}
+EXPECTED = {"evaluate", "convert", "train-detector", "detect", "train-head", "finetune", "predict", "summarize"}
 
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
@@ -39,9 +39,12 @@ def test_user_errors_are_one_line_messages_not_tracebacks(tmp_path: Path, capsys
     img = tmp_path / "a.png"
     img.write_bytes(b"not a png")
     out = str(tmp_path / "out")
-    assert main(["detect", str(img), "--out", out]) == 2  # no --mpp
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 150, 200)).save(tmp_path / "b.png")
+    assert main(["detect", str(tmp_path / "b.png"), "--out", out]) == 1  # no --mpp, none in the file
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "--mpp" in err
+    assert "Traceback" not in err and "--mpp" in err and "b.png" in err
     assert main(["predict", str(img), "--out", out, "--mpp", "40"]) == 2  # a magnification, not µm/px
     err = capsys.readouterr().err
     assert "Traceback" not in err and "magnification" in err

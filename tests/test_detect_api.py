@@ -96,7 +96,9 @@ def test_cli_writes_csvs_skips_existing_and_reports_bad_images(tiny_ckpt: Path, 
     assert "broken.png" in err
     n1 = Nuclei.read_csv(out / "good1.csv")
     assert set(n1.classes) <= {"nucleus"} and n1.scores is not None
-    assert sorted(f.name for f in out.iterdir()) == ["good1.csv", "good2.csv"]
+    assert sorted(f.name for f in out.iterdir()) == ["good1.csv", "good1.overlay.png", "good1.summary.json",
+                                                     "good2.csv", "good2.overlay.png", "good2.summary.json",
+                                                     "summary.csv"]
     (out / "good1.csv").write_text("x,y,class,score\n")  # pretend a finished earlier run
     (src / "broken.png").unlink()
     assert detect_cli.main(args) == 0
@@ -104,8 +106,10 @@ def test_cli_writes_csvs_skips_existing_and_reports_bad_images(tiny_ckpt: Path, 
     args.overwrite = True
     assert detect_cli.main(args) == 0
     assert len(Nuclei.read_csv(out / "good1.csv")) == len(n1)
-    with pytest.raises(ResolutionError):
-        detect_cli.main(p.parse_args([str(src), "--out", str(out), "--detector", str(tiny_ckpt)]))
+    # no --mpp and none in the files: each input fails naming the file and --mpp, nothing is written
+    assert detect_cli.main(p.parse_args([str(src), "--out", str(tmp_path / "nompp"), "--detector", str(tiny_ckpt)])) == 1
+    err = capsys.readouterr().err
+    assert "good1.png" in err and "--mpp" in err and not list((tmp_path / "nompp").iterdir())
     # --detector-window reaches the detector: the CSV equals the API's result with that window
     args.detector_window, args.out = 512, tmp_path / "out512"
     assert detect_cli.main(args) == 0

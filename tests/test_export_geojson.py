@@ -32,14 +32,38 @@ def test_feature_structure_is_what_qupath_reads() -> None:
     assert f0["geometry"] == {"type": "Point", "coordinates": [10.5, 3.25]}  # x = column first
     assert f0["properties"]["objectType"] == "detection" and "objectType" not in f0
     assert f0["properties"]["classification"] == {"name": "tumor", "color": [255, 0, 0]}
-    assert f0["properties"]["measurements"] == {"Detection score": 0.9, "Prob tumor": 0.9,
+    # no det_scores: the scores are the detector's own, and there is no combined score
+    assert f0["properties"]["measurements"] == {"Detection score": 0.9, "Class probability": 0.9, "Prob tumor": 0.9,
                                                 "Prob lymphocyte": 0.05, "Prob other": 0.05}
+    assert f1["properties"]["measurements"]["Class probability"] == 0.7
+    assert "Class probability" not in f2["properties"]["measurements"]  # no class, no class probability
     assert f1["properties"]["classification"]["name"] == "lymphocyte"
     assert f1["properties"]["classification"]["color"] != [255, 0, 0]  # default palette for the others
     assert "classification" not in f2["properties"]  # unclassified
     ids = [f["id"] for f in gj["features"]]
     assert len(set(ids)) == 3 and all(str(uuid.UUID(i)) == i for i in ids)
     json.dumps(gj, allow_nan=False)  # plain JSON types only
+
+
+def test_detection_score_is_the_detectors_and_the_csv_score_is_named_apart() -> None:
+    n = _nuclei()
+    n.det_scores = np.array([0.5, 0.25, 0.75], dtype=np.float32)
+    n.scores = n.det_scores * n.probs.max(1)
+    gj = nuclei_to_geojson(n)
+    m0 = gj["features"][0]["properties"]["measurements"]
+    assert list(m0)[:3] == ["Detection score", "Class probability", "Score (detection x class)"]
+    assert m0["Detection score"] == 0.5 and m0["Class probability"] == 0.9
+    assert np.float32(m0["Score (detection x class)"]) == n.scores[0] == np.float32(0.5) * np.float32(0.9)
+    m2 = gj["features"][2]["properties"]["measurements"]
+    assert m2["Detection score"] == 0.75 and "Class probability" not in m2 and m2["Prob other"] == 0.4
+
+
+def test_uuid4_strings_are_distinct_version_4() -> None:
+    from denuc.export.geojson import uuid4_strings
+
+    ids = uuid4_strings(500)
+    assert len(set(ids)) == 500 and uuid4_strings(0) == []
+    assert all(uuid.UUID(i).version == 4 and str(uuid.UUID(i)) == i for i in ids)
 
 
 def test_points_without_scores_or_classes() -> None:
@@ -73,6 +97,14 @@ def test_write_and_read_back_exactly(tmp_path: Path, name: str) -> None:
     np.testing.assert_array_equal(back.class_ids, n.class_ids)
     np.testing.assert_array_equal(back.scores, n.scores)  # float32 scores survive bit for bit
     assert back.name == "out"
+
+
+def test_combined_score_reads_back_as_score(tmp_path: Path) -> None:
+    """With det_scores, the CSV score is "Score (detection x class)", and the reader takes it."""
+    n = _nuclei()
+    n.det_scores = np.array([0.5, 0.25, 0.75], dtype=np.float32)
+    back = geojson_to_nuclei(write_geojson(n, tmp_path / "d.geojson"), CLASSES)
+    np.testing.assert_array_equal(back.scores, n.scores)
 
 
 def test_nan_scores_are_refused(tmp_path: Path) -> None:

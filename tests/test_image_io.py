@@ -167,3 +167,58 @@ def test_prefetch_images_keeps_order_and_yields_errors_in_place(tmp_path: Path, 
             np.testing.assert_array_equal(img, w)
     first = next(iter(prefetch_images(paths, ahead=ahead)))  # stopping early is fine
     np.testing.assert_array_equal(first[1], want[0])
+
+
+# ------------------------------------------------------------------ warnings: one line naming the file
+def test_grayscale_and_tiny_images_warn_naming_the_file(tmp_path: Path) -> None:
+    import warnings
+
+    Image.fromarray(np.full((20, 20), 128, np.uint8), "L").save(tmp_path / "gray.png")
+    with pytest.warns(UserWarning, match=r"gray\.png: grayscale image: replicated to RGB; H&E models expect colour"):
+        read_image(tmp_path / "gray.png")
+    Image.fromarray(_rgb(1, 1)).save(tmp_path / "dot.png")
+    with pytest.warns(UserWarning, match=r"dot\.png: image is only 1 x 1 px \(under 16 px a side\)"):
+        read_image(tmp_path / "dot.png")
+    with pytest.warns(UserWarning, match=r"arr: grayscale image"):
+        to_rgb_uint8(np.zeros((20, 20, 2), np.uint8), "arr")
+    Image.fromarray(_rgb(16, 16)).save(tmp_path / "ok.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_image(tmp_path / "ok.png")  # colour, 16 px a side: silent
+        to_rgb_uint8(np.zeros((3, 3), np.uint8), "quiet", warn=False)
+
+
+def test_pillow_warnings_are_renamed_or_dropped(tmp_path: Path) -> None:
+    import warnings
+
+    from denuc.data.image import _pillow_warnings
+
+    pil_file = str(Path(Image.__file__).parent / "TiffImagePlugin.py")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with _pillow_warnings(tmp_path / "a.tif"):
+            warnings.warn_explicit("Possibly corrupt EXIF data.  Expecting to read 8 bytes but only got 2.",
+                                   UserWarning, pil_file, 1)
+            warnings.warn_explicit("Image size (9 pixels) exceeds limit", Image.DecompressionBombWarning, pil_file, 2)
+            warnings.warn_explicit("Tag data larger than file. Skipping tag 700", UserWarning, pil_file, 3)
+            warnings.warn_explicit("Tag data larger than file. Skipping tag 700", UserWarning, pil_file, 3)
+            warnings.warn_explicit("someone else's warning", RuntimeWarning, "/elsewhere/mod.py", 4)
+    msgs = [str(x.message) for x in w]
+    assert msgs == [f"{tmp_path / 'a.tif'}: Tag data larger than file. Skipping tag 700 (Pillow)",
+                    "someone else's warning"]
+    assert w[1].category is RuntimeWarning and w[1].filename == "/elsewhere/mod.py"
+
+
+def test_decompression_bomb_warning_does_not_leak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    import denuc.data.image as image_mod
+
+    monkeypatch.setattr(image_mod, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 px: Pillow warns (under 2 x its limit)
+    Image.fromarray(_rgb(40, 40)).save(tmp_path / "big.png")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with pytest.raises(InputError, match=r"big\.png: image is 40 x 40 px"):
+            read_image(tmp_path / "big.png")
+    assert not [x for x in w if issubclass(x.category, Image.DecompressionBombWarning)]

@@ -114,7 +114,7 @@ def test_predict_cli_writes_csv_resumes_and_survives_bad_files(trained, tmp_path
     assert _predict([str(SAMPLE), "--out", str(out), "--mpp", "0.5", "--head", str(head)]) == 0
     csv = out / "brca-m2c-sample.csv"
     header = csv.read_text().splitlines()[0]
-    assert header == "x,y,class,score,det_score,prob_dark,prob_light"
+    assert header == "x,y,x_um,y_um,class,score,det_score,prob_dark,prob_light"
     n = Nuclei.read_csv(csv, class_names=("dark", "light"))
     assert len(n) > 10 and n.probs is not None
     assert _predict([str(SAMPLE), "--out", str(out), "--mpp", "0.5", "--head", str(head)]) == 0
@@ -125,8 +125,7 @@ def test_predict_cli_writes_csv_resumes_and_survives_bad_files(trained, tmp_path
     (bad / "ok.png").write_bytes((SAMPLE / "brca-m2c-sample.png").read_bytes())
     assert _predict([str(bad), "--out", str(out), "--mpp", "0.5", "--head", str(head)]) == 1
     assert (out / "ok.csv").is_file() and not (out / "broken.csv").exists()
-    with pytest.raises(ResolutionError):
-        _predict([str(SAMPLE), "--out", str(out), "--head", str(head), "--overwrite"])
+    assert _predict([str(SAMPLE), "--out", str(tmp_path / "nompp"), "--head", str(head)]) == 1  # PNG: no mpp
     assert _predict([str(SAMPLE), "--out", str(out), "--mpp", "0.5", "--head", str(head), "--format", "geojson"]) == 0
     import json
 

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "finetune": "denuc.train.finetune_cli",
     "predict": "denuc.pipeline_cli",
     "evaluate": "denuc.evaluate.cli",
+    "summarize": "denuc.cohort.cli",
 }
 
 

@@ -123,6 +123,7 @@ class DeNuC:
         p = next(encoder.parameters(), None)
         self.device = p.device if p is not None else torch.device("cpu")
         self.head = head.to(self.device).eval()
+        self.head_sha256: str | None = None
         self.featurizer = PointFeaturizer(encoder, mpp=meta.mpp, window=meta.window, stride=meta.stride,
                                           align=meta.align, batch_size=batch_size, stain_norm=meta.stain_norm,
                                           feature_tta=meta.feature_tta)
@@ -135,10 +136,13 @@ class DeNuC:
     def load(cls, detector: str | os.PathLike[str] | PointDetector | None = None,
              encoder: str | Encoder | None = None, head: str | os.PathLike[str] | None = None,
              device: str | torch.device | None = None, *, weights: str | None = None,
-             offline: bool | None = None, tta: int = 1, detector_window: int | None = None) -> DeNuC:
+             offline: bool | None = None, tta: int = 1, detector_window: int | None = None,
+             model: str | os.PathLike[str] | None = None) -> DeNuC:
         """Build the pipeline.
 
         Args:
+            model: a model folder written by ``denuc finetune`` (``model.yaml`` + detector + head);
+                its detector, head, encoder and weights are used where the other arguments are None.
             detector: detector checkpoint, a detector object, or None (the shipped detector).
             encoder: encoder name or built :class:`Encoder` (None = the head's encoder).
             head: head checkpoint (None = the shipped BRCA-M2C head).
@@ -152,6 +156,14 @@ class DeNuC:
         from denuc.train.detector import pick_device
 
         device = pick_device(str(device) if device is not None else None)  # ModelError for unknown/unavailable
+        if model is not None:
+            from denuc.modeldir import load_model_dir
+
+            md = load_model_dir(model)
+            detector = md.detector if detector is None else detector
+            head = md.head if head is None else head
+            encoder = md.encoder if encoder is None else encoder
+            weights = md.weights if weights is None else weights
         head_path = Path(head) if head is not None else DEFAULT_HEAD
         if head is None and not head_path.is_file():
             raise ModelError(f"no shipped head at {head_path}; pass head=<checkpoint>")
@@ -174,9 +186,79 @@ class DeNuC:
             det: PointDetector = Detector.load(detector, device=device, tta=tta, window=detector_window)
         else:
             det = detector
-        return cls(det, enc, h, meta)
+        import hashlib
+
+        out = cls(det, enc, h, meta)
+        out.head_sha256 = hashlib.sha256(head_path.read_bytes()).hexdigest()
+        return out
 
     # ----------------------------------------------------------------- use
+    def probabilities(self, feats: torch.Tensor) -> np.ndarray:
+        """Class probabilities ``(N, K)`` float32 of point features ``(N, C)`` (the head's softmax)."""
+        with torch.inference_mode():
+            return torch.softmax(self.head(feats.to(self.device)), dim=1).cpu().numpy().astype(np.float32)
+
+    def stream(self, *, tile_px: int | None = None, workers: int = 2, batch_tiles: int | None = None) -> Any:
+        """The :class:`~denuc.stream.runner.TileStream` that runs this model on any source."""
+        from denuc.stream.runner import TILE_PX, Classifier, TileStream, as_stream_detector
+
+        return TileStream(as_stream_detector(self.detector), Classifier.from_model(self),
+                          tile_px=tile_px or TILE_PX, workers=workers, batch_tiles=batch_tiles)
+
+    def models(self) -> dict[str, Any]:
+        """Description of the models (names, weight hashes, thresholds) for summaries and resume keys."""
+        det = self.detector
+        d = det.describe() if hasattr(det, "describe") else {"type": type(det).__name__}
+        return {"detector": d, "encoder": self.encoder.name, "encoder_weights_sha256": self.encoder.weights_hash,
+                "head": self.meta.describe(), "head_sha256": getattr(self, "head_sha256", None),
+                "classes": list(self.class_names)}
+
+    def predict_slide(self, path: str | os.PathLike[str] | np.ndarray, mpp: float | None = None, *,
+                      out: str | os.PathLike[str] | None = None, name: str = "", opts: Any = None,
+                      tile_px: int | None = None, workers: int = 2) -> tuple[Nuclei, dict[str, Any]]:
+        """Every nucleus of a slide (or image, or array): ``(Nuclei, summary)``.
+
+        Args:
+            path: a slide file (SVS, NDPI, MRXS, SCN, BIF, DICOM, pyramidal/OME-TIFF ...), an
+                image file or an ``(H, W, 3)`` array.
+            mpp: µm per pixel of level 0 (default: the file's metadata; required for arrays).
+            out: also write the output files there (:class:`~denuc.stream.job.RunOptions` ``formats``).
+            opts: :class:`~denuc.stream.job.RunOptions` (tissue, ROI, formats, ...).
+
+        Returns:
+            the nuclei in level-0 px of the source (``mpp`` = its level-0 mpp; ``roi`` names with
+            an ROI file) and the run summary (what ``<stem>.summary.json`` holds).
+        """
+        from denuc.stream.job import RunOptions, run_source
+
+        opts = opts or RunOptions(progress=False)
+        res = run_source(self.stream(tile_px=tile_px, workers=workers), path, mpp=mpp, name=name, out_dir=out,
+                         opts=opts, models=self.models(), colors=self._colors(), keep=True)
+        if res.nuclei is None:  # skipped: outputs exist
+            raise ModelError(f"{res.name}: outputs already exist in {out} ({res.status}); pass overwrite in opts")
+        return res.nuclei, res.summary
+
+    def iter_slide(self, path: str | os.PathLike[str] | np.ndarray, mpp: float | None = None, *,
+                   opts: Any = None, tile_px: int | None = None) -> Any:
+        """Streaming form of :meth:`predict_slide`: yields one :class:`Nuclei` per chunk of tiles
+        (level-0 px), so a caller never holds the whole slide's nuclei."""
+        from denuc.source import open_source
+        from denuc.stream.job import RunOptions, _Prepared, iter_chunks
+        from denuc.stream.runner import RunContext
+        from denuc.stream.timing import StageTimer
+
+        opts = opts or RunOptions(progress=False)
+        runner = self.stream(tile_px=tile_px)
+        timer = StageTimer(self.device)
+        with open_source(path, mpp=mpp) as source:
+            prep = _Prepared(runner, source, opts, timer)
+            ctx = RunContext(stain=prep.stain, rois=prep.rois, timer=timer)
+            for _, nuc in iter_chunks(runner, prep, ctx):
+                yield nuc
+
+    def _colors(self) -> dict[str, tuple[int, int, int]]:
+        return {c: tuple(int(v) for v in col) for c, col in zip(self.meta.classes, self.meta.colors, strict=False)}
+
     def classify(self, image: np.ndarray, mpp: float, points: Nuclei) -> Nuclei:
         """Classify given points of an image (no detection). ``points.xy`` in image px; ``image``
         as in :meth:`__call__`."""
@@ -186,8 +268,7 @@ class DeNuC:
         enc0 = self.featurizer.encode_ms
         self.featurizer.set_image(image, mpp)
         feats = self.featurizer.features_at(points.xy)
-        with torch.inference_mode():
-            probs = torch.softmax(self.head(feats), dim=1).cpu().numpy().astype(np.float32)
+        probs = self.probabilities(feats)
         total = (time.perf_counter() - t0) * 1e3
         enc_ms = self.featurizer.encode_ms - enc0
         ids = probs.argmax(1).astype(np.int64) if len(probs) else np.zeros(0, np.int64)
@@ -200,32 +281,40 @@ class DeNuC:
         return out
 
     def __call__(self, image: np.ndarray | str | os.PathLike[str], mpp: float | None, name: str = "") -> Nuclei:
-        """Detect and classify the nuclei of one image.
+        """Detect and classify the nuclei of one image (through the same tile stream as slides).
 
         Args:
-            image: ``(H, W, 3)`` uint8 RGB array, an image file path, or another array layout
-                :func:`~denuc.data.image.to_rgb_uint8` converts (``(H, W)`` gray, RGBA, 16-bit,
-                float in [0, 1] or [0, 255]).
-            mpp: µm per pixel of the image (required; raises ResolutionError when None).
+            image: ``(H, W, 3)`` uint8 RGB array, an image or slide file path, or another array
+                layout :func:`~denuc.data.image.to_rgb_uint8` converts (``(H, W)`` gray, RGBA,
+                16-bit, float in [0, 1] or [0, 255]).
+            mpp: µm per pixel of the image (required for arrays, ResolutionError when None; for
+                files None means the file's metadata).
             name: stored in the result (default: the file's stem, or empty for an array).
 
         Returns:
             :class:`Nuclei` with ``xy`` (x, y) in pixels of the input image, class ids/names,
-            scores, probs and ``meta["speed"]`` in milliseconds per stage.
+            scores (detection x class probability), ``det_scores``, probs and
+            ``meta["speed"]`` in milliseconds per stage.
         """
+        from denuc.stream.job import RunOptions, run_source
+
         if isinstance(image, (str, os.PathLike)):
             name = name or Path(image).stem
-            check_mpp(mpp, str(image))  # before reading the file
-        mpp = check_mpp(mpp, name or "image")
-        image = as_rgb_image(image, name or "image")
-        t0 = time.perf_counter()
-        det = self.detector.detect(image, mpp)
-        h, w = image.shape[:2]
-        det = det.select(det.inside(h, w))
-        det.name = name
-        t_det = (time.perf_counter() - t0) * 1e3
-        out = self.classify(image, mpp, det)
-        out.meta["speed"] = {"detect": round(t_det, 2), **out.meta["speed"]}
+            if mpp is not None:
+                check_mpp(mpp, str(image))  # before reading the file
+        elif mpp is None or not isinstance(image, np.ndarray):
+            check_mpp(mpp, name or "image")
+        if not isinstance(image, (str, os.PathLike)):
+            image = as_rgb_image(image, name or "image")
+        res = run_source(self.stream(), image, mpp=mpp, name=name, opts=RunOptions(progress=False),
+                         models=None)
+        out = res.nuclei
+        assert out is not None
+        out.name = name
+        t = res.summary.get("timings_ms", {})
+        out.meta["speed"] = {"detect": round(t.get("detect", 0.0), 2), "encode": round(t.get("encode", 0.0), 2),
+                             "classify": round(t.get("query", 0.0) + t.get("classify", 0.0), 2)}
+        out.meta["windows_encoded"] = int(res.summary.get("windows_encoded", 0))
         return out
 
     def describe(self) -> dict[str, Any]:

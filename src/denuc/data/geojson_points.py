@@ -12,8 +12,10 @@ Accepted input (``.geojson``, ``.json`` or gzip-compressed ``.geojson.gz``):
 * class name from ``properties.classification.name`` (QuPath >= 0.4 may write ``names``,
   joined with ``": "`` as QuPath displays derived classes); no classification = no class;
 * ``properties.objectType`` ``detection``, ``cell`` or ``annotation`` (or absent);
-* score from the ``"Detection score"`` measurement (``measurements`` as a flat mapping, or
-  the older QuPath list of ``{"name", "value"}``).
+* score from the ``"Score (detection x class)"`` measurement that DeNuC writes for classified
+  nuclei, else from ``"Detection score"`` (``measurements`` as a flat mapping, or the older
+  QuPath list of ``{"name", "value"}``), so DeNuC's own GeoJSON reads back the ``score`` of
+  its CSV.
 
 Coordinates are taken as given: (x, y) = (column, row) in level-0 pixels with the origin
 at the top-left corner of the image, the frame :class:`~denuc.core.Nuclei` uses.
@@ -36,6 +38,8 @@ from denuc.errors import InputError
 GEOJSON_SUFFIXES = (".geojson", ".geojson.gz", ".json", ".json.gz")
 OBJECT_TYPES = ("detection", "cell", "annotation")
 SCORE_MEASUREMENT = "Detection score"
+#: DeNuC's classified score (detection score x class probability); read before SCORE_MEASUREMENT.
+COMBINED_SCORE_MEASUREMENT = "Score (detection x class)"
 #: Polygons with a larger area (µm²) are region annotations (e.g. a "Tumor" or "Stroma" area
 #: that QuPath's "export all objects" includes), not nucleus outlines. Nuclei are about
 #: 20-300 µm² (a 400 µm² disc is 22.6 µm across).
@@ -223,18 +227,17 @@ def feature_class_name(props: dict[str, Any]) -> str | None:
 
 
 def feature_score(props: dict[str, Any]) -> float:
-    """The ``"Detection score"`` measurement, or NaN."""
+    """The ``"Score (detection x class)"`` measurement, else ``"Detection score"``, else NaN."""
     m = props.get("measurements")
-    value: Any = None
+    found: dict[str, Any] = {}
     if isinstance(m, dict):
-        value = m.get(SCORE_MEASUREMENT)
+        found = m
     elif isinstance(m, list):
-        for item in m:
-            if isinstance(item, dict) and item.get("name") == SCORE_MEASUREMENT:
-                value = item.get("value")
-    if value is None:
-        return float("nan")
-    return float(value)
+        found = {item.get("name"): item.get("value") for item in m if isinstance(item, dict)}
+    for key in (COMBINED_SCORE_MEASUREMENT, SCORE_MEASUREMENT):
+        if found.get(key) is not None:
+            return float(found[key])
+    return float("nan")
 
 
 def read_geojson_points(path: str | os.PathLike[str]) -> GeoPoints:

@@ -3,12 +3,22 @@
 RGBA is composited on white (slide background), grayscale is replicated to three channels,
 16-bit and float images are scaled to 8 bit. Unreadable, truncated or empty files, and images
 larger than :data:`MAX_IMAGE_PIXELS`, raise :class:`~denuc.errors.InputError` naming the file.
+
+Warnings are one line naming the file: grayscale input and images under :data:`MIN_IMAGE_SIDE`
+px a side are accepted with a warning; Pillow's own warnings while opening a file are re-issued
+naming the file, or dropped where they tell the user nothing (corrupt EXIF blocks, the
+decompression-bomb warning for images that DeNuC refuses with its own error anyway).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import threading
+import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +29,25 @@ from denuc.errors import DenucError, InputError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 #: Largest image (width x height, pixels) DeNuC reads from one file: 2**28 px, e.g. 16384 x 16384
-#: (805 MB as 8-bit RGB). A 14000 x 14000 px lab tile is legitimate; anything larger is a
-#: whole-slide image and should be cut into tiles first. Pillow's own "decompression bomb" limit
+#: (805 MB as 8-bit RGB) held in memory at once. Larger inputs are slides: tiled TIFFs and slide
+#: formats are read tile by tile (:mod:`denuc.source`), other formats are refused with a hint. Pillow's own "decompression bomb" limit
 #: (89 Mpx by default) is raised to this bound when DeNuC first reads an image (a larger limit,
 #: or none, set by the caller is kept); above it :func:`read_image` refuses the file with an
 #: :class:`InputError`.
 MAX_IMAGE_PIXELS = 2**28
+
+#: Images with a side shorter than this (px) are read with a warning: a nucleus is about 16-40 px
+#: across at 0.25-0.5 µm/px, so such an image cannot hold much to detect.
+MIN_IMAGE_SIDE = 16
+
+#: Pillow warnings that say nothing a DeNuC user can act on; they are dropped. Corrupt or
+#: truncated EXIF/MakerNote blocks and over-long metadata tags do not affect the pixels; the
+#: palette-transparency note concerns a conversion DeNuC already does (to RGBA).
+_PILLOW_SILENT = re.compile(r"corrupt EXIF|Metadata Warning|Palette images with Transparency", re.IGNORECASE)
+
+#: Serialises :func:`_pillow_warnings`: ``warnings.catch_warnings`` swaps process-wide state, so
+#: two threads (e.g. :func:`prefetch_images` readers) must not enter it at once.
+_WARN_LOCK = threading.Lock()
 
 
 def _check_pixels(p: Path, h: int, w: int) -> None:
@@ -32,8 +55,9 @@ def _check_pixels(p: Path, h: int, w: int) -> None:
     if h * w > MAX_IMAGE_PIXELS:
         raise InputError(
             f"{p}: image is {w} x {h} px ({h * w / 1e6:.0f} Mpx), more than DeNuC reads from one file "
-            f"({MAX_IMAGE_PIXELS / 1e6:.0f} Mpx); treat it as a whole-slide image: cut it into tiles "
-            "(e.g. 4096 x 4096 px) and process the tiles")
+            f"({MAX_IMAGE_PIXELS / 1e6:.0f} Mpx) into memory at once; save it as a tiled pyramidal TIFF "
+            "(e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`, with its resolution) and give "
+            "DeNuC that file: slides are read tile by tile")
 
 
 def _pillow_image() -> Any:
@@ -43,6 +67,75 @@ def _pillow_image() -> Any:
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     return Image
+
+
+@contextmanager
+def _pillow_warnings(p: Path) -> Iterator[None]:
+    """Re-issue warnings raised by Pillow inside the block as one line naming ``p``.
+
+    Pillow's ``DecompressionBombWarning`` is dropped (images above :data:`MAX_IMAGE_PIXELS` are
+    refused by :func:`_check_pixels` with an :class:`InputError`), and so are the messages in
+    :data:`_PILLOW_SILENT`. Other Pillow warnings become ``"<file>: <message> (Pillow)"``.
+    Warnings from other code that land in the block (another thread's) are passed on unchanged.
+    Keep the block short (opening and converting, not decoding): it holds a process-wide lock.
+    """
+    with _WARN_LOCK:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    from PIL import Image
+
+    seen: set[str] = set()
+    for w in caught:
+        fname = os.path.normcase(str(w.filename))
+        from_pillow = (f"{os.sep}PIL{os.sep}" in fname or issubclass(w.category, Image.DecompressionBombWarning))
+        if not from_pillow:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        msg = " ".join(str(w.message).split())
+        if issubclass(w.category, Image.DecompressionBombWarning) or _PILLOW_SILENT.search(msg) or msg in seen:
+            continue
+        seen.add(msg)
+        warnings.warn(f"{p}: {msg} (Pillow)", UserWarning, stacklevel=4)
+
+
+_quiet = threading.local()
+
+
+class _QuietFilter(logging.Filter):
+    """Holds back tifffile's log records in threads inside :func:`quiet_tifffile`; the records
+    are collected for the caller instead of reaching stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        sink = getattr(_quiet, "sink", None)
+        if sink is None:
+            return True
+        sink.append(record.getMessage())
+        return False
+
+
+_FILTER = _QuietFilter()
+_FILTER_LOCK = threading.Lock()
+
+
+@contextmanager
+def quiet_tifffile() -> Iterator[list[str]]:
+    """Within the block, tifffile's log messages *from this thread* are collected into the
+    yielded list instead of being printed (other threads are not affected). Used while DeNuC
+    probes or opens files whose problems it reports itself, in one line."""
+    with _FILTER_LOCK:
+        log = logging.getLogger("tifffile")
+        if _FILTER not in log.filters:
+            log.addFilter(_FILTER)
+    outer = getattr(_quiet, "sink", None)
+    sink: list[str] = []
+    _quiet.sink = sink
+    try:
+        yield sink
+    finally:
+        _quiet.sink = outer
+        if outer is not None:
+            outer.extend(sink)
 
 
 def describe_exception(e: BaseException) -> str:
@@ -60,10 +153,13 @@ def uint16_depth(a: np.ndarray) -> int:
     return next(b for b in (8, 10, 12, 14, 16) if hi < (1 << b))
 
 
-def to_rgb_uint8(arr: np.ndarray, source: str = "array") -> np.ndarray:
+def to_rgb_uint8(arr: np.ndarray, source: str = "array", warn: bool = True) -> np.ndarray:
     """Normalise any 2-D/3-D image array to ``(H, W, 3)`` uint8 RGB.
 
-    * ``(H, W)`` grayscale -> replicated; ``(H, W, 1)`` likewise.
+    * ``(H, W)`` grayscale -> replicated; ``(H, W, 1)`` likewise; ``(H, W, 2)`` gray + alpha ->
+      composited on white, then replicated. With ``warn``, grayscale input gets one warning
+      naming ``source`` (H&E models expect colour), and so does an image with a side under
+      :data:`MIN_IMAGE_SIDE` px.
     * ``(H, W, 4)`` RGBA -> alpha-composited on white.
     * uint16 -> scaled from its bit depth to 8 bit: 16-bit full scale, unless no value exceeds
       the 8/10/12/14-bit full scale, which is then taken as the data's depth (cameras store
@@ -80,13 +176,16 @@ def to_rgb_uint8(arr: np.ndarray, source: str = "array") -> np.ndarray:
         raise InputError(f"{source}: expected an (H, W), (H, W, 3) or (H, W, 4) image; got shape {a.shape}")
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise InputError(f"{source}: image is empty ({a.shape[0]}x{a.shape[1]} px)")
+    if warn and a.shape[2] in (1, 2):
+        warnings.warn(f"{source}: grayscale image: replicated to RGB; H&E models expect colour", stacklevel=2)
+    if warn and min(a.shape[0], a.shape[1]) < MIN_IMAGE_SIDE:
+        warnings.warn(f"{source}: image is only {a.shape[1]} x {a.shape[0]} px (under {MIN_IMAGE_SIDE} px a "
+                      "side), too small to hold more than a nucleus", stacklevel=2)
     if a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
     elif a.dtype == np.uint16:
         bits = uint16_depth(a)
         if bits < 16:
-            import warnings
-
             warnings.warn(f"{source}: 16-bit image whose values stay within {bits} bits (max {int(a.max())}); "
                           f"read as {bits}-bit data", stacklevel=2)
         full = (1 << bits) - 1
@@ -130,7 +229,7 @@ def _read_tiff(p: Path) -> tuple[np.ndarray | None, str]:
     except ImportError:
         return None, "tifffile is not installed"
     try:
-        with tifffile.TiffFile(p) as tf:
+        with quiet_tifffile() as notes, tifffile.TiffFile(p) as tf:
             if not tf.pages:
                 return None, "no image in the file"
             page: Any = tf.pages[0]
@@ -174,7 +273,8 @@ def _read_tiff(p: Path) -> tuple[np.ndarray | None, str]:
     except (DenucError, MemoryError):
         raise
     except Exception as e:  # any tifffile failure (missing codec, odd or corrupt file): Pillow tries
-        return None, describe_exception(e)
+        why = describe_exception(e)
+        return None, f"{why} ({'; '.join(notes)})" if notes else why
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
@@ -200,7 +300,9 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
 
         Image = _pillow_image()
         try:
-            with Image.open(p) as im:
+            with _pillow_warnings(p):  # header and tags are parsed here (EXIF, size check)
+                im = Image.open(p)
+            with im:
                 _check_pixels(p, im.size[1], im.size[0])
                 im.load()  # forces decoding: truncated files fail here
                 if im.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -208,7 +310,8 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
                     if arr.dtype == np.int64:
                         arr = np.clip(arr, 0, 65535).astype(np.uint16)
                 elif im.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV", "1"):
-                    arr = np.asarray(im.convert("RGBA" if "transparency" in im.info else "RGB"))
+                    with _pillow_warnings(p):
+                        arr = np.asarray(im.convert("RGBA" if "transparency" in im.info else "RGB"))
                 elif im.mode == "F":
                     arr = np.asarray(im)
                 else:
@@ -252,7 +355,9 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     p = Path(path)
     Image = _pillow_image()
     try:
-        with Image.open(p) as im:
+        with _pillow_warnings(p):
+            im = Image.open(p)
+        with im:
             w, h = im.size
             return h, w
     except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError):

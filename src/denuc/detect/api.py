@@ -103,6 +103,7 @@ class Detector:
             on_gpu = torch.device(device).type == "cuda"
             batch_size = max(1, (2**22 if on_gpu else 2**18) // self.window**2)
         self.batch_size = int(batch_size)
+        self.path: Path | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, device: Any = None,
@@ -127,7 +128,25 @@ class Detector:
             raise ModelError(f"no default detector shipped at {p}; pass a checkpoint path")
         dev = pick_device(str(device) if device is not None else None)
         model, meta = load_detector(p, dev)
-        return cls(model, meta, dev, threshold, batch_size=batch_size, tta=tta, window=window)
+        det = cls(model, meta, dev, threshold, batch_size=batch_size, tta=tta, window=window)
+        det.path = p
+        return det
+
+    def describe(self) -> dict[str, Any]:
+        """Name, weights hash (sha256 of the checkpoint file) and inference settings, for summaries."""
+        import hashlib
+
+        path = getattr(self, "path", None)
+        sha = None
+        if path is not None and Path(path).is_file():
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            sha = h.hexdigest()
+        return {"checkpoint": Path(path).name if path is not None else None, "sha256": sha,
+                "backbone": self.model.config.backbone, "mpp": self.mpp, "threshold": self.threshold,
+                "tta": self.tta, "window": self.window, "stride": self.stride, "margin": self.margin}
 
     def _prepare(self, image: Any, mpp: float | None, name: str) -> tuple[np.ndarray, np.ndarray, float]:
         """``(image as (H, W, 3) uint8, image resampled to the model's mpp, mpp)``; any array
@@ -161,8 +180,6 @@ class Detector:
         Returns:
             one :class:`Nuclei` per image, ``xy`` in that image's pixels, ``mpp`` = its mpp.
         """
-        from denuc.detect.windows import detect_images
-
         names = list(names) if names is not None else [""] * len(images)
         if not (len(images) == len(mpps) == len(names)):
             raise InputError(f"{len(images)} images, {len(mpps)} mpps and {len(names)} names")
@@ -171,12 +188,7 @@ class Detector:
                 check_mpp(mpps[i], str(im))  # before reading the file
                 names[i] = names[i] or Path(im).stem
         prepared = [self._prepare(im, m, n) for im, m, n in zip(images, mpps, names, strict=True)]
-        if self.tta > 1:
-            dets = self._detect_tta([p[1] for p in prepared])
-        else:
-            dets = detect_images(self.model, [p[1] for p in prepared], threshold=self.threshold,
-                                 window=self.window, stride=self.stride, margin=self.margin,
-                                 batch_size=self.batch_size, device=self.device)
+        dets = self.detect_works([p[1] for p in prepared])
         out = []
         for (img, work, mpp_v), d, n in zip(prepared, dets, names, strict=True):
             nuc = Nuclei(d.xy, d.scores, d.labels, self.class_names,
@@ -186,6 +198,17 @@ class Detector:
             nuc.image_size = (int(img.shape[0]), int(img.shape[1]))
             out.append(nuc.select(nuc.inside(*nuc.image_size)))
         return out
+
+    def detect_works(self, works: Sequence[np.ndarray]) -> list[Any]:
+        """Raw detections (:class:`~denuc.detect.windows.RawDetections`, points in each image's
+        pixels at the model's mpp, after the margin rule, NMS and the threshold) of images already
+        at :attr:`mpp` (``(H, W, 3)`` uint8 each), with test-time augmentation when set."""
+        from denuc.detect.windows import detect_images
+
+        if self.tta > 1:
+            return self._detect_tta(list(works))
+        return detect_images(self.model, list(works), threshold=self.threshold, window=self.window,
+                             stride=self.stride, margin=self.margin, batch_size=self.batch_size, device=self.device)
 
     def _detect_tta(self, works: list[np.ndarray]) -> list[Any]:
         """Fused detections of every pass of :attr:`passes` on each working-mpp image."""

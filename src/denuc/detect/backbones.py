@@ -142,6 +142,22 @@ DEFAULT_NECK_WIDTH = {"shufflenetv2_0.5x": 96, "shufflenetv2_1.0x": 96, "shuffle
                       "shufflenetv2_2.0x": 192, "resnet50": 256, "efficientnet-lite0": 96}
 
 
+class _SpaceToDepth(nn.Module):
+    """``nn.PixelUnshuffle`` that also maps an empty batch ``(0, C, H, W)`` to
+    ``(0, C r², H / r, W / r)`` (PyTorch returns it unchanged); data-parallel training runs a
+    rank's empty share of a short last batch through the model."""
+
+    def __init__(self, r: int) -> None:
+        super().__init__()
+        self.r = r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            b, c, h, w = x.shape
+            return x.new_zeros((0, c * self.r ** 2, h // self.r, w // self.r))
+        return nn.functional.pixel_unshuffle(x, self.r)
+
+
 class TinyBackbone(Backbone):
     """A few-thousand-parameter backbone for tests and smoke runs (not for real data).
 
@@ -152,7 +168,7 @@ class TinyBackbone(Backbone):
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
-        self.c3 = nn.Sequential(nn.PixelUnshuffle(8), nn.Conv2d(3 * 64, width, 1), nn.LeakyReLU(0.1),
+        self.c3 = nn.Sequential(_SpaceToDepth(8), nn.Conv2d(3 * 64, width, 1), nn.LeakyReLU(0.1),
                                 nn.Conv2d(width, width, 1), nn.LeakyReLU(0.1))
         self.c4 = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(width, width, 1), nn.LeakyReLU(0.1))
         self.c5 = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(width, width, 1), nn.LeakyReLU(0.1))

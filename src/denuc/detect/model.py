@@ -9,6 +9,7 @@ and those falling in the padding are dropped at inference.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -115,18 +116,19 @@ class PointDetector(nn.Module):
         points = anchors[None] + offsets.permute(0, 2, 3, 1).reshape(b, gh * gw, 2).float()
         return logits.permute(0, 2, 3, 1).reshape(b, gh * gw, c).float(), points
 
-    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None
+    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None, *,
+                sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None
                 ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         logits, points = self.raw(images)
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")
-            return self.loss(logits, points, targets)
+            return self.loss(logits, points, targets, sum_across=sum_across)
         return self.postprocess(logits, points, images.shape[-2:])
 
     # ---------------------------------------------------------------- loss
-    def loss(self, logits: torch.Tensor, points: torch.Tensor, targets: list[dict[str, torch.Tensor]]
-             ) -> dict[str, torch.Tensor]:
+    def loss(self, logits: torch.Tensor, points: torch.Tensor, targets: list[dict[str, torch.Tensor]], *,
+             sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """CE over all proposals (background weight ``bg_weight``) + ``offset_weight`` x the
         squared error of matched proposals (summed over x, y, averaged over matches; 0 when
         the batch has no ground truth). Lengths in the matching cost and the offset error
@@ -135,7 +137,37 @@ class PointDetector(nn.Module):
         A point labelled -1 (a nucleus of unknown class) is matched by its probability of
         being any nucleus, ``1 - p(background)``; its proposal's classification term is
         ``-log(1 - p(background))`` (weight 1, like a class), so it is trained as a nucleus
-        without a class target, and its offset is trained as usual."""
+        without a class target, and its offset is trained as usual.
+
+        ``sum_across`` (data-parallel training, :mod:`denuc.train.distributed`): this batch is
+        one rank's share of a global batch; the normalisers (class-weight sum, match count) are
+        passed through ``sum_across`` (summed over the ranks) so that the returned losses are
+        this rank's *share* of the global batch's losses (the shares of all ranks add up to the
+        loss one process would compute on the whole batch)."""
+        if sum_across is not None:
+            return self._loss_share(logits, points, targets, sum_across)
+        b, p, _ = logits.shape
+        target_cls, sq, n_match = self._match(logits, points, targets)
+        flat = logits.reshape(b * p, -1)
+        unknown = target_cls < 0
+        cls_weight: torch.Tensor = self.cls_weight  # type: ignore[assignment]
+        if not bool(unknown.any()):
+            loss_cls = F.cross_entropy(flat, target_cls.reshape(-1), weight=cls_weight)
+        else:
+            # weighted mean as F.cross_entropy's, with the unknown-class matches as
+            # -log(1 - p(bg)) = logsumexp(all logits) - logsumexp(class logits), weight 1
+            unk = unknown.reshape(-1)
+            tgt = target_cls.reshape(-1)
+            ce = F.cross_entropy(flat[~unk], tgt[~unk], weight=cls_weight, reduction="sum")
+            nll_fg = torch.logsumexp(flat[unk], -1) - torch.logsumexp(flat[unk][:, 1:], -1)
+            loss_cls = (ce + nll_fg.sum()) / (cls_weight[tgt[~unk]].sum() + unk.sum())
+        loss_offset = self.config.offset_weight * sq / max(n_match, 1)
+        return {"loss_cls": loss_cls, "loss_offset": loss_offset, "loss": loss_cls + loss_offset}
+
+    def _match(self, logits: torch.Tensor, points: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Matching of :meth:`loss`: ``(target class per proposal (B, P), -1 = nucleus of unknown
+        class, 0 = background; summed squared offset error of the matches; match count)``."""
         b, p, _ = logits.shape
         target_cls = torch.zeros(b, p, dtype=torch.long, device=logits.device)
         sq = logits.new_zeros(())
@@ -155,20 +187,26 @@ class PointDetector(nn.Module):
             target_cls[i, rows] = torch.where(known[cols], labels[cols] + 1, -1)  # -1: nucleus, class unknown
             sq = sq + (((points[i, rows] - gt[cols]) * ls) ** 2).sum()
             n_match += len(rows)
-        flat = logits.reshape(b * p, -1)
-        unknown = target_cls < 0
+        return target_cls, sq, n_match
+
+    def _loss_share(self, logits: torch.Tensor, points: torch.Tensor, targets: list[dict[str, torch.Tensor]],
+                    sum_across: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """:meth:`loss` as numerators over normalisers summed by ``sum_across``."""
+        b, p, _ = logits.shape
+        target_cls, sq, n_match = self._match(logits, points, targets)
+        flat = logits.reshape(b * p, logits.shape[-1])  # also for an empty share (b = 0)
+        tgt = target_cls.reshape(-1)
+        unk = tgt < 0
         cls_weight: torch.Tensor = self.cls_weight  # type: ignore[assignment]
-        if not bool(unknown.any()):
-            loss_cls = F.cross_entropy(flat, target_cls.reshape(-1), weight=cls_weight)
-        else:
-            # weighted mean as F.cross_entropy's, with the unknown-class matches as
-            # -log(1 - p(bg)) = logsumexp(all logits) - logsumexp(class logits), weight 1
-            unk = unknown.reshape(-1)
-            tgt = target_cls.reshape(-1)
-            ce = F.cross_entropy(flat[~unk], tgt[~unk], weight=cls_weight, reduction="sum")
-            nll_fg = torch.logsumexp(flat[unk], -1) - torch.logsumexp(flat[unk][:, 1:], -1)
-            loss_cls = (ce + nll_fg.sum()) / (cls_weight[tgt[~unk]].sum() + unk.sum())
-        loss_offset = self.config.offset_weight * sq / max(n_match, 1)
+        ce = F.cross_entropy(flat[~unk], tgt[~unk], weight=cls_weight, reduction="sum")
+        nll_fg = torch.logsumexp(flat[unk], -1) - torch.logsumexp(flat[unk][:, 1:], -1)
+        den = torch.stack([cls_weight[tgt[~unk]].sum() + unk.sum(), logits.new_tensor(float(n_match))]).float()
+        den = sum_across(den)
+        loss_cls = (ce + nll_fg.sum()) / den[0]
+        # a share without matches still connects the offset branch (zero gradient): DDP needs a
+        # gradient for every parameter on every rank
+        sq = sq + 0.0 * points.sum()
+        loss_offset = self.config.offset_weight * sq / den[1].clamp_min(1.0)
         return {"loss_cls": loss_cls, "loss_offset": loss_offset, "loss": loss_cls + loss_offset}
 
     # ---------------------------------------------------------- inference

@@ -26,7 +26,8 @@ by each image's µm/px) or neither (the protocol's default physical radius, conv
 through each image's µm/px). Converted radii are rounded to 1e-9 px.
 
 Predictions outside their image (when the GT knows the image size) are kept and count as
-false positives, with one warning naming the files and counts; coordinates beyond
+false positives, with one warning naming the files and counts; so are predictions that
+repeat the exact (x, y) of another in the same file (one warning likewise); coordinates beyond
 ±:data:`~denuc.evaluate.matching.MAX_COORD` px and NaN scores are refused, naming the file.
 """
 
@@ -239,6 +240,7 @@ def _load_pred(pred: str | os.PathLike[str] | Mapping[str, Nuclei], gt: Mapping[
         raise InputError(f"pred must be a folder or a mapping stem -> Nuclei; got {type(pred).__name__}")
     out = {}
     outside: list[tuple[str, int, tuple[float, float]]] = []
+    repeated: list[tuple[str, int, tuple[float, float]]] = []
     for s, p in raw.items():
         if not isinstance(p, Nuclei):
             raise InputError(f"predictions of {s!r} must be a Nuclei; got {type(p).__name__}")
@@ -260,6 +262,9 @@ def _load_pred(pred: str | os.PathLike[str] | Mapping[str, Nuclei], gt: Mapping[
         gmpp = gt[s].mpp
         if p.mpp is not None and gmpp is not None and p.mpp != gmpp:
             p = p.rescale(gmpp)  # exact: same image, other pixel size
+        n_dup, first = _duplicates(p.xy)
+        if n_dup:
+            repeated.append((src, n_dup, first))
         size = gt[s].image_size
         if size is not None and len(p):
             bad = ~p.inside(*size)
@@ -267,13 +272,37 @@ def _load_pred(pred: str | os.PathLike[str] | Mapping[str, Nuclei], gt: Mapping[
                 x, y = (float(v) for v in p.xy[bad][0])
                 outside.append((src, int(bad.sum()), (x, y)))
         out[s] = p
+    if repeated:
+        warnings.warn(f"{_listed(repeated)} repeat the (x, y) of another prediction of their file and count as "
+                      f"separate predictions (at most one can match): {_shown(repeated)}", stacklevel=3)
     if outside:
-        total = sum(n for _, n, _ in outside)
-        shown = "; ".join(f"{src}: {n} (e.g. (x, y) = ({x:g}, {y:g}))" for src, n, (x, y) in outside[:3])
-        more = f"; and {len(outside) - 3} more file(s)" if len(outside) > 3 else ""
-        warnings.warn(f"{total} prediction(s) in {len(outside)} file(s) lie outside their image and count as false "
-                      f"positives: {shown}{more}", stacklevel=3)
+        warnings.warn(f"{_listed(outside)} lie outside their image and count as false positives: {_shown(outside)}",
+                      stacklevel=3)
     return out
+
+
+def _duplicates(xy: np.ndarray) -> tuple[int, tuple[float, float]]:
+    """How many of the ``(N, 2)`` points repeat an earlier point exactly, and the first repeated one."""
+    if len(xy) < 2:
+        return 0, (0.0, 0.0)
+    uniq, first_index = np.unique(xy, axis=0, return_index=True)
+    n = len(xy) - len(uniq)
+    if not n:
+        return 0, (0.0, 0.0)
+    seen = np.zeros(len(xy), dtype=bool)
+    seen[first_index] = True
+    x, y = (float(v) for v in xy[~seen][0])
+    return n, (x, y)
+
+
+def _listed(found: Sequence[tuple[str, int, tuple[float, float]]]) -> str:
+    return f"{sum(n for _, n, _ in found)} prediction(s) in {len(found)} file(s)"
+
+
+def _shown(found: Sequence[tuple[str, int, tuple[float, float]]]) -> str:
+    """``file: count (e.g. (x, y) = ...)`` for the first three files, and how many more."""
+    shown = "; ".join(f"{src}: {n} (e.g. (x, y) = ({x:g}, {y:g}))" for src, n, (x, y) in found[:3])
+    return shown + (f"; and {len(found) - 3} more file(s)" if len(found) > 3 else "")
 
 
 def _radii(gt: Mapping[str, Nuclei], proto: Protocol, radius_px: float | None,

@@ -41,6 +41,17 @@ from denuc.detect.windows import MARGIN, STRIDE, WINDOW, RawDetections, detect_i
 from denuc.errors import InputError, ModelError
 from denuc.train.augment import AugmentConfig, augment
 from denuc.train.detector_config import RUN_INDEPENDENT, SHIPPED, TrainConfig
+from denuc.train.distributed import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    batch_share,
+    check_replicas,
+    per_rank_batch,
+    sum_across,
+    wrap_ddp,
+)
 
 #: Files of a training run in its output folder (a new run refuses a folder holding any of them).
 RUN_FILES = ("state.pt", "best.safetensors", "last.safetensors", "log.jsonl")
@@ -165,11 +176,15 @@ def _one_thread(_: int) -> None:
 
 
 def crop_batches(source: CropSource, order: np.ndarray, epoch: int, batch_size: int, steps: int,
-                 workers: int) -> Any:
+                 workers: int, share: Callable[[list[tuple[int, int, int]]], list[tuple[int, int, int]]] | None = None
+                 ) -> Any:
     """Iterator over ``steps`` batches (lists of ``(crop, xy, labels)``) of the crops ``order``
-    (item indices) of ``epoch``, prepared by ``workers`` processes (0 = here)."""
+    (item indices) of ``epoch``, prepared by ``workers`` processes (0 = here). ``share``: this
+    process's part of each global batch (data-parallel training; all of it by default)."""
     keys = [(int(i), epoch, pos) for pos, i in enumerate(order)]
     chunks = [keys[b * batch_size:(b + 1) * batch_size] for b in range(steps)]
+    if share is not None:
+        chunks = [share(c) for c in chunks]
     if workers <= 0:
         return ([source[k] for k in chunk] for chunk in chunks)
     return iter(torch.utils.data.DataLoader(source, batch_sampler=chunks, num_workers=workers,
@@ -179,27 +194,51 @@ def crop_batches(source: CropSource, order: np.ndarray, epoch: int, batch_size: 
 
 def train_step(model: PointDetector, batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
                opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, lr: float,
-               device: torch.device) -> dict[str, torch.Tensor]:
+               device: torch.device, parallel: DataParallelStep | None = None) -> dict[str, torch.Tensor]:
     """One optimisation step on a batch of ``(crop (S, S, 3) uint8, xy (n, 2) crop px, labels (n,))``.
 
     Sets every parameter group's learning rate to ``lr``; autocast (AMP) when ``scaler`` is
     enabled. Returns the model's loss dict (tensors on ``device``, not synchronised).
+    ``parallel``: ``batch`` is this rank's share (possibly empty) of a global batch; the step
+    goes through the DDP wrapper and the losses returned are this rank's shares.
     """
     imgs, targets = [], []
     for im, xy, lab in batch:
         imgs.append(im)
         targets.append({"points": torch.as_tensor(xy, dtype=torch.float32, device=device),
                         "labels": torch.as_tensor(lab, dtype=torch.long, device=device)})
-    x = normalise(np.stack(imgs), model.config.mean, model.config.std, device)
+    if imgs:
+        x = normalise(np.stack(imgs), model.config.mean, model.config.std, device)
+    else:  # an empty share of a short last batch: takes part in the collective step with nothing
+        assert parallel is not None, "empty batch"
+        x = torch.zeros((0, 3, parallel.crop, parallel.crop), device=device)
     for g in opt.param_groups:
         g["lr"] = lr
     with torch.autocast(device.type, enabled=scaler.is_enabled()):
-        losses = model(x, targets)
+        if parallel is None:
+            losses = model(x, targets)
+        else:
+            losses = parallel.net(x, targets, sum_across=parallel.sum_across)
     opt.zero_grad(set_to_none=True)
-    scaler.scale(losses["loss"]).backward()
+    if parallel is None:
+        scaler.scale(losses["loss"]).backward()
+    else:  # DDP averages the ranks' gradients; the shares' gradients must add up
+        scaler.scale(losses["loss"] * parallel.world).backward()
     scaler.step(opt)
     scaler.update()
     return losses
+
+
+@dataclass
+class DataParallelStep:
+    """How :func:`train_step` runs as one rank of a data-parallel run: ``net`` is the
+    DDP-wrapped model, ``sum_across`` sums loss normalisers over the ``world`` ranks, ``crop``
+    the crop side (for an empty share)."""
+
+    net: torch.nn.Module
+    sum_across: Callable[[torch.Tensor], torch.Tensor]
+    world: int
+    crop: int
 
 
 def auto_workers(workers: int, device: torch.device) -> int:
@@ -472,21 +511,36 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     the one with the highest val detection F1 (val mean class F1 with ``classes``), or, when
     no dataset has a val split, the lowest mean train loss (``best_score`` = minus that loss).
     ``cfg.threads`` (if set) applies to torch's CPU thread pool during the call only.
+
+    Under ``torchrun`` (several processes) the run is data-parallel
+    (:mod:`denuc.train.distributed`): ``batch_size`` is the global batch, shared by the
+    processes; rank 0 logs and writes; the result is the one-process run's up to float rounding.
     """
     check_config(cfg)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
+        from denuc.train.distributed import distributed, launched_world, main_only_log
+
         with removed_if_failed(cfg.out):  # a run that fails before writing anything leaves no empty --out
-            return _train(cfg, log)
+            if launched_world()[1] > 1:
+                with distributed(pick_device(cfg.device)) as (ctx, device):
+                    return _train(cfg, main_only_log(log, ctx), ctx, device)
+            return _train(cfg, log, DistContext(), None)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
+def _train(cfg: TrainConfig, log: Callable[[str], None], ctx: DistContext, device: torch.device | None
+           ) -> dict[str, Any]:
+    per_rank = per_rank_batch(cfg.batch_size, ctx.world)
     out, state, stale = _prepare_out(cfg, log)
-    device = pick_device(cfg.device)
+    if device is None:
+        device = pick_device(cfg.device)
+    if ctx.active:
+        log(f"data-parallel: {ctx.world} processes ({ctx.backend}), {per_rank} of the {cfg.batch_size} crops "
+            "of each batch per process")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
@@ -546,8 +600,12 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
         _set_rng_state(st["rng"], np_rng)
         # the log is rewritten from the state: a kill between an epoch's log line and its state
         # left a line the resumed run would repeat
-        atomic_write_text(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        if ctx.is_main:
+            atomic_write_text(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         log(f"resumed from {state_path} at epoch {start_epoch}")
+    barrier(ctx)  # every rank has read the state and checked the folder before rank 0 changes it
+    if not ctx.is_main:
+        stale = []
     for old_file in stale:  # --overwrite: the old run's files go only now that the new run could be set up
         old_file.unlink(missing_ok=True)
     if stale:
@@ -557,6 +615,10 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
     aug = AugmentConfig(crop=cfg.crop, p_stain=cfg.stain_p, stain_strength=cfg.stain_strength,
                         stain_space=cfg.stain_space)
     source = CropSource(train_items, aug, cfg.seed)
+    parallel = None
+    if ctx.active:
+        parallel = DataParallelStep(wrap_ddp(model, ctx, device), sum_across(ctx), ctx.world,  # type: ignore[arg-type]
+                                    cfg.crop)
     workers = auto_workers(cfg.workers, device)
     if cfg.workers < 0:
         log(f"loader workers: {workers} (automatic on {device.type})")
@@ -571,20 +633,24 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
         # loss sums stay on the device: reading them every step would stall a GPU step by step
         sums = {k: torch.zeros((), device=device) for k in ("loss", "loss_cls", "loss_offset")}
         te = time.time()
-        batches = crop_batches(source, order, epoch, cfg.batch_size, steps_per_epoch, workers)
-        if cfg.progress:
+        batches = crop_batches(source, order, epoch, cfg.batch_size, steps_per_epoch, workers,
+                               share=(lambda c: batch_share(c, ctx, per_rank)) if ctx.active else None)
+        if cfg.progress and ctx.is_main:
             from tqdm import tqdm
 
             batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for batch in batches:
             lr = cosine_lr(step, total_steps, cfg.lr, cfg.min_lr)
-            losses = train_step(model, batch, opt, scaler, lr, device)
+            losses = train_step(model, batch, opt, scaler, lr, device, parallel)
             step += 1
             for k in sums:
                 sums[k] += losses[k].detach().float()
+        for k in sums:  # the ranks' shares add up to the global losses
+            all_reduce_sum(sums[k], ctx)
+        check_replicas(model, ctx)
         rec: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr, "train_s": round(time.time() - te, 1),
                                **{k: float(v) / steps_per_epoch for k, v in sums.items()}}
-        scores = _validate(model, val_items, cfg, vocab) if val_items else {}
+        scores = _validate(model, val_items, cfg, vocab, ctx) if val_items else {}
         if scores:
             # class-aware models are selected by mean class F1, class-agnostic ones by detection F1
             key = 1 if cfg.classes else 0
@@ -600,19 +666,22 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
         meta = {**meta_base, "epoch": epoch + 1, "val_f1": rec.get("val_f1"), "val_threshold": thr,
                 "val_mean_class_f1": rec.get("val_mean_class_f1"),
                 "class_names": list(vocab)}
-        save_detector(out / "last.safetensors", model, meta)
-        if score > best_f1:
+        improved = score > best_f1
+        if improved:
             best_f1, best_epoch = score, epoch + 1
-            save_detector(out / "best.safetensors", model, meta)
         rec["best_epoch"] = best_epoch
         history.append(rec)
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                    "step": step, "epoch": epoch + 1, "best_f1": best_f1, "best_epoch": best_epoch,
-                    "history": json.dumps(history), "rng": _rng_state(np_rng), "config": settings},
-                   out / "state.tmp")
-        (out / "state.tmp").replace(state_path)
+        if ctx.is_main:  # one writer; `model` is the un-wrapped module, so any world size resumes it
+            save_detector(out / "last.safetensors", model, meta)
+            if improved:
+                save_detector(out / "best.safetensors", model, meta)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                        "step": step, "epoch": epoch + 1, "best_f1": best_f1, "best_epoch": best_epoch,
+                        "history": json.dumps(history), "rng": _rng_state(np_rng), "config": settings},
+                       out / "state.tmp")
+            (out / "state.tmp").replace(state_path)
         if not scores:
             val = "(no val split: best = lowest train loss)"
         else:
@@ -622,6 +691,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
             f"{rec['loss_offset']:.4f}) {val} [{rec['train_s']} s] best epoch {best_epoch}")
     if start_epoch >= cfg.epochs:
         log(f"{state_path}: all {cfg.epochs} epochs are already trained; nothing to do")
+    barrier(ctx)  # rank 0 has written the last checkpoint when any rank returns
     selected_by = ("train loss" if not val_items else "val mean class F1" if cfg.classes else "val F1")
     return {"best_epoch": best_epoch, "best_score": best_f1, "selected_by": selected_by, "out": str(out),
             "history": history, "best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}
@@ -640,11 +710,20 @@ def held_back_val(cfg: TrainConfig) -> list[str]:
     return out
 
 
-def _validate(model: PointDetector, items: list[Item], cfg: TrainConfig, vocab: tuple[str, ...]
-              ) -> dict[float, tuple[float, float]]:
+def _validate(model: PointDetector, items: list[Item], cfg: TrainConfig, vocab: tuple[str, ...],
+              ctx: DistContext | None = None) -> dict[float, tuple[float, float]]:
+    """Val scores per threshold (:func:`val_scores`); with several processes each detects its
+    share of the images (``items[rank::world]``) and every rank scores all of them."""
     model.eval()
-    dets = detect_images(model, [it.image for it in items], threshold=min(THRESHOLDS) - 1e-6,
-                         batch_size=cfg.batch_size)
+    if ctx is None or not ctx.active:
+        dets = detect_images(model, [it.image for it in items], threshold=min(THRESHOLDS) - 1e-6,
+                             batch_size=cfg.batch_size)
+    else:
+        mine = detect_images(model, [it.image for it in items[ctx.rank::ctx.world]],
+                             threshold=min(THRESHOLDS) - 1e-6, batch_size=cfg.batch_size)
+        dets = [None] * len(items)  # type: ignore[list-item]
+        for r, part in enumerate(all_gather_objects(mine, ctx)):
+            dets[r::ctx.world] = part
     gt = {it.stem: it.gt for it in items}
     pred = dict(zip(gt, dets, strict=True))
     return val_scores(gt, pred, cfg.mpp, cfg.val_radius_um, THRESHOLDS, vocab)

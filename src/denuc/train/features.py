@@ -199,12 +199,32 @@ def cache_key(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], point
 def _extract(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], want_gt: bool,
              detect: DetectFn | None, log: Callable[[str], None],
              transform: Callable[[np.ndarray, int], np.ndarray] | None = None) -> dict[str, PointFeatures]:
+    """Features of ``stems`` (``transform(image, position in stems)`` applied first, if given).
+    In a data-parallel run (:mod:`denuc.train.distributed`) every process encodes its share of
+    the images and all get the whole result, the same as one process extracting everything."""
+    from denuc.train.distributed import current
+
+    ctx = current()
+    if ctx.active:
+        from denuc.train.distributed import extract_shared
+
+        return extract_shared(lambda mine, pos: _extract_images(fz, ds, mine, want_gt, detect, log, transform, pos),
+                              stems, [ds.mpp_of(s) for s in stems], ctx)
+    return _extract_images(fz, ds, stems, want_gt, detect, log, transform)
+
+
+def _extract_images(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], want_gt: bool,
+                    detect: DetectFn | None, log: Callable[[str], None],
+                    transform: Callable[[np.ndarray, int], np.ndarray] | None = None,
+                    positions: Sequence[int] | None = None) -> dict[str, PointFeatures]:
+    """:func:`_extract` in this process; ``positions``: each stem's position for ``transform``
+    (default: its index in ``stems``)."""
     parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]]] = {"gt": [], "det": []}
     t0 = time.perf_counter()
     for i, s in enumerate(stems):
         sample = ds.load(s)
         if transform is not None:
-            sample.image = transform(sample.image, i)
+            sample.image = transform(sample.image, i if positions is None else positions[i])
         fz.set_image(sample.image, sample.mpp)
         sets: dict[str, Nuclei] = {}
         if want_gt:
@@ -252,13 +272,14 @@ def cached_features(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str],
     paths = {k: root / "features" / f"{cache_key(fz, ds, stems, 'gt' if k == 'gt' else f'det:{detector_id}')[0]}.npz"
              for k in wanted}
     out = {k: f for k, p in paths.items() if (f := _load_cached(p, fz.encoder.dim, stems)) is not None}
-    todo = [k for k in wanted if k not in out]
+    todo = _agree([k for k in wanted if k not in out], wanted)
     if todo:
         log(f"extracting {'+'.join(todo)} point features of {len(stems)} images with {fz.encoder.name} "
             f"({fz.mpp} µm/px, window {fz.window}/{fz.stride}, align {fz.align})")
         new = _extract(fz, ds, stems, "gt" in todo, detect if "det" in todo else None, log)
         for k in todo:
-            _save_cached(new[k], paths[k])
+            if _writes_cache():
+                _save_cached(new[k], paths[k])
             out[k] = new[k]
     else:
         log(f"using cached point features ({', '.join(str(p) for p in paths.values())})")
@@ -308,12 +329,34 @@ def augmented_gt_features(fz: PointFeaturizer, ds: PointDataset, stems: Sequence
     for k in range(n_aug):
         path = root / "features" / f"{cache_key(fz, ds, stems, f'gt-stain:{k}:{seed}:{strength}{tag}')[0]}.npz"
         cached = _load_cached(path, fz.encoder.dim, stems)
-        if cached is not None:
+        if not _agree([] if cached is not None else ["pass"], ["pass"]):  # no process missed it
+            assert cached is not None
             out.append(cached)
             continue
         log(f"extracting stain-jittered ({space}, strength {strength}) GT features, pass {k + 1}/{n_aug}")
         feats = _extract(fz, ds, stems, True, None, log, transform=lambda img, i, k=k: stain_jitter(
             img, np.random.default_rng([seed, k, i]), strength, space))["gt"]
-        _save_cached(feats, path)
+        if _writes_cache():
+            _save_cached(feats, path)
         out.append(feats)
     return out
+
+
+def _agree(todo: list[str], wanted: Sequence[str]) -> list[str]:
+    """The entries of ``wanted`` that some process of a data-parallel run must extract (its
+    cache missed them): all processes then extract them together. ``todo`` with one process."""
+    from denuc.train.distributed import all_gather_objects, current
+
+    ctx = current()
+    if not ctx.active:
+        return todo
+    need = {k for part in all_gather_objects(todo, ctx) for k in part}
+    return [k for k in wanted if k in need]
+
+
+def _writes_cache() -> bool:
+    """This process writes cache files: the only one, or the first on its host (hosts may have
+    separate caches; identical atomic writes to a shared one are harmless)."""
+    from denuc.train.distributed import current
+
+    return current().local_rank == 0

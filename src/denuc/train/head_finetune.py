@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from denuc.encode.encoder import Encoder, ViTEncoder
 from denuc.encode.weights import state_dict_sha256
 from denuc.errors import InputError, ModelError
 from denuc.query.predictor import PointFeaturizer
+from denuc.train.distributed import DistContext
 from denuc.train.head import HeadTrainConfig, Scorer, class_weight_tensor
 
 
@@ -83,6 +85,31 @@ def _merged_body(enc: Encoder, mode: str) -> torch.nn.Module:
     return enc.body.merge_and_unload() if mode == "lora" else enc.body
 
 
+def _parallel_step(enc: Encoder, fz: PointFeaturizer, head: PointHead, mine: list[tuple[Any, np.ndarray, Any]],
+                   labels: torch.Tensor, y_all: torch.Tensor, weight: torch.Tensor | None, opt: torch.optim.Optimizer,
+                   trained: list[torch.nn.Parameter], ctx: DistContext) -> float:
+    """One data-parallel fine-tuning step: this rank's windows ``mine`` of a batch whose labels
+    are ``y_all``. Returns this rank's share of the batch loss (the shares add up to it)."""
+    from denuc.train.distributed import sync_gradients
+
+    valid = y_all[y_all >= 0]
+    den = float(weight[valid].sum()) if weight is not None else float(len(valid))
+    opt.zero_grad(set_to_none=True)
+    share = 0.0
+    if mine:
+        maps = enc(fz.prepare(torch.stack([fz.crop(k) for k, _, _ in mine])))
+        feats = torch.cat([fz.sample(m, local) for m, (_, _, local) in zip(maps, mine)])
+        y = torch.cat([labels[torch.from_numpy(sel)] for _, sel, _ in mine])
+        logits = head(feats.float())
+        w = None if weight is None else weight.to(logits.device)
+        loss = F.cross_entropy(logits, y.to(logits.device), weight=w, ignore_index=-1, reduction="sum") / den
+        loss.backward()
+        share = float(loss.detach())
+    sync_gradients(trained, ctx)
+    opt.step()
+    return share
+
+
 def finetune_encoder(fz: PointFeaturizer, ds: PointDataset, train: list[str], head: PointHead,
                      start_scores: dict[str, float], mode: str, fcfg: FinetuneConfig, hcfg: HeadTrainConfig,
                      make_val_scorer: Callable[[], Scorer], log: Callable[[str], None] = print,
@@ -92,7 +119,16 @@ def finetune_encoder(fz: PointFeaturizer, ds: PointDataset, train: list[str], he
     Returns:
         ``(head, val scores, encoder tensors differing from the base weights, their hash)``.
         When no epoch beats the frozen start the encoder is restored and no tensors are returned.
+
+    In a data-parallel run (:mod:`denuc.train.distributed`) every process walks the same
+    images and batches of windows and encodes its contiguous share of each batch
+    (``ceil(batch_windows / world)`` windows); the loss is normalised by the whole batch's
+    (class-weighted) point count and the gradients are summed over the processes, so each step
+    is the one-process step.
     """
+    from denuc.train.distributed import all_reduce_sum, broadcast_params, check_replicas, current
+
+    ctx = current()
     if mode not in ("lora", "full"):
         raise InputError(f"finetune mode must be lora or full; got {mode!r}")
     fcfg.check()
@@ -101,6 +137,7 @@ def finetune_encoder(fz: PointFeaturizer, ds: PointDataset, train: list[str], he
     if mode == "lora":
         check_lora_applies(enc)
         _apply_lora(enc, fcfg)
+        broadcast_params(enc.body, ctx)  # the LoRA matrices start from rank 0's random draw
     else:
         for p in enc.body.parameters():
             p.requires_grad_(True)
@@ -117,6 +154,8 @@ def finetune_encoder(fz: PointFeaturizer, ds: PointDataset, train: list[str], he
     weight = class_weight_tensor(all_ids[all_ids >= 0], len(ds.classes),
                                  "auto" if hcfg.balance == "weighted" else "none")
     rng = np.random.default_rng(hcfg.seed)
+    share = -(-fcfg.batch_windows // ctx.world)  # windows per process and batch
+    trained = params + list(head.net.parameters())
     best = (start_scores.get("select", -1.0), {**start_scores, "finetune_epoch": 0},
             copy.deepcopy(head.state_dict()), None)
     t0 = time.perf_counter()
@@ -133,21 +172,32 @@ def finetune_encoder(fz: PointFeaturizer, ds: PointDataset, train: list[str], he
             labels = torch.from_numpy(sample.points.class_ids)
             for i in range(0, len(groups), fcfg.batch_windows):
                 chunk = groups[i:i + fcfg.batch_windows]
-                maps = enc(fz.prepare(torch.stack([fz.crop(k) for k, _, _ in chunk])))
-                feats = torch.cat([fz.sample(m, local) for m, (_, _, local) in zip(maps, chunk)])
-                y = torch.cat([labels[torch.from_numpy(sel)] for _, sel, _ in chunk])
-                if not (y >= 0).any():
-                    continue
-                loss = F.cross_entropy(head(feats.float()), y, weight=weight, ignore_index=-1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                v = float(loss.detach())
+                if ctx.active:
+                    y_all = torch.cat([labels[torch.from_numpy(sel)] for _, sel, _ in chunk])
+                    if not (y_all >= 0).any():
+                        continue
+                    v = _parallel_step(enc, fz, head, chunk[ctx.rank * share:(ctx.rank + 1) * share], labels, y_all,
+                                       weight, opt, trained, ctx)
+                    y = y_all
+                else:
+                    maps = enc(fz.prepare(torch.stack([fz.crop(k) for k, _, _ in chunk])))
+                    feats = torch.cat([fz.sample(m, local) for m, (_, _, local) in zip(maps, chunk)])
+                    y = torch.cat([labels[torch.from_numpy(sel)] for _, sel, _ in chunk])
+                    if not (y >= 0).any():
+                        continue
+                    loss = F.cross_entropy(head(feats.float()), y, weight=weight, ignore_index=-1)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    v = float(loss.detach())
                 if not math.isfinite(v):
                     raise ModelError(f"{mode} fine-tuning diverged: loss {v} at epoch {ep}/{fcfg.epochs} "
                                      f"(encoder lr {plain_number(fcfg.lr)}); nothing was written. Lower --ft-lr")
                 total += v * int((y >= 0).sum())
                 count += int((y >= 0).sum())
+        if ctx.active:  # the ranks' loss shares add up to the global batch losses
+            total = float(all_reduce_sum(torch.tensor([total], dtype=torch.float64), ctx)[0])
+            check_replicas(torch.nn.ModuleList([enc.body, head]), ctx, "encoder and head")
         head.eval()
         m = make_val_scorer()(head)
         log(f"  finetune epoch {ep}/{fcfg.epochs} loss {total / max(count, 1):.4f} val {m['select']:.4f} "

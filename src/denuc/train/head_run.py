@@ -163,7 +163,70 @@ def train_head(
 
     ``config.select``: ``val`` keeps the best epoch on val, ``last`` the last epoch of the
     schedule (val is scored once, for the record).
+
+    Under ``torchrun`` (several processes, :mod:`denuc.train.distributed`) each process encodes
+    its share of the images for the feature cache and all use the whole cache; the head on
+    cached features is fitted in every process alike (rank 0's copy is kept; it takes seconds);
+    ``lora``/``full`` fine-tuning splits each batch of windows over the processes. Rank 0 logs
+    and writes ``out``. The result is the one-process result, up to float rounding in the
+    fine-tuned encoder.
     """
+    from denuc.train.distributed import launched_world
+
+    if launched_world()[1] > 1:
+        from denuc.train.detector import pick_device
+        from denuc.train.distributed import barrier, distributed, main_only_log
+
+        with distributed(pick_device(device)) as (ctx, dev):
+            meta = _train_head(data, encoder, out, weights=weights, detector=detector, use_detector=use_detector,
+                               mode=mode, mpp=mpp, window=window, stride=stride, align=align, config=config,
+                               finetune=finetune, stain_augment=stain_augment, stain_strength=stain_strength,
+                               stain_space=stain_space, stain_norm=stain_norm, feature_tta=feature_tta,
+                               cache_dir=cache_dir, device=str(dev), offline=offline, data_mpp=data_mpp,
+                               outside=outside, calibrate=calibrate, history=history, log=main_only_log(log, ctx))
+            barrier(ctx)  # rank 0 has written the head when any rank returns
+            return meta
+    return _train_head(data, encoder, out, weights=weights, detector=detector, use_detector=use_detector, mode=mode,
+                       mpp=mpp, window=window, stride=stride, align=align, config=config, finetune=finetune,
+                       stain_augment=stain_augment, stain_strength=stain_strength, stain_space=stain_space,
+                       stain_norm=stain_norm, feature_tta=feature_tta, cache_dir=cache_dir, device=device,
+                       offline=offline, data_mpp=data_mpp, outside=outside, calibrate=calibrate, history=history,
+                       log=log)
+
+
+def _train_head(
+    data: str | os.PathLike[str] | PointDataset,
+    encoder: str | Encoder,
+    out: str | os.PathLike[str],
+    *,
+    weights: str | None,
+    detector: str | os.PathLike[str] | None,
+    use_detector: bool,
+    mode: str,
+    mpp: float | None,
+    window: int | None,
+    stride: int | None,
+    align: str,
+    config: HeadTrainConfig | None,
+    finetune: dict[str, Any] | None,
+    stain_augment: int,
+    stain_strength: float,
+    stain_space: str,
+    stain_norm: str,
+    feature_tta: int,
+    cache_dir: str | os.PathLike[str] | None,
+    device: str | None,
+    offline: bool | None,
+    data_mpp: float | None,
+    outside: str,
+    calibrate: bool,
+    history: list[dict[str, float]] | None,
+    log: Callable[[str], None],
+) -> HeadMeta:
+    """:func:`train_head` in this process (one of several under ``torchrun``)."""
+    from denuc.train.distributed import broadcast_params, current
+
+    ctx = current()
     if mode not in HEAD_MODES:
         raise InputError(f"unknown head mode {mode!r}; known: {list(HEAD_MODES)}")
     cfg = config or HeadTrainConfig()
@@ -231,6 +294,8 @@ def train_head(
     watch = cfg.select == "last" and history is not None  # score every epoch for the curves only
     head, scores = fit_head(tr, len(ds.classes), cfg, scorer if cfg.select == "val" or watch else None, log=log,
                             class_names=ds.classes, history=history, keep_best=not watch)
+    if ctx.active:  # every rank fitted the same head; rank 0's is the one kept, bit for bit
+        broadcast_params(head, ctx)
     if cfg.select == "last":
         scores = {"epoch": cfg.epochs, **(scorer(head) if scorer is not None else {})}
         select_desc = f"last epoch of a fixed schedule (not selected); val reported: {select_desc}"
@@ -272,9 +337,12 @@ def train_head(
     )
     meta.train["class_balance"] = cfg.balance
     meta.train["class_points"] = {c: int((tr.labels == i).sum()) for i, c in enumerate(ds.classes)}
-    try:
-        save_head(out, head, meta, enc_tensors)
-    except OSError as e:
-        raise InputError(f"{out}: cannot write the head checkpoint ({e.strerror or e})") from None
+    if ctx.active:
+        meta.train["processes"] = ctx.world
+    if ctx.is_main:
+        try:
+            save_head(out, head, meta, enc_tensors)
+        except OSError as e:
+            raise InputError(f"{out}: cannot write the head checkpoint ({e.strerror or e})") from None
     log(f"wrote {out}: {meta.describe()}; val {scores}")
     return meta

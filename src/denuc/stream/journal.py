@@ -1,0 +1,73 @@
+"""Resume journal of one input: finished chunks of tiles, saved atomically as they finish.
+
+Folder ``<out>/.<stem>.partial/``: ``plan.json`` (the key of the plan and models that produced
+the chunks) and ``chunk-<k>.npz`` per finished chunk (:meth:`denuc.core.result.Nuclei.save`).
+A rerun with the same key reuses the finished chunks; any other key starts afresh. The folder is
+removed once the input's outputs are in place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from denuc.core.files import atomic_write_text
+from denuc.core.result import Nuclei
+
+
+class Journal:
+    """Finished chunks of one input under ``out_dir``.
+
+    Args:
+        out_dir: the run's output folder.
+        stem: the input's output stem.
+        key: hash of everything that decides the chunks' content (plan, models, settings).
+    """
+
+    def __init__(self, out_dir: Path, stem: str, key: str) -> None:
+        self.dir = Path(out_dir) / f".{stem}.partial"
+        self.key = key
+        meta = self.dir / "plan.json"
+        old = None
+        if meta.is_file():
+            try:
+                old = json.loads(meta.read_text()).get("key")
+            except (OSError, ValueError):
+                old = None
+        if old != key and self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.resumed = old == key
+
+    def _path(self, k: int) -> Path:
+        return self.dir / f"chunk-{k:06d}.npz"
+
+    def done(self) -> set[int]:
+        """Indices of the finished chunks (only files that load count)."""
+        out = set()
+        if not self.dir.is_dir():
+            return out
+        for p in self.dir.glob("chunk-*.npz"):
+            try:
+                out.add(int(p.stem.split("-")[1]))
+            except ValueError:
+                continue
+        return out
+
+    def save(self, k: int, nuclei: Nuclei) -> None:
+        if not (self.dir / "plan.json").is_file():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.dir / "plan.json", json.dumps({"key": self.key}))
+        nuclei.save(self._path(k))
+
+    def readable(self, k: int) -> bool:
+        """Whether chunk ``k``'s file is a complete archive (a damaged one is recomputed)."""
+        import zipfile
+
+        return zipfile.is_zipfile(self._path(k))
+
+    def load(self, k: int) -> Nuclei:
+        return Nuclei.load(self._path(k))
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
