@@ -114,12 +114,16 @@ def test_cli_configure_and_main(tmp_path: Path, capsys: pytest.CaptureFixture[st
     parser = argparse.ArgumentParser()
     convert.configure(parser)
     src = make_ocelot(tmp_path / "ocelot")
-    args = parser.parse_args(["--format", "ocelot", str(src), str(tmp_path / "out")])
+    args = parser.parse_args(["--from", "ocelot", str(src), str(tmp_path / "out")])
     assert convert.main(args) == 0
     out = capsys.readouterr().out
     assert "converted ocelot" in out and "tumor_cell" in out
     with pytest.raises(SystemExit):
-        parser.parse_args(["--format", "nope", str(src), str(tmp_path / "x")])
+        parser.parse_args(["--from", "nope", str(src), str(tmp_path / "x")])
+    # the former spelling --format still works, with a deprecation warning
+    old = parser.parse_args(["--format", "ocelot", str(src), str(tmp_path / "out2")])
+    assert old.source_format == "ocelot" and "--format is deprecated" in capsys.readouterr().err
+    assert parser.parse_args([str(src), str(tmp_path / "out3")]).source_format is None
     assert isinstance(convert.HELP, str) and convert.HELP
 
 

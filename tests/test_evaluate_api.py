@@ -244,9 +244,13 @@ def test_cli_writes_json_with_the_documented_shape(tmp_path: Path, capsys: pytes
     assert d["detection"]["tp"] == 2 and d["classes"]["tumor"]["tp"] == 1
     assert d["mean_f1"] == pytest.approx(np.mean([d["classes"][c]["f1"] for c in d["classes"]]))
     assert not list(out.parent.glob(".*tmp"))  # atomic write left no temp file
-    # --format json prints the summary
-    assert _run_cli(["--gt", str(data), "--split", "test", "--pred", str(preds), "--format", "json"]) == 0
+    # --print-format json prints the summary
+    assert _run_cli(["--gt", str(data), "--split", "test", "--pred", str(preds), "--print-format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["protocol"] == "denuc"
+    # the former spelling --format still works, with a deprecation warning
+    assert _run_cli(["--gt", str(data), "--split", "test", "--pred", str(preds), "--format", "json"]) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out)["protocol"] == "denuc" and "--format is deprecated" in got.err and "--print-format" in got.err
 
 
 def test_cli_errors_name_the_file(tmp_path: Path) -> None:

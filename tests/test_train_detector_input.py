@@ -237,8 +237,8 @@ def test_without_a_val_split_the_summary_names_the_train_loss(tmp_path: Path,
     nv = write_blob_dataset(tmp_path / "noval", n_train=2, n_val=0, size=64)
     p = argparse.ArgumentParser()
     detector_cli.configure(p)
-    args = p.parse_args([str(nv), "--backbone", "tiny", "--epochs", "1", "--batch-size", "4", "--crop", "64",
-                         "--progress", "false", "--threads", "1", "--out", str(tmp_path / "o")])
+    args = p.parse_args([str(nv), "--preset", "quick", "--backbone", "tiny", "--epochs", "1", "--batch-size", "4",
+                         "--crop", "64", "--no-progress", "--threads", "1", "--out", str(tmp_path / "o")])
     assert detector_cli.main(args) == 0
     out = capsys.readouterr().out
     assert "val F1" not in out and "lowest train loss" in out and "no val split" in out

@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "train-detector": "denuc.train.detector_cli",
     "detect": "denuc.detect.cli",
     "train-head": "denuc.train.head_cli",
+    "finetune": "denuc.train.finetune_cli",
     "predict": "denuc.pipeline_cli",
     "evaluate": "denuc.evaluate.cli",
     "summarize": "denuc.cohort.cli",

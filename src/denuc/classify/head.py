@@ -10,11 +10,17 @@ the base weights), plus one JSON metadata entry ``denuc`` (see :class:`HeadMeta`
 
 Classes without a single training point (``HeadMeta.untrained_classes``) cannot be learnt by
 the head: their logits are fixed at ``-inf``, so they get probability 0 and are never predicted.
+
+Calibration: the logits are divided by ``HeadMeta.temperature`` (fitted on val by
+``denuc train-head``, :mod:`denuc.train.calibration`; 1 in heads written before it was
+recorded), so ``softmax(head(feats))`` gives calibrated probabilities; the arg-max class is
+unchanged.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +54,8 @@ class PointHead(nn.Module):
         else:
             self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, n_classes))
         self.hidden = hidden
+        #: logits are divided by it (calibration); not saved in the tensors (HeadMeta.temperature)
+        self.temperature = 1.0
         # (K,) True = class never seen in training; not saved (rebuilt from HeadMeta.untrained_classes)
         self.register_buffer("untrained", torch.zeros(n_classes, dtype=torch.bool), persistent=False)
         self._any_untrained = False
@@ -65,6 +73,8 @@ class PointHead(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         logits = self.net((feats - self.mean) / self.std)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         if self._any_untrained:
             logits = logits.masked_fill(self.untrained, float("-inf"))
         return logits
@@ -89,6 +99,9 @@ class HeadMeta:
         feature_tta: dihedral passes whose point features are averaged (1 = none).
         untrained_classes: classes that had no training point; the head never predicts them
             (logit ``-inf``, probability 0).
+        temperature: the logits are divided by it before the softmax (fitted on val; 1 = none).
+        calibration: how it was fitted: val points, NLL and ECE before/after, reliability bins.
+        val_report: per-class precision/recall/F1 and the confusion matrix at val GT points.
     """
 
     classes: list[str]
@@ -110,6 +123,9 @@ class HeadMeta:
     feature_tta: int = 1
     untrained_classes: list[str] = field(default_factory=list)
     weights_source: str = ""
+    temperature: float = 1.0
+    calibration: dict[str, Any] = field(default_factory=dict)
+    val_report: dict[str, Any] = field(default_factory=dict)
     version: str = ""
     format: int = FORMAT_VERSION
 
@@ -120,7 +136,8 @@ class HeadMeta:
                 + (f", stain norm {self.stain_norm}" if self.stain_norm != "none" else "")
                 + (f", features averaged over {self.feature_tta} passes" if self.feature_tta != 1 else "")
                 + (f", never predicts {self.untrained_classes} (no training points)" if self.untrained_classes
-                   else ""))
+                   else "")
+                + (f", temperature {self.temperature:.3g}" if self.temperature != 1.0 else ""))
 
 
 def save_head(path: str | os.PathLike[str], head: PointHead, meta: HeadMeta,
@@ -192,5 +209,9 @@ def load_head(path: str | os.PathLike[str]) -> tuple[PointHead, HeadMeta, dict[s
     if unknown:
         raise ModelError(f"{path}: untrained classes {unknown} are not among the head's classes {meta.classes}")
     head.set_untrained([meta.classes.index(c) for c in meta.untrained_classes])
+    t = meta.temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise ModelError(f"{path}: temperature {t!r} must be a finite number > 0")
+    head.temperature = float(t)
     enc = {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}
     return head.eval(), meta, enc

@@ -179,3 +179,26 @@ def portable_meta(meta: object, keys: tuple[str, ...] = PATH_KEYS, file_keys: tu
     if isinstance(meta, list):
         return [portable_meta(v, keys, file_keys) for v in meta]
     return meta
+
+
+@contextmanager
+def removed_if_failed(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Around work that writes into the folder ``path``: when the work raises and this call
+    created the folder (with any missing parents), remove those that are still empty, so a
+    command that fails its checks leaves no empty ``--out`` behind. A folder that existed
+    before, or that holds files, is never touched."""
+    p = Path(path)
+    created: list[Path] = []
+    a = p
+    while not a.exists() and a.parent != a:
+        created.append(a)
+        a = a.parent
+    try:
+        yield p
+    except BaseException:
+        for d in created:  # deepest first
+            try:
+                d.rmdir()  # only succeeds on an empty folder
+            except OSError:
+                break
+        raise

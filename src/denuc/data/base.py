@@ -51,6 +51,9 @@ class PointDataset(ABC):
     """
 
     format_name: str = ""
+    #: whether the reader takes an ``mpp=`` argument (the training commands' ``--data-mpp``): for
+    #: formats whose files may lack the resolution or record only a nominal one
+    accepts_mpp: bool = False
 
     def __init__(self, root: str | os.PathLike[str], outside: str = "error") -> None:
         self.root = Path(root)
@@ -112,7 +115,7 @@ class PointDataset(ABC):
             msg = (f"{self.format_name} dataset {self.root}: {len(bad)} point(s) of {stem!r} lie outside the "
                    f"{w}x{h} image, e.g. (x, y) = ({bad[0][0]:.2f}, {bad[0][1]:.2f})")
             if self.outside == "error":
-                raise InputError(msg + "; pass outside='drop' to drop them with a warning")
+                raise InputError(msg + "; pass --outside drop (Python: outside='drop') to drop them with a warning")
             warnings.warn(msg + "; dropped", stacklevel=2)
             pts = pts.select(ok)
         return pts
@@ -177,3 +180,35 @@ def open_dataset(path: str | os.PathLike[str], format: str | None = None, **kwar
         f"{p}: not a recognised dataset folder (formats: {', '.join(DATASETS.names())}); "
         "the generic layout needs dataset.yaml, images/ and points/"
     )
+
+
+def open_training_dataset(path: str | os.PathLike[str], *, mpp: float | None = None, outside: str = "error",
+                          format: str | None = None) -> PointDataset:
+    """:func:`open_dataset` with the options of the training commands.
+
+    Args:
+        mpp: µm per pixel of the dataset's images (``--data-mpp``), for a format whose files
+            may not say (the generic layout without ``mpp`` in dataset.yaml) or record only a
+            nominal value (PUMA); ``None`` = what the files say. Refused (:class:`InputError`)
+            for formats that record their own resolution.
+        outside: what to do with label points outside their image (``--outside``): ``error``
+            or ``drop`` (with a warning).
+    """
+    if outside not in OUTSIDE_POLICIES:
+        raise InputError(f"--outside must be one of {list(OUTSIDE_POLICIES)}; got {outside!r}")
+    if mpp is None:
+        return open_dataset(path, format, outside=outside)
+    from denuc.core.mpp import check_mpp
+
+    mpp = check_mpp(mpp, "--data-mpp (µm per pixel of the dataset's images)")
+    import denuc.data.readers  # noqa: F401  (registers the built-in readers)
+
+    p = Path(path)
+    fmt = format or next((n for n in DATASETS if p.is_dir() and DATASETS.get(n).detect(p)), None)
+    if fmt is None:
+        return open_dataset(path, format, outside=outside)  # raises the usual "not a dataset" error
+    spec = DATASETS.get(fmt)
+    if not spec.cls.accepts_mpp:
+        raise InputError(f"{p}: --data-mpp does not apply to {fmt} datasets, which record their own µm per pixel; "
+                         "leave it out")
+    return spec.cls(p, outside=outside, mpp=mpp)  # type: ignore[call-arg]

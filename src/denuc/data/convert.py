@@ -2,7 +2,7 @@
 
 ::
 
-    denuc convert [--format brca-m2c|ocelot|puma|generic] [--mapping paper|challenge]
+    denuc convert [--from brca-m2c|ocelot|puma|generic] [--mapping paper|challenge]
                   [--splits FILE] [--mpp MPP] [--outside error|drop] [--copy] [--overwrite] SRC DST
 
 DST gets ``images/`` (hard links to the source images where the file system allows, else
@@ -62,7 +62,7 @@ def detect_format(path: Path) -> str:
         if DATASETS.get(name).detect(path):
             return name
     raise InputError(f"{path}: not a recognised dataset folder (formats: {', '.join(DATASETS.names())}); "
-                     "pass --format")
+                     "pass --from FORMAT")
 
 
 def _check_options(fmt: str, options: dict[str, Any]) -> None:
@@ -201,8 +201,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("src", metavar="SRC", help="source dataset folder")
     parser.add_argument("dst", metavar="DST", help="output folder (generic layout); must be empty unless --overwrite")
-    parser.add_argument("--format", choices=DATASETS.names(), default=None,
-                        help="source format (default: detected from the folder)")
+    parser.add_argument("--from", dest="source_format", choices=DATASETS.names(), default=None,
+                        help="format of the source dataset (default: detected from the folder)")
+    from denuc.core.cliargs import add_deprecated_alias
+
+    add_deprecated_alias(parser, "--format", "--from", "source_format", choices=DATASETS.names())
     parser.add_argument("--mapping", choices=PUMA_MAPPINGS.names(), default=None,
                         help="PUMA class mapping: paper = tumor/lymphocyte/other (plasma cells -> other), "
                              "challenge = tumor/tils/other (plasma cells -> tils); default paper")
@@ -220,7 +223,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run ``denuc convert``; prints a summary table."""
     report = convert_dataset(
-        args.src, args.dst, format=args.format, overwrite=args.overwrite, copy=args.copy, outside=args.outside,
+        args.src, args.dst, format=args.source_format, overwrite=args.overwrite, copy=args.copy, outside=args.outside,
         mapping=args.mapping, splits=args.splits, mpp=args.mpp,
     )
     print(report.table(), file=sys.stdout)

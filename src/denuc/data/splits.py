@@ -13,13 +13,19 @@ stems; an entry with an image suffix (``a.png``) is accepted when its stem is an
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from denuc.data.base import SPLITS
 from denuc.data.image import IMAGE_SUFFIXES
 from denuc.errors import InputError
+
+if TYPE_CHECKING:
+    from denuc.data.base import PointDataset
+
+#: Share of the training images held back as val when a dataset has no val split.
+VAL_FRACTION = 0.1
 
 
 def _stem_of(entry: str, known: Collection[str] | None) -> str:
@@ -121,3 +127,40 @@ class SplitLists:
 
     def split_of(self, stem: str) -> str | None:
         return next((s for s in SPLITS if stem in self._splits[s]), None)
+
+
+def carve_val(train: Sequence[str], fraction: float = VAL_FRACTION, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Hold back ``fraction`` of the images ``train`` (at least one) as val, by image.
+
+    Deterministic: a ``numpy.random.default_rng(seed)`` permutation of the sorted stems, so
+    the same stems and seed always give the same split, whatever their order.
+
+    Returns:
+        ``(train stems in their given order, val stems sorted)``.
+    """
+    import numpy as np
+
+    order = sorted(train)
+    perm = np.random.default_rng(seed).permutation(len(order))
+    n_val = max(1, round(fraction * len(order)))
+    val = sorted(order[i] for i in perm[:n_val])
+    held = set(val)
+    return [s for s in train if s not in held], val
+
+
+def train_val_stems(ds: PointDataset, fraction: float = VAL_FRACTION, seed: int = 0
+                    ) -> tuple[list[str], list[str], bool]:
+    """``(train stems, val stems, carved)`` of a dataset, as every training command splits it.
+
+    Train is the ``train`` split, or every image outside ``test`` when the dataset has no
+    ``train`` split. Val is the ``val`` split; without one and with ``fraction > 0`` and at
+    least 2 training images, :func:`carve_val` holds ``fraction`` of train back (``carved``
+    is then True); otherwise val is empty.
+    """
+    test = set(ds.stems("test"))
+    train = ds.stems("train") or [s for s in ds.stems(None) if s not in test]
+    val = ds.stems("val")
+    if val or fraction <= 0 or len(train) < 2:
+        return list(train), list(val), False
+    tr, va = carve_val(train, fraction, seed)
+    return tr, va, True

@@ -42,8 +42,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--missing", default="error", choices=MISSING_POLICIES,
                         help="a GT image without prediction file: error, or count as no predictions (default: error)")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the full report (with per-image counts) as JSON")
-    parser.add_argument("--format", default="table", choices=("table", "json"),
+    parser.add_argument("--print-format", default="table", choices=("table", "json"),
                         help="what to print: a text table or the JSON summary (default: table)")
+    from denuc.core.cliargs import add_deprecated_alias
+
+    add_deprecated_alias(parser, "--format", "--print-format", "print_format", choices=("table", "json"))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -62,13 +65,13 @@ def main(args: argparse.Namespace) -> int:
     report = evaluate(gt, Path(args.pred), protocol=args.protocol, radius_px=args.radius_px,
                       radius_um=args.radius_um, split=args.split, classes=classes, missing=args.missing,
                       pred_format=args.pred_format)
-    if args.format == "json":
+    if args.print_format == "json":
         print(json.dumps(report.to_dict(per_image=False), indent=2))
     else:
         print(report.table())
     if args.json:
         out = atomic_write_text(Path(args.json), json.dumps(report.to_dict(), indent=2) + "\n")
-        if args.format == "table":
+        if args.print_format == "table":
             print(f"wrote {out}")
     return 0
 

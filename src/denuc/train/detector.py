@@ -31,7 +31,7 @@ import torch
 import torch.utils.data
 
 from denuc.core.checks import check_int, check_number
-from denuc.core.files import atomic_write_text, check_out_dir
+from denuc.core.files import atomic_write_text, check_out_dir, removed_if_failed
 from denuc.core.mpp import check_mpp
 from denuc.core.result import Nuclei
 from denuc.data.stain import STAIN_SPACES
@@ -40,7 +40,7 @@ from denuc.detect.model import DetectorConfig, PointDetector, build_detector, no
 from denuc.detect.windows import MARGIN, STRIDE, WINDOW, RawDetections, detect_images
 from denuc.errors import InputError, ModelError
 from denuc.train.augment import AugmentConfig, augment
-from denuc.train.detector_config import RUN_INDEPENDENT, TrainConfig
+from denuc.train.detector_config import RUN_INDEPENDENT, SHIPPED, TrainConfig
 from denuc.train.distributed import (
     DistContext,
     all_gather_objects,
@@ -102,21 +102,30 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def load_items(paths: Sequence[str], split: str, mpp: float, keep_classes: bool,
-               vocab: tuple[str, ...] | None = None, limit: int = 0) -> tuple[list[Item], tuple[str, ...]]:
-    """Images of ``split`` of every dataset, resampled to ``mpp``; labels index ``vocab``
-    (union of the datasets' classes when ``keep_classes``, else ``("nucleus",)``; -1 =
-    an unclassified point, a nucleus of unknown class). Items are named
-    ``"{dataset index}/{folder name}/{stem}"``."""
-    from denuc.data.base import open_dataset
-    from denuc.data.resample import resample, resample_factor
+               vocab: tuple[str, ...] | None = None, limit: int = 0, *, data_mpp: float | None = None,
+               outside: str = "error", val_fraction: float = 0.0, seed: int = 0
+               ) -> tuple[list[Item], tuple[str, ...]]:
+    """Images of ``split`` (``train`` or ``val``) of every dataset, resampled to ``mpp``; labels
+    index ``vocab`` (union of the datasets' classes when ``keep_classes``, else
+    ``("nucleus",)``; -1 = an unclassified point, a nucleus of unknown class). Items are named
+    ``"{dataset index}/{folder name}/{stem}"``.
 
-    dsets = [open_dataset(p) for p in paths]
+    Splits as :func:`denuc.data.splits.train_val_stems` makes them: a dataset without a val
+    split gives ``val_fraction`` of its training images (by image, seeded) to val.
+    ``data_mpp`` and ``outside`` are passed to :func:`denuc.data.base.open_training_dataset`.
+    """
+    from denuc.data.base import open_training_dataset
+    from denuc.data.resample import resample, resample_factor
+    from denuc.data.splits import train_val_stems
+
+    dsets = [open_training_dataset(p, mpp=data_mpp, outside=outside) for p in paths]
     if vocab is None:
         vocab = tuple(dict.fromkeys(c for d in dsets for c in d.classes)) if keep_classes else ("nucleus",)
     items: list[Item] = []
     for di, d in enumerate(dsets):
-        stems = d.stems(split)
-        if limit:
+        tr, va, _ = train_val_stems(d, val_fraction, seed)
+        stems = {"train": tr, "val": va}[split]
+        if limit and split == "train":
             stems = stems[:limit]
         for stem in stems:
             s = d.load(stem)
@@ -334,12 +343,76 @@ def check_config(cfg: TrainConfig) -> None:
                          f"{list(STAIN_SPACES)}; got {cfg.stain_p}, {cfg.stain_strength}, {cfg.stain_space!r}")
     if cfg.resume and cfg.overwrite:
         raise InputError("--resume continues the run in --out and --overwrite deletes it: give one of them")
+    check_number(cfg.val_fraction, "held-back val share (--val-fraction)", low=0.0, high=0.5 + 1e-9)
+    from denuc.data.base import OUTSIDE_POLICIES, open_training_dataset
+
+    if cfg.outside not in OUTSIDE_POLICIES:
+        raise InputError(f"--outside must be one of {list(OUTSIDE_POLICIES)}; got {cfg.outside!r}")
     seen: dict[Path, str] = {}
     for p in cfg.datasets:
         r = Path(p).resolve()
         if r in seen:
             raise InputError(f"dataset folder {r} is given twice (as {seen[r]!r} and {p!r}); give each dataset once")
         seen[r] = p
+    for p in cfg.datasets:  # cheap (index files only): a missing or unreadable dataset fails before --out exists
+        open_training_dataset(p, mpp=cfg.data_mpp, outside=cfg.outside)
+    check_init(cfg)
+
+
+def init_path(init: str) -> Path | None:
+    """The checkpoint of ``TrainConfig.init``: None for ``""``, the shipped detector for ``"shipped"``."""
+    if not init:
+        return None
+    if init == SHIPPED:
+        from denuc.detect.api import default_detector_path
+
+        return default_detector_path()
+    return Path(init)
+
+
+def check_init(cfg: TrainConfig) -> None:
+    """Refuse an ``init`` checkpoint that is missing or of another backbone, before any work."""
+    from denuc.detect.checkpoint import read_meta
+
+    p = init_path(cfg.init)
+    if p is None:
+        return
+    if not p.is_file():
+        raise ModelError(f"--init {p}: detector checkpoint not found")
+    arch = read_meta(p).get("config", {})
+    if arch.get("backbone") != cfg.backbone:
+        what = "the shipped detector" if cfg.init == SHIPPED else str(p)
+        raise InputError(f"--init {cfg.init}: {what} has backbone {arch.get('backbone')} but --backbone is "
+                         f"{cfg.backbone}; pass --backbone {arch.get('backbone')}, or --init '' to start from the "
+                         "backbone's ImageNet weights (as --preset quick does)")
+
+
+def load_init(model: PointDetector, path: Path) -> str:
+    """Copy the weights of the detector checkpoint ``path`` into ``model`` (same architecture).
+
+    A class-agnostic checkpoint may initialise a class-aware model (``classes``): every class
+    starts as the checkpoint's "nucleus" with its bias lowered by ``log K``, so the K class
+    logits together give the same background probability as before. Returns what was done,
+    for the log; :class:`ModelError` when the weights do not fit.
+    """
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(path))
+    except (OSError, RuntimeError) as e:
+        raise ModelError(f"{path}: cannot initialise the detector from it ({e})") from None
+    note = ""
+    k = model.config.num_classes
+    w, b = sd.get("head.cls.weight"), sd.get("head.cls.bias")
+    if w is not None and b is not None and w.shape[0] == 2 and k > 1:
+        sd["head.cls.weight"] = torch.cat([w[:1], w[1:2].repeat(k, *([1] * (w.ndim - 1)))])
+        sd["head.cls.bias"] = torch.cat([b[:1], b[1:2].repeat(k) - math.log(k)])
+        note = f" (its nucleus class copied to the {k} classes)"
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ModelError(f"{path}: cannot initialise the detector from it ({e})") from None
+    return note
 
 
 def dataset_ids(paths: Sequence[str]) -> list[str]:
@@ -359,14 +432,19 @@ def run_settings(cfg: TrainConfig) -> dict[str, Any]:
     dataset folders and the ``init`` checkpoint as resolved paths; stored in ``state.pt``."""
     d = {k: v for k, v in asdict(cfg).items() if k not in RUN_INDEPENDENT}
     d["datasets"] = [str(Path(p).resolve()) for p in cfg.datasets]
-    d["init"] = str(Path(cfg.init).resolve()) if cfg.init else ""
+    ip = init_path(cfg.init)
+    d["init"] = str(ip.resolve()) if ip is not None else ""
     return d
+
+
+#: Settings added after runs were first stored, with the values that reproduce those runs.
+LEGACY_SETTINGS: dict[str, Any] = {"val_fraction": 0.0, "data_mpp": None, "outside": "error"}
 
 
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``"name: old -> new"`` for every setting of ``new`` that differs from ``old`` (a setting
     missing from ``old``, written by an older version, counts as its default)."""
-    defaults = asdict(TrainConfig())
+    defaults = {**asdict(TrainConfig()), **LEGACY_SETTINGS}
     out = []
     for k, v in new.items():
         was = old.get(k, defaults.get(k))
@@ -443,12 +521,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        from denuc.train.distributed import distributed, launched_world, main_only_log
+        with removed_if_failed(cfg.out):  # a run that fails before writing anything leaves no empty --out
+            from denuc.train.distributed import distributed, launched_world, main_only_log
 
-        if launched_world()[1] > 1:
-            with distributed(pick_device(cfg.device)) as (ctx, device):
-                return _train(cfg, main_only_log(log, ctx), ctx, device)
-        return _train(cfg, log, DistContext(), None)
+            if launched_world()[1] > 1:
+                with distributed(pick_device(cfg.device)) as (ctx, device):
+                    return _train(cfg, main_only_log(log, ctx), ctx, device)
+            return _train(cfg, log, DistContext(), None)
     finally:
         torch.set_num_threads(threads)
 
@@ -467,12 +546,18 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], ctx: DistContext, devic
     np_rng = np.random.default_rng(cfg.seed)
 
     t0 = time.time()
-    train_items, vocab = load_items(cfg.datasets, "train", cfg.mpp, cfg.classes, limit=cfg.max_train_images)
-    val_items, _ = load_items(cfg.datasets, "val", cfg.mpp, cfg.classes, vocab=vocab)
+    split_kw = {"data_mpp": cfg.data_mpp, "outside": cfg.outside, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+    train_items, vocab = load_items(cfg.datasets, "train", cfg.mpp, cfg.classes, limit=cfg.max_train_images,
+                                    **split_kw)
+    val_items, _ = load_items(cfg.datasets, "val", cfg.mpp, cfg.classes, vocab=vocab, **split_kw)
     if not train_items:
         raise InputError(f"datasets {cfg.datasets} have no training images")
     log(f"data: {len(train_items)} train / {len(val_items)} val images at {cfg.mpp} µm/px, classes {vocab} "
         f"({time.time() - t0:.1f} s)")
+    held = held_back_val(cfg)
+    if held:
+        log(f"no val split in {', '.join(held)}: {cfg.val_fraction:g} of its train images held back as val "
+            f"(by image, seed {cfg.seed})")
     n_unknown = sum(int((it.labels < 0).sum()) for it in train_items)
     if n_unknown:
         log(f"{n_unknown} unclassified training point(s): trained as nuclei of unknown class (no class target)")
@@ -482,15 +567,11 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], ctx: DistContext, devic
                           offset_weight=cfg.offset_weight, bg_weight=cfg.bg_weight,
                           length_scale=cfg.mpp / cfg.loss_ref_mpp if cfg.loss_ref_mpp > 0 else 1.0,
                           score_threshold=cfg.score_threshold, nms_radius_px=cfg.nms_radius_um / cfg.mpp)
-    model = build_detector(dcfg, pretrained=cfg.pretrained and not cfg.init)
-    if cfg.init:
-        from safetensors.torch import load_file
-
-        try:
-            model.load_state_dict(load_file(cfg.init), strict=True)
-        except (RuntimeError, OSError) as e:
-            raise ModelError(f"{cfg.init}: cannot initialise the detector from it ({e})") from None
-        log(f"initialised from {cfg.init}")
+    ipath = init_path(cfg.init)
+    model = build_detector(dcfg, pretrained=cfg.pretrained and ipath is None)
+    if ipath is not None:
+        note = load_init(model, ipath)
+        log(f"initialised from {'the shipped detector' if cfg.init == SHIPPED else ipath}{note}")
     model = model.to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     use_amp = device.type == "cuda"
@@ -614,6 +695,19 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], ctx: DistContext, devic
     selected_by = ("train loss" if not val_items else "val mean class F1" if cfg.classes else "val F1")
     return {"best_epoch": best_epoch, "best_score": best_f1, "selected_by": selected_by, "out": str(out),
             "history": history, "best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}
+
+
+def held_back_val(cfg: TrainConfig) -> list[str]:
+    """The datasets of ``cfg`` whose val images are held back from train (no val split)."""
+    from denuc.data.base import open_training_dataset
+    from denuc.data.splits import train_val_stems
+
+    out = []
+    for p in cfg.datasets:
+        if train_val_stems(open_training_dataset(p, mpp=cfg.data_mpp, outside=cfg.outside), cfg.val_fraction,
+                           cfg.seed)[2]:
+            out.append(str(p))
+    return out
 
 
 def _validate(model: PointDetector, items: list[Item], cfg: TrainConfig, vocab: tuple[str, ...],

@@ -1,9 +1,11 @@
 """``denuc train-detector``: train the class-agnostic (or, with ``--classes``, class-aware)
-point detector. Options come from an optional YAML file (``--config``), then flags, which
-override it (dataset folders given on the command line, positional or ``--datasets``, replace
-the YAML's ``datasets``). Every key of :class:`denuc.train.detector.TrainConfig` is both;
-YAML values must have the option's type (``true``/``false``, numbers, strings; ``datasets``
-a list, or one folder).
+point detector. Options come from the preset (``--preset``, default ``recipe``: see
+:mod:`denuc.train.detector_config`), then an optional YAML file (``--config``, which may name
+a ``preset`` too), then flags, each overriding the one before (dataset folders given on the
+command line, positional or ``--datasets``, replace the YAML's ``datasets``). Every key of
+:class:`denuc.train.detector.TrainConfig` is both a YAML key and a flag; YAML values must
+have the option's type (``true``/``false``, numbers, strings; ``datasets`` a list, or one
+folder); booleans are ``--flag`` / ``--no-flag``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,21 @@ from typing import Any
 
 HELP = "train the point detector on one or more datasets"
 
+EPILOG = """\
+Settings come from the preset, then the YAML file (--config, which may name a preset), then
+flags, each overriding the one before. The default preset, recipe, fine-tunes the shipped
+EfficientNet-Lite0 detector at 0.25 µm/px with H&E stain jitter (the settings of its own last
+training stage, src/denuc/assets/detector.md); --preset quick trains ShuffleNetV2 1.0x from
+ImageNet weights at 0.5 µm/px for 100 epochs (the former quick start).
+A dataset without a val split gives --val-fraction of its train images to val."""
+
 _HELPS = {
     "datasets": ("dataset folders (any readable format, mixed freely; each folder once); on the command line "
                  "(here and/or positional) they replace the YAML's datasets"),
     "out": ("output folder (best/last .safetensors, state.pt, log.jsonl); a folder holding a run needs --resume "
             "or --overwrite"),
     "mpp": "training resolution in µm/px (e.g. 0.5 or 0.25); every dataset is resampled to it",
-    "backbone": "shufflenetv2_0.5x|1.0x|1.5x|2.0x, resnet50, efficientnet-lite0",
+    "backbone": "shufflenetv2_0.5x|1.0x|1.5x|2.0x, resnet50, efficientnet-lite0 (--init must be of the same one)",
     "neck_width": "PAN channels (0 = the backbone's default)",
     "head_activation": "activation after the head's conv+BN layers: leaky_relu, relu, none",
     "matcher": "loss matcher: cheapest (authors) or hungarian (one-to-one)",
@@ -33,7 +43,8 @@ _HELPS = {
     "classes": ("keep the datasets' classes (joint detector-classifier) instead of one 'nucleus' class; "
                 "unclassified points are trained as nuclei of unknown class"),
     "pretrained": "load the backbone's ImageNet weights where available (efficientnet-lite0)",
-    "init": "initialise from a detector checkpoint of the same architecture (e.g. to fine-tune at another mpp)",
+    "init": ("initialise from this detector checkpoint (same backbone): 'shipped' = the detector shipped with DeNuC "
+             "(EfficientNet-Lite0, 0.25 µm/px), '' = none (the backbone's ImageNet weights with --pretrained)"),
     "crops_per_epoch": "random crops per image and epoch, in units of ceil(H*W / crop^2)",
     "stain_p": "probability of H&E stain jitter per training crop (0 = off)",
     "stain_strength": "stain jitter strength s: each stain scaled by U(1-s, 1+s) and shifted by U(-s/5, s/5)",
@@ -51,6 +62,20 @@ _HELPS = {
                "--classes), or by the lowest train loss when no dataset has a val split"),
     "max_train_images": "use only the first N train images per dataset (0 = all)",
     "stop_after": "stop after N epochs in this run (0 = to the end); continue later with --resume",
+    "batch_size": "training crops per optimisation step",
+    "lr": "peak learning rate of AdamW (cosine schedule from it to --min-lr over all epochs)",
+    "min_lr": "learning rate at the end of the cosine schedule",
+    "weight_decay": "AdamW weight decay (not applied to biases and norm weights)",
+    "crop": "side of the square training crops in px at --mpp",
+    "val_fraction": ("datasets without a val split: hold back this share of their train images as val (by image, "
+                     "seeded; 0 = none, the best epoch is then the one with the lowest train loss)"),
+    "data_mpp": ("µm per pixel of the datasets' images where their files do not say (generic layout without mpp "
+                 "in dataset.yaml; PUMA's nominal 0.25); refused for formats that record it"),
+    "outside": "label points outside their image: error (stop, naming the file) or drop (with a warning)",
+    "score_threshold": "score threshold stored in checkpoints when no val split chooses one",
+    "seed": "random seed (crops, augmentation, initialisation of new layers, held-back val)",
+    "device": "cpu, cuda, cuda:N or mps (None = cuda, then mps, then cpu)",
+    "progress": "show a progress bar per epoch",
 }
 
 
@@ -65,27 +90,40 @@ def _fields() -> list[tuple[str, Any, Any]]:
     return out
 
 
-def _parse_bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+def _shown(name: str, default: Any) -> str:
+    """``(default: X)`` for an option's help, with the value of every preset that changes it."""
+    from denuc.train.detector_config import PRESETS
+
+    others = "; ".join(f"--preset {p}: {v[name]!r}" for p, v in PRESETS.items() if name in v)
+    return f" (default: {default!r}" + (f"; {others}" if others else "") + ")"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from denuc.train.detector_config import PRESETS
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("dataset_args", nargs="*", metavar="DATASET",
-                        help="dataset folders (same as --datasets; they replace the YAML's datasets)")
+                        help="dataset folders (same as --datasets; they replace the YAML's datasets) (default: none)")
     parser.add_argument("--config", type=Path, help=("YAML file with any of the options below (keys with _, values of the option's type: "
                               "true/false, unquoted numbers, datasets a list); flags override it (dataset folders "
-                              "on the command line replace its datasets)"))
+                              "on the command line replace its datasets) (default: none)"))
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help=("starting settings, overridden by --config and flags: recipe = fine-tune the shipped "
+                              "EfficientNet-Lite0 detector at 0.25 µm/px with stain jitter (the recipe that carries "
+                              "to new tissue); quick = ShuffleNetV2 1.0x from ImageNet weights at 0.5 µm/px, 100 "
+                              "epochs, no stain jitter (the former quick start) (default: recipe)"))
     for name, tp, default in _fields():
         flag = "--" + name.replace("_", "-")
-        hlp = _HELPS.get(name, "") + f" (default {default!r})"
+        hlp = _HELPS.get(name, "") + _shown(name, default)
         if name == "datasets":
             parser.add_argument(flag, nargs="+", default=None, help=hlp)
         elif tp is bool:
-            parser.add_argument(flag, nargs="?", const=True, type=_parse_bool, default=None, help=hlp)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=hlp)
+        elif name == "outside":
+            from denuc.data.base import OUTSIDE_POLICIES
+
+            parser.add_argument(flag, choices=OUTSIDE_POLICIES, default=None, help=hlp)
         else:
             base = typing.get_args(tp)[0] if typing.get_origin(tp) in (typing.Union, type(int | None)) else tp
             parser.add_argument(flag, type=base, default=None, help=hlp)
@@ -161,6 +199,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
     from denuc.train.detector_config import TrainConfig
 
     values: dict[str, Any] = {}
+    preset = getattr(args, "preset", None)
     if getattr(args, "config", None):
         try:
             loaded = yaml.load(Path(args.config).read_text(), Loader=_loader())  # a SafeLoader
@@ -171,9 +210,14 @@ def resolve_config(args: argparse.Namespace) -> Any:
             raise InputError(f"{args.config}: the YAML config must be a mapping of option: value; "
                              f"got a {type(loaded).__name__}")
         types = {n: tp for n, tp, _ in _fields()}
-        unknown = sorted(str(k) for k in set(loaded) - set(types))
+        unknown = sorted(str(k) for k in set(loaded) - set(types) - {"preset"})
         if unknown:
-            raise InputError(f"{args.config}: unknown option(s) {unknown}; known: {sorted(types)}")
+            raise InputError(f"{args.config}: unknown option(s) {unknown}; known: {sorted([*types, 'preset'])}")
+        if "preset" in loaded:
+            if not isinstance(loaded["preset"], str):
+                raise InputError(f"{args.config}: preset must be a name; got {loaded['preset']!r}")
+            preset = preset or loaded.pop("preset")  # the flag wins
+            loaded.pop("preset", None)
         values.update({k: _yaml_value(k, types[k], v, str(args.config)) for k, v in loaded.items()})
     for name, _, _ in _fields():
         v = getattr(args, name, None)
@@ -182,7 +226,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
     cli_datasets = list(getattr(args, "datasets", None) or []) + list(getattr(args, "dataset_args", None) or [])
     if cli_datasets:
         values["datasets"] = cli_datasets
-    return TrainConfig(**values)
+    return TrainConfig.from_preset(preset or "recipe", **values)
 
 
 def main(args: argparse.Namespace) -> int:

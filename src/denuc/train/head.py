@@ -1,10 +1,19 @@
 """Training the classification head on cached point features (linear / mlp).
 
 Recipe (DeNuC paper): SGD lr 1e-2, momentum 0.9, weight decay 5e-4, batch 256, cosine
-schedule over ``epochs`` (default 100), cross-entropy with optional class weights. The
-epoch kept is the best on val: mean class F1 at *detected* points when a detector is given
-(unmatched detections count as errors, :func:`denuc.evaluate.evaluate`), else macro-F1 at
-ground-truth points.
+schedule over ``epochs`` (default 100), cross-entropy. The epoch kept is the best on val:
+mean class F1 at *detected* points when a detector is given (unmatched detections count as
+errors, :func:`denuc.evaluate.evaluate`), else macro-F1 at ground-truth points.
+
+Class balance (``class_balance``): ``none`` (default), ``weighted`` (cross-entropy weights
+``N / (K n_c)``) or ``sampled`` (each epoch draws as many points as there are, with
+replacement, each class equally likely). ``none`` stays the default: class weighting
+measured no gain on val (``benchmarks/reported/classifier_site_cv.json``, "30 ep,
+class-balanced": official val macro-F1 0.783 against 0.791 unweighted, site-CV mean 0.698
+against 0.696).
+
+The shipped head's recipe (``denuc train-head``'s defaults, :data:`HEAD_PRESETS`
+``shipped``) and the paper's (``paper``) are named presets.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from denuc.core.result import Nuclei
 from denuc.data.base import PointDataset
 from denuc.errors import InputError, ModelError
 from denuc.train.features import PointFeatures
+from denuc.train.head_presets import CLASS_BALANCE, HEAD_PRESETS  # noqa: F401  (HEAD_PRESETS re-exported)
 
 #: ``score(head) -> metrics dict`` with the selection metric under ``"select"``.
 Scorer = Callable[[PointHead], dict[str, float]]
@@ -40,7 +50,8 @@ class HeadTrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 256
-    class_weights: str = "none"  # "auto" = inverse class frequency, "none"
+    class_weights: str = "none"  # former spelling of class_balance: "auto" = "weighted", "none"
+    class_balance: str = "none"  # "none", "weighted" (loss weights N / (K n_c)) or "sampled" (class-balanced draws)
     hidden: int = 0  # 0 = linear head, else MLP width
     dropout: float = 0.0
     seed: int = 0
@@ -59,9 +70,20 @@ class HeadTrainConfig:
         check_number(self.dropout, "dropout", low=0.0, high=1.0)
         if self.class_weights not in ("auto", "none"):
             raise InputError(f"class weights must be 'auto' or 'none'; got {self.class_weights!r}")
+        if self.class_balance not in CLASS_BALANCE:
+            raise InputError(f"class balance (--class-balance) must be one of {list(CLASS_BALANCE)}; "
+                             f"got {self.class_balance!r}")
+        if self.class_weights == "auto" and self.class_balance == "sampled":
+            raise InputError("class_weights='auto' (weighted) and class_balance='sampled' are two balancings; "
+                             "give one")
         if self.select not in ("val", "last"):
             raise InputError(f"epoch selection must be 'val' or 'last'; got {self.select!r}")
         return self
+
+    @property
+    def balance(self) -> str:
+        """The class balancing in effect (``class_weights="auto"`` is ``weighted``)."""
+        return "weighted" if self.class_weights == "auto" else self.class_balance
 
 
 def split_train_val(ds: PointDataset, seed: int = 0, fraction: float = 0.1,
@@ -84,12 +106,11 @@ def split_train_val(ds: PointDataset, seed: int = 0, fraction: float = 0.1,
             return list(train), [], False
         raise InputError(f"{ds.root}: need at least 2 training images to carve a validation split "
                          "(or add a val split; with --select last a single image trains without val)")
-    order = sorted(train)
-    perm = np.random.default_rng(seed).permutation(len(order))
-    n_val = max(1, round(fraction * len(order)))
-    val = sorted(order[i] for i in perm[:n_val])
-    train = [s for s in train if s not in set(val)]
-    log(f"{ds.root}: no val split; carved {len(val)} of {len(order)} train images as val "
+    from denuc.data.splits import carve_val
+
+    n_all = len(train)
+    train, val = carve_val(train, fraction, seed)
+    log(f"{ds.root}: no val split; carved {len(val)} of {n_all} train images as val "
         f"(seed {seed}): {', '.join(val[:5])}{' ...' if len(val) > 5 else ''}")
     return train, val, True
 
@@ -186,8 +207,14 @@ def check_class_counts(counts: np.ndarray, names: Sequence[str]) -> list[int]:
 
 def fit_head(train: PointFeatures, n_classes: int, cfg: HeadTrainConfig, scorer: Scorer | None = None,
              log: Callable[[str], None] = print, head: PointHead | None = None,
-             class_names: Sequence[str] | None = None) -> tuple[PointHead, dict[str, float]]:
+             class_names: Sequence[str] | None = None,
+             history: list[dict[str, float]] | None = None,
+             keep_best: bool = True) -> tuple[PointHead, dict[str, float]]:
     """Train a :class:`PointHead` on cached features; keep the best epoch by ``scorer``.
+
+    ``history``, when given, receives one ``{"epoch", "loss"[, "val"]}`` per epoch (mean
+    training loss; the scorer's selection metric when there is a scorer). ``keep_best=False``
+    only records the scorer's values: the last epoch is kept and its metrics returned.
 
     Classes with no training point cannot be learnt: they are named in a warning and the head
     never predicts them (:meth:`PointHead.set_untrained`; ``head.untrained`` marks them). Fewer
@@ -224,13 +251,19 @@ def fit_head(train: PointFeatures, n_classes: int, cfg: HeadTrainConfig, scorer:
     opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps = max(1, cfg.epochs * -(-len(x) // cfg.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    weight = class_weight_tensor(train.labels, n_classes, cfg.class_weights)
+    balance = cfg.balance
+    weight = class_weight_tensor(train.labels, n_classes, "auto" if balance == "weighted" else "none")
+    draw_p = None
+    if balance == "sampled":  # each class equally likely per draw, uniform within a class
+        counts = torch.bincount(y, minlength=n_classes).double()
+        draw_p = (1.0 / counts.clamp_min(1))[y]
     g = torch.Generator().manual_seed(cfg.seed)
     best: tuple[float, dict[str, float], dict[str, torch.Tensor]] | None = None
     t0 = time.perf_counter()
     for ep in range(cfg.epochs):
         head.train()
-        perm = torch.randperm(len(x), generator=g)
+        perm = (torch.randperm(len(x), generator=g) if draw_p is None
+                else torch.multinomial(draw_p, len(x), replacement=True, generator=g))
         total = 0.0
         for i in range(0, len(x), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
@@ -244,13 +277,16 @@ def fit_head(train: PointFeatures, n_classes: int, cfg: HeadTrainConfig, scorer:
                 raise ModelError(f"head training diverged: loss {v} at epoch {ep + 1}/{cfg.epochs} (lr {plain_number(cfg.lr)}, "
                                  f"weight decay {plain_number(cfg.weight_decay)}); nothing was written. Lower --lr")
             total += v * len(idx)
-        if scorer is not None:
-            m = scorer(head)
-            if best is None or m["select"] > best[0]:
+        m = scorer(head) if scorer is not None else None
+        if history is not None:
+            history.append({"epoch": ep + 1, "loss": total / len(x), **({"val": m["select"]} if m else {})})
+        if m is not None:
+            if best is None or m["select"] > best[0] or not keep_best:
                 best = (m["select"], {"epoch": ep + 1, **m}, copy.deepcopy(head.state_dict()))
             if (ep + 1) % max(1, cfg.epochs // 10) == 0 or ep + 1 == cfg.epochs:
+                kept = f"(best {best[0]:.4f} @ {best[1]['epoch']}) " if keep_best else ""
                 log(f"  epoch {ep + 1}/{cfg.epochs} loss {total / len(x):.4f} val {m['select']:.4f} "
-                    f"(best {best[0]:.4f} @ {best[1]['epoch']}) {time.perf_counter() - t0:.1f} s")
+                    f"{kept}{time.perf_counter() - t0:.1f} s")
     if best is not None:
         head.load_state_dict(best[2])
     bad = [k for k, v in head.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]

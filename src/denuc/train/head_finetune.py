@@ -150,7 +150,9 @@ def finetune_encoder(fz: PointFeaturizer, ds: PointDataset, train: list[str], he
                              {"params": list(head.net.parameters()), "lr": fcfg.head_lr}],
                             weight_decay=fcfg.weight_decay)
     all_ids = np.concatenate([ds.points(s).class_ids for s in train])
-    weight = class_weight_tensor(all_ids[all_ids >= 0], len(ds.classes), hcfg.class_weights)
+    # "sampled" balancing applies to the cached-feature epochs only; encoder updates visit every image once
+    weight = class_weight_tensor(all_ids[all_ids >= 0], len(ds.classes),
+                                 "auto" if hcfg.balance == "weighted" else "none")
     rng = np.random.default_rng(hcfg.seed)
     share = -(-fcfg.batch_windows // ctx.world)  # windows per process and batch
     trained = params + list(head.net.parameters())

@@ -5,7 +5,9 @@ from train when there is none), build the encoder and point featurizer, extract 
 cached) features at GT points of train and val and, with a detector, at detected points of
 val; train the head (``linear``/``mlp`` on cached features; ``lora``/``full`` additionally
 update the encoder on window crops, see :mod:`denuc.train.head_finetune`); keep the best
-epoch on val; write the checkpoint.
+epoch on val (or the last); fit the temperature on val ground-truth points
+(:mod:`denuc.train.calibration`) and report per-class precision/recall there; write the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import numpy as np
 
 from denuc.classify.head import HEAD_MODES, HeadMeta, save_head
 from denuc.core.mpp import check_mpp
-from denuc.data.base import PointDataset, open_dataset
+from denuc.data.base import PointDataset, open_training_dataset
 from denuc.encode.encoder import Encoder, build_encoder
 from denuc.errors import InputError
 from denuc.query.predictor import PointFeaturizer
+from denuc.train.calibration import calibrate_head, format_class_report
 from denuc.train.features import (
     DetectFn,
     augmented_gt_features,
@@ -59,6 +62,21 @@ def check_out_file(out: str | os.PathLike[str]) -> Path:
     return p
 
 
+def log_calibration(calib: dict[str, Any], report: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Print the per-class precision/recall at val GT points and the calibration (ECE before/after)."""
+    if report:
+        log(f"val classification at ground-truth points: accuracy {report['accuracy']:.3f}, macro-F1 "
+            f"{report['macro_f1']:.3f}")
+        for line in format_class_report(report):
+            log(line)
+    if "ece_after" in calib:
+        log(f"calibration on {calib['points']} val points: temperature {calib['temperature']:.3f}, ECE "
+            f"{calib['ece_before']:.3f} -> {calib['ece_after']:.3f}, NLL {calib['nll_before']:.3f} -> "
+            f"{calib['nll_after']:.3f}")
+    elif calib:
+        log(f"calibration: {calib.get('note', '')}")
+
+
 def load_detector(path: str | os.PathLike[str] | None, device: str | None = None) -> tuple[DetectFn, str]:
     """``(detect(image, mpp) -> Nuclei, identity string for cache keys)`` of a detector checkpoint
     (``None`` = the shipped default)."""
@@ -73,9 +91,11 @@ def load_detector(path: str | os.PathLike[str] | None, device: str | None = None
 
 def make_scorer(fz: PointFeaturizer, ds: PointDataset, val: list[str], n_classes: int, *,
                 detect: DetectFn | None, detector_id: str, cache_dir: Path | None,
-                log: Callable[[str], None], use_cache: bool = True) -> tuple[Scorer, str, Any]:
-    """The val scorer: at detected points when a detector is given, else at GT points."""
-    feats = cached_features(fz, ds, val, gt=detect is None, detect=detect, detector_id=detector_id,
+                log: Callable[[str], None], use_cache: bool = True) -> tuple[Scorer, str, dict[str, Any]]:
+    """``(val scorer, what it scores, the val features {"gt"[, "det"]})``: the scorer works at
+    detected points when a detector is given, else at GT points; GT-point features are always
+    extracted (in the same pass), for calibration."""
+    feats = cached_features(fz, ds, val, gt=True, detect=detect, detector_id=detector_id,
                             cache_dir=cache_dir, use_cache=use_cache, log=log)
     if detect is not None:
         gt = {}
@@ -83,8 +103,8 @@ def make_scorer(fz: PointFeaturizer, ds: PointDataset, val: list[str], n_classes
             p = ds.points(s)
             p.mpp = ds.mpp_of(s)
             gt[s] = p
-        return det_scorer(feats["det"], gt, ds.classes), "mean class F1 at detected val points", feats["det"]
-    return gt_scorer(feats["gt"], n_classes), "macro-F1 at GT val points", feats["gt"]
+        return det_scorer(feats["det"], gt, ds.classes), "mean class F1 at detected val points", feats
+    return gt_scorer(feats["gt"], n_classes), "macro-F1 at GT val points", feats
 
 
 def train_head(
@@ -110,6 +130,10 @@ def train_head(
     cache_dir: str | os.PathLike[str] | None = None,
     device: str | None = None,
     offline: bool | None = None,
+    data_mpp: float | None = None,
+    outside: str = "error",
+    calibrate: bool = True,
+    history: list[dict[str, float]] | None = None,
     log: Callable[[str], None] = print,
 ) -> HeadMeta:
     """Train a classification head and write it to ``out`` (``.safetensors``).
@@ -130,6 +154,12 @@ def train_head(
             (so prediction does the same). The stain-jittered passes are encoded *without* it,
             since it would undo the jitter: the head then sees both normalised images and raw
             colour variation.
+        data_mpp, outside: µm/px of a dataset whose files do not say, and the policy for label
+            points outside their image (:func:`~denuc.data.base.open_training_dataset`).
+        calibrate: fit the temperature on the val images' ground-truth points (stored in the
+            head; with fewer than 20 labelled val points it stays 1).
+        history: when given, receives ``{"epoch", "loss"[, "val"]}`` per head epoch (with val,
+            the val metric of every epoch, also under ``select="last"``).
 
     ``config.select``: ``val`` keeps the best epoch on val, ``last`` the last epoch of the
     schedule (val is scored once, for the record).
@@ -152,14 +182,16 @@ def train_head(
                                mode=mode, mpp=mpp, window=window, stride=stride, align=align, config=config,
                                finetune=finetune, stain_augment=stain_augment, stain_strength=stain_strength,
                                stain_space=stain_space, stain_norm=stain_norm, feature_tta=feature_tta,
-                               cache_dir=cache_dir, device=str(dev), offline=offline, log=main_only_log(log, ctx))
+                               cache_dir=cache_dir, device=str(dev), offline=offline, data_mpp=data_mpp,
+                               outside=outside, calibrate=calibrate, history=history, log=main_only_log(log, ctx))
             barrier(ctx)  # rank 0 has written the head when any rank returns
             return meta
     return _train_head(data, encoder, out, weights=weights, detector=detector, use_detector=use_detector, mode=mode,
                        mpp=mpp, window=window, stride=stride, align=align, config=config, finetune=finetune,
                        stain_augment=stain_augment, stain_strength=stain_strength, stain_space=stain_space,
                        stain_norm=stain_norm, feature_tta=feature_tta, cache_dir=cache_dir, device=device,
-                       offline=offline, log=log)
+                       offline=offline, data_mpp=data_mpp, outside=outside, calibrate=calibrate, history=history,
+                       log=log)
 
 
 def _train_head(
@@ -185,6 +217,10 @@ def _train_head(
     cache_dir: str | os.PathLike[str] | None,
     device: str | None,
     offline: bool | None,
+    data_mpp: float | None,
+    outside: str,
+    calibrate: bool,
+    history: list[dict[str, float]] | None,
     log: Callable[[str], None],
 ) -> HeadMeta:
     """:func:`train_head` in this process (one of several under ``torchrun``)."""
@@ -218,7 +254,7 @@ def _train_head(
     check_writable_dir((cdir or default_cache_dir()) / "features",
                        f"--cache-dir {cdir}" if cdir is not None else
                        f"feature cache {default_cache_dir()} (set --cache-dir or DENUC_CACHE)")
-    ds = data if isinstance(data, PointDataset) else open_dataset(data)
+    ds = data if isinstance(data, PointDataset) else open_training_dataset(data, mpp=data_mpp, outside=outside)
     if not ds.classes:
         raise InputError(f"{ds.root}: the dataset defines no classes")
     # val is needed to select the epoch (select "val") and to judge fine-tuning epochs (lora/full)
@@ -247,15 +283,17 @@ def _train_head(
                                                          cache_dir=cdir, log=log)])
     scorer: Scorer | None = None
     select_desc = "no val images"
+    val_feats: dict[str, Any] = {}
     if val:
-        scorer, select_desc, _ = make_scorer(fz, ds, val, len(ds.classes), detect=detect, detector_id=det_id,
-                                             cache_dir=cdir, log=log)
+        scorer, select_desc, val_feats = make_scorer(fz, ds, val, len(ds.classes), detect=detect,
+                                                     detector_id=det_id, cache_dir=cdir, log=log)
     t_feat = time.perf_counter() - t0
     log(f"training {mode} head on {len(tr)} points of {len(train)} images; selection: "
         f"{select_desc if cfg.select == 'val' else 'last epoch'}")
     t1 = time.perf_counter()
-    head, scores = fit_head(tr, len(ds.classes), cfg, scorer if cfg.select == "val" else None, log=log,
-                            class_names=ds.classes)
+    watch = cfg.select == "last" and history is not None  # score every epoch for the curves only
+    head, scores = fit_head(tr, len(ds.classes), cfg, scorer if cfg.select == "val" or watch else None, log=log,
+                            class_names=ds.classes, history=history, keep_best=not watch)
     if ctx.active:  # every rank fitted the same head; rank 0's is the one kept, bit for bit
         broadcast_params(head, ctx)
     if cfg.select == "last":
@@ -273,6 +311,16 @@ def _train_head(
                 use_cache=False)[0],
             log=log)
     t_train = time.perf_counter() - t1
+    temperature, calib, report = 1.0, {}, {}
+    if val:
+        gt_val = val_feats["gt"]
+        if mode in ("lora", "full") and enc_tensors:  # the encoder changed: its val features too
+            gt_val = cached_features(fz, ds, val, gt=True, use_cache=False, log=lambda m: None)["gt"]
+        temperature, calib, report = calibrate_head(head, gt_val.feats, gt_val.labels, ds.classes)
+        if not calibrate:
+            temperature, calib = 1.0, {"note": "not fitted (calibrate=False)", "points": calib.get("points", 0)}
+        head.temperature = temperature
+        log_calibration(calib, report, log)
     meta = HeadMeta(
         classes=list(ds.classes), colors=[list(c) for c in ds.colors] or [[255, 255, 0]] * len(ds.classes),
         encoder=enc.name, weights_hash=enc.weights_hash, weights_source=enc.weights_ref, dim=enc.dim, mpp=fz.mpp, window=fz.window,
@@ -285,7 +333,9 @@ def _train_head(
                **({"finetune": finetune or {}} if mode in ("lora", "full") else {})},
         encoder_hash=enc_hash, stain_norm=fz.stain_norm, feature_tta=fz.feature_tta,
         untrained_classes=[c for c, u in zip(ds.classes, head.untrained.tolist()) if u],
+        temperature=temperature, calibration=calib, val_report=report,
     )
+    meta.train["class_balance"] = cfg.balance
     meta.train["class_points"] = {c: int((tr.labels == i).sum()) for i, c in enumerate(ds.classes)}
     if ctx.active:
         meta.train["processes"] = ctx.world

@@ -55,7 +55,7 @@ from denuc.data.geojson_points import (
     region_mask,
 )
 from denuc.data.splits import SplitLists, ordered_stems, parse_splits
-from denuc.errors import InputError
+from denuc.errors import InputError, ResolutionError
 
 DATASET_YAML = "dataset.yaml"
 IMAGES_DIR = "images"
@@ -143,7 +143,11 @@ class GenericDataset(SplitLists, PointDataset):
     """A folder in the generic layout (module docstring). Validates the layout on opening;
     point files are parsed when read."""
 
-    def __init__(self, root: str | os.PathLike[str], outside: str = "error") -> None:
+    accepts_mpp = True
+
+    def __init__(self, root: str | os.PathLike[str], outside: str = "error", mpp: float | None = None) -> None:
+        """``mpp``: µm per pixel of the images when dataset.yaml has no ``mpp`` (the training
+        commands' ``--data-mpp``); one that disagrees with dataset.yaml's is refused."""
         super().__init__(root, outside)
         ypath = self.root / DATASET_YAML
         cfg = _read_yaml(ypath)
@@ -151,7 +155,7 @@ class GenericDataset(SplitLists, PointDataset):
         unknown = sorted(str(k) for k in cfg if k not in YAML_KEYS + INFO_KEYS)
         if unknown:
             warnings.warn(f"{src}: ignoring unknown key(s) {unknown}", stacklevel=2)
-        self.mpp = check_mpp(cfg.get("mpp"), src)
+        self.mpp = self._dataset_mpp(cfg.get("mpp"), mpp, src)
         self.classes, self.colors = parse_classes(cfg.get("classes"), src)
         if not (self.root / IMAGES_DIR).is_dir():
             raise InputError(f"{self.root / IMAGES_DIR}: image folder is missing")
@@ -173,6 +177,21 @@ class GenericDataset(SplitLists, PointDataset):
         self._splits = parse_splits(cfg.get("splits"), f"{src}: splits", set(self._images))
         self._order = ordered_stems(self._splits, self._images)
         self._image_mpp = self._parse_image_mpp(cfg.get("image_mpp"), src)
+
+    @staticmethod
+    def _dataset_mpp(in_yaml: Any, given: float | None, src: str) -> float:
+        """The images' µm per pixel from dataset.yaml or, when it has none, ``given``."""
+        if in_yaml is None:
+            if given is None:
+                raise ResolutionError(f"{src}: resolution (µm per pixel) is unknown: no 'mpp'; add a line such as 'mpp: 0.5' "
+                                      "to it, or pass --data-mpp 0.5 (your value) to the training command "
+                                      "(Python: open_dataset(path, mpp=0.5))")
+            return check_mpp(given, f"{src}: --data-mpp")
+        v = check_mpp(in_yaml, src)
+        if given is not None and check_mpp(given, f"{src}: --data-mpp") != v:
+            raise InputError(f"{src}: says mpp {v:g} µm/px but --data-mpp is {float(given):g}; correct dataset.yaml "
+                             "or leave --data-mpp out")
+        return v
 
     def _parse_image_mpp(self, obj: Any, src: str) -> dict[str, float]:
         if obj is None:

@@ -100,6 +100,8 @@ def _detect(p: Path) -> bool:
 class Puma(SplitLists, PointDataset):
     """The PUMA release folder (module docstring)."""
 
+    accepts_mpp = True
+
     def __init__(
         self,
         root: str | os.PathLike[str],
