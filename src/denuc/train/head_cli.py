@@ -11,6 +11,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset folder (BRCA-M2C, OCELOT, PUMA or the generic layout)")
     p.add_argument("--encoder", default="efficientnet-lite0",
                    help="encoder name (efficientnet-lite0, uni2-h, uni, virchow2, h-optimus-0/1, phikon-v2, timm:<arch>)")
+    p.add_argument("--encoder-variant", default=None, metavar="NAME",
+                   help="named feature taps + working mpp of the encoder, e.g. s8-s32@0.25 for efficientnet-lite0 "
+                        "or last for a ViT (default: the encoder's own; docs/encoders.md lists them)")
+    p.add_argument("--taps", default=None, metavar="T1,T2,...",
+                   help="feature levels to concatenate, overriding the variant's: efficientnet-lite0 "
+                        "s2,s4,s8,s16,s32,head; ViTs b<i> = after block i (b-1 = last) (default: the variant's)")
     p.add_argument("--weights", default=None,
                    help="encoder weights: local file/folder or hf-hub:org/name (default: the encoder's own)")
     p.add_argument("--out", required=True, help="head checkpoint to write (.safetensors)")
@@ -19,7 +25,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select-with-detector", action="store_true",
                    help="select at detected val points with the shipped detector")
     p.add_argument("--mode", choices=("linear", "mlp", "lora", "full"), default="linear")
-    p.add_argument("--mpp", type=float, default=None, help="working µm/px (default: the encoder's, 0.25)")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="working µm/px (default: the encoder variant's; efficientnet-lite0 and the ViTs: 0.25)")
     p.add_argument("--window", type=int, default=None, help="window side in px at the working mpp (default 256)")
     p.add_argument("--stride", type=int, default=None, help="window step in px (default 3/4 of the window)")
     p.add_argument("--align", choices=("center", "corners"), default="center",
@@ -63,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
                           class_weights=args.class_weights, hidden=args.hidden if args.mode == "mlp" else 0,
                           seed=args.seed, select=args.select)
     ft = {"epochs": args.ft_epochs, "lr": args.ft_lr, "lora_rank": args.lora_rank}
-    train_head(args.data, args.encoder, args.out, weights=args.weights, detector=args.detector,
+    train_head(args.data, args.encoder, args.out, weights=args.weights, variant=args.encoder_variant, taps=args.taps,
+               detector=args.detector,
                use_detector=args.select_with_detector, mode=args.mode, mpp=args.mpp, window=args.window,
                stride=args.stride, align=args.align, config=cfg, finetune=ft, stain_augment=args.stain_augment,
                stain_strength=args.stain_strength, stain_space=args.stain_space, stain_norm=args.stain_norm,

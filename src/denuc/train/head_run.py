@@ -93,6 +93,8 @@ def train_head(
     out: str | os.PathLike[str],
     *,
     weights: str | None = None,
+    variant: str | None = None,
+    taps: str | list[str] | tuple[str, ...] | None = None,
     detector: str | os.PathLike[str] | None = None,
     use_detector: bool = False,
     mode: str = "linear",
@@ -117,6 +119,8 @@ def train_head(
     Args:
         data: dataset folder (any format :func:`open_dataset` knows) or an opened dataset.
         encoder: encoder name (built with ``weights``) or a built :class:`Encoder`.
+        variant, taps: for an encoder name, a named taps + working mpp choice of its spec and/or
+            other taps (:func:`~denuc.encode.build_encoder`); the head records the taps it reads.
         detector, use_detector: select the epoch at detected val points with this detector
             checkpoint (``use_detector`` with ``detector=None`` = the shipped detector).
         mode: ``linear``, ``mlp``, ``lora`` (ViT encoders only) or ``full``.
@@ -148,6 +152,13 @@ def train_head(
     if stain_augment and not (math.isfinite(float(stain_strength)) and 0 <= float(stain_strength) < 1):
         raise InputError(f"stain jitter strength (--stain-strength) must be a number >= 0 and < 1; "
                          f"got {float(stain_strength)}")
+    if isinstance(encoder, Encoder) and (variant or taps):
+        raise InputError("variant and taps select how an encoder is built by name; a built encoder keeps its own "
+                         f"(taps {'+'.join(encoder.taps) or '(none)'})")
+    if not isinstance(encoder, Encoder):
+        from denuc.encode.specs import get_spec
+
+        get_spec(encoder, variant, taps)  # unknown encoder, variant or taps: refused before any work
     fcfg = None
     if mode in ("lora", "full"):
         from denuc.train.head_finetune import FinetuneConfig
@@ -172,7 +183,8 @@ def train_head(
     from denuc.train.detector import pick_device
 
     device = str(pick_device(device))  # None: cuda, then mps, then cpu (like predict and train-detector)
-    enc = encoder if isinstance(encoder, Encoder) else build_encoder(encoder, weights, offline=offline, device=device)
+    enc = encoder if isinstance(encoder, Encoder) else build_encoder(encoder, weights, offline=offline, device=device,
+                                                                     variant=variant, taps=taps)
     if mode == "lora":
         from denuc.train.head_finetune import check_lora_applies
 
@@ -226,6 +238,7 @@ def train_head(
                **({"finetune": finetune or {}} if mode in ("lora", "full") else {})},
         encoder_hash=enc_hash, stain_norm=fz.stain_norm, feature_tta=fz.feature_tta,
         untrained_classes=[c for c, u in zip(ds.classes, head.untrained.tolist()) if u],
+        taps=list(enc.taps), encoder_variant=enc.spec.variant_name(enc.taps, fz.mpp) if enc.taps else "",
     )
     meta.train["class_points"] = {c: int((tr.labels == i).sum()) for i, c in enumerate(ds.classes)}
     try:
