@@ -26,12 +26,11 @@ import numpy as np
 import torch
 from common import run_info, write_json
 
-from denuc.classify.head import load_head, read_meta, save_head
+from denuc.classify.head import head_taps, load_head, read_meta, save_head
 from denuc.core.files import portable_meta
 from denuc.core.result import Nuclei
 from denuc.data import open_dataset
 from denuc.data.paths import brca_m2c_dir
-from denuc.encode.encoder import LITE0_DEFAULT_TAPS
 from denuc.evaluate import evaluate
 from denuc.train.head import HeadTrainConfig
 from denuc.train.head_run import train_head
@@ -84,7 +83,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", nargs="+", default=["linear", "full"])
     ap.add_argument("--encoder", default="efficientnet-lite0")
-    ap.add_argument("--mpp", type=float, default=None, help="working mpp (default: the encoder's)")
+    ap.add_argument("--encoder-variant", default=None,
+                    help="named taps + working mpp of the encoder (default: the encoder's default variant)")
+    ap.add_argument("--mpp", type=float, default=None, help="working mpp (default: the encoder variant's)")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--class-weights", default="none")
     ap.add_argument("--weight-decay", type=float, default=5e-4)
@@ -122,7 +123,7 @@ def main() -> int:
             train_s = float(meta.train.get("feature_seconds", 0)) + float(meta.train.get("train_seconds", 0))
         else:
             meta = train_head(data, args.encoder, ckpt, detector=args.detector, use_detector=True, mode=mode,
-                              mpp=args.mpp,
+                              mpp=args.mpp, variant=args.encoder_variant,
                               config=HeadTrainConfig(epochs=args.epochs, class_weights=args.class_weights,
                                                      weight_decay=args.weight_decay,
                                                      select=args.select if mode in ("linear", "mlp") else "val"),
@@ -134,8 +135,9 @@ def main() -> int:
             train_s = time.perf_counter() - t0
         test = score_test(ckpt, args.detector, data, args.tta)
         print(test.pop("table"))
-        layers = "+".join(LITE0_DEFAULT_TAPS) if meta.encoder == "efficientnet-lite0" else "last block"
-        rows.append({"mode": mode, "encoder": meta.encoder, "feature_layers": layers, "mpp": meta.mpp,
+        layers = "+".join(head_taps(meta)) or "the encoder's map"
+        rows.append({"mode": mode, "encoder": meta.encoder, "feature_layers": layers,
+                     "encoder_variant": meta.encoder_variant, "mpp": meta.mpp,
                      "stain_norm": meta.stain_norm, "feature_tta": meta.feature_tta, "window": meta.window,
                      "stride": meta.stride, "align": meta.align, "input_size": meta.input_size, "dim": meta.dim,
                      "val": meta.val_scores, "train": meta.train, "train_wall_seconds": round(train_s, 1),

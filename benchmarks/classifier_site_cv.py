@@ -10,6 +10,11 @@ extracted on a first run).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/classifier_site_cv.py
 
+Recipes named ``..., <variant>`` run the shipped recipe on another efficientnet-lite0 variant
+(feature taps x working mpp, :data:`denuc.encode.specs.LITE0_VARIANTS`), e.g.
+``--only "30 ep, wd 1e-1, macenko, stain hed 0.4 x2, s2-s32@0.5"``; their features are extracted
+on a first run. ``--only`` runs recipes in the order given; the JSON is rewritten after each.
+
 Prints a table, writes ``benchmarks/results/classifier_site_cv.json``.
 """
 
@@ -29,6 +34,7 @@ from denuc.data import open_dataset
 from denuc.data.paths import brca_m2c_dir
 from denuc.encode import build_encoder
 from denuc.encode.encoder import LITE0_DEFAULT_TAPS, LITE0_TAPS, EfficientNetLiteEncoder
+from denuc.encode.specs import LITE0_VARIANTS
 from denuc.query import PointFeaturizer
 from denuc.train.features import (
     PointFeatures,
@@ -46,6 +52,8 @@ from denuc.train.site_cv import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+#: the shipped head's recipe (README), as recipe names spell it
+SHIPPED_RECIPE = "30 ep, wd 1e-1, macenko, stain hed 0.4 x2"
 #: tap order of the all-taps features cached by ``classifier_val_ablations.py`` (reused here).
 ALL_TAPS = ("s8", "s16", "s32", "head")
 
@@ -79,6 +87,7 @@ class Recipe:
     taps: tuple[str, ...] = ()  # efficientnet-lite0 taps other than the default s8+s16+s32
     input_stats: str = "imagenet"  # encoder input mean/std: imagenet (the spec) or lite0 (0.5/0.5, as trained)
     scales: tuple[float, ...] = ()  # extra training passes with the image magnified by each factor (nuclei look s x larger)
+    variant: str = ""  # efficientnet-lite0 variant (taps + working mpp, LITE0_VARIANTS) instead of the default
     notes: dict[str, object] = field(default_factory=dict)
 
 
@@ -133,6 +142,12 @@ def recipes() -> list[Recipe]:
                aug=("hed", 0.4, 2), norm="macenko", scales=(0.9, 1.1)),
         Recipe("30 ep, wd 1e-1, macenko, scale 0.8+1.25", replace(e30, weight_decay=1e-1), norm="macenko",
                scales=(0.8, 1.25)),
+        # the shipped recipe over taps x working mpp (the variants of efficientnet-lite0)
+        *[Recipe(f"{SHIPPED_RECIPE}, {v}", replace(e30, weight_decay=1e-1), aug=("hed", 0.4, 2), norm="macenko",
+                 variant=v) for v in LITE0_VARIANTS],
+        *[Recipe(f"30 ep, wd {wd:g}, macenko, stain hed 0.4 x2, {v}", replace(e30, weight_decay=wd),
+                 aug=("hed", 0.4, 2), norm="macenko", variant=v)
+          for v in LITE0_VARIANTS for wd in (0.03, 0.3)],
     ]
 
 
@@ -158,7 +173,13 @@ def main() -> int:
     k = len(ds.classes)
     train, val = ds.stems("train"), ds.stems("val")
     fz = PointFeaturizer(build_encoder("efficientnet-lite0"))
-    plain = {sp: cached_features(fz, ds, st)["gt"] for sp, st in (("train", train), ("val", val))}
+    plain_cache: dict[str, PointFeatures] = {}
+
+    def plain() -> dict[str, PointFeatures]:
+        """Default-encoder features without normalisation (extracted on first use)."""
+        if not plain_cache:
+            plain_cache.update({sp: cached_features(fz, ds, st)["gt"] for sp, st in (("train", train), ("val", val))})
+        return plain_cache
 
     def features(r: Recipe) -> tuple[dict[str, PointFeatures], dict[str, list[PointFeatures]]]:
         if r.multiscale:
@@ -170,7 +191,8 @@ def main() -> int:
                 out[sp] = replace(a, feats=np.concatenate([a.feats[:, cols], b.feats[:, cols]], 1))
             return out, {"train": [], "val": []}
         space, strength, n = r.aug
-        enc = all_taps_encoder(r.taps) if r.taps else fz.encoder
+        enc = (build_encoder("efficientnet-lite0", variant=r.variant) if r.variant
+               else all_taps_encoder(r.taps) if r.taps else fz.encoder)
         cache = None
         if r.input_stats == "lite0":  # same name and weights, other input normalisation: own cache folder
             from denuc.encode.weights import WeightsSource
@@ -179,7 +201,7 @@ def main() -> int:
             enc = EfficientNetLiteEncoder(enc.spec.with_(mean=LITE0_MEAN, std=LITE0_STD), enc.body,
                                           WeightsSource(None, enc.weights_hash, enc.weights_source), taps=enc.taps)
             cache = default_cache_dir() / "lite0-input-stats"
-        fr = fz if r.tta == 1 and enc is fz.encoder else PointFeaturizer(enc, feature_tta=r.tta)
+        fr = fz if r.tta == 1 and enc is fz.encoder else PointFeaturizer(enc, feature_tta=r.tta)  # mpp: the spec's
         augs = {sp: augmented_gt_features(fr, ds, st, n, strength=strength, space=space, cache_dir=cache) if n else []
                 for sp, st in (("train", train), ("val", val))}
         for m in r.scales:  # same images, resampled to mpp / m before encoding
@@ -190,11 +212,32 @@ def main() -> int:
             nz = fr.with_stain_norm(r.norm)
             return {sp: cached_features(nz, ds, st, cache_dir=cache)["gt"] for sp, st in (("train", train), ("val", val))}, augs
         if fr is fz:
-            return plain, augs
+            return plain(), augs
         return {sp: cached_features(fr, ds, st, cache_dir=cache)["gt"] for sp, st in (("train", train), ("val", val))}, augs
 
-    rows = []
-    todo = [r for r in recipes() if args.only is None or r.name in args.only]
+    rows: list[dict] = []
+
+    def write_rows(rows: list[dict]) -> None:
+        """Print the table and write the JSON (after every recipe, so a long run keeps what it has)."""
+        print(f"\nleave-one-site-out macro-F1 at GT points (sites: "
+              f"{ {s: len(v) for s, v in site_groups(train + val).items()} } images)")
+        print(f"{'recipe':36} {'CV mean':>8} {'± std':>7} {'worst':>7} {'val':>7}")
+        for row in rows:
+            c = row["site_cv"]
+            print(f"{row['recipe']:36} {c['mean']:8.4f} {c['std']:7.4f} {c['min']:7.4f} "
+                  f"{row['official_val_macro_f1']:7.4f}")
+        out = {"benchmark": "classifier_site_cv", "metric": "macro-F1 at GT points of the held-out TCGA site",
+               "pool": "train+val (90 images)", "sites": {s: len(v) for s, v in site_groups(train + val).items()},
+               "encoder": "efficientnet-lite0", "feature_layers": "+".join(LITE0_DEFAULT_TAPS), "mpp": fz.mpp,
+               **run_info("classifier_site_cv.py", one_thread=args.threads == 1), "cpu_threads": args.threads,
+               "results": rows}
+        write_json(args.out, out)
+
+    by_name = {r.name: r for r in recipes()}
+    unknown = [n for n in args.only or [] if n not in by_name]
+    if unknown:
+        ap.error(f"unknown recipes {unknown}")
+    todo = [by_name[n] for n in args.only] if args.only is not None else list(by_name.values())  # in the order given
     for r in todo:
         t0 = time.perf_counter()
         f, augs = features(r)
@@ -210,22 +253,16 @@ def main() -> int:
         s = summarize(folds)
         rows.append({"recipe": r.name, "train": asdict(r.cfg), "stop_epoch": r.stop_epoch,
                      "stain_augment": {"space": r.aug[0], "strength": r.aug[1], "passes": r.aug[2]},
-                     "multiscale": r.multiscale, "stain_norm": r.norm, "feature_tta": r.tta, "input_stats": r.input_stats, "taps": list(r.taps or LITE0_DEFAULT_TAPS), "scales": list(r.scales), "site_cv": s, "folds": [asdict(x) for x in folds],
+                     "multiscale": r.multiscale, "stain_norm": r.norm, "feature_tta": r.tta,
+                     "input_stats": r.input_stats,
+                     "taps": list(LITE0_VARIANTS[r.variant].taps if r.variant else r.taps or LITE0_DEFAULT_TAPS),
+                     "variant": r.variant, "mpp": LITE0_VARIANTS[r.variant].mpp if r.variant else 0.25,
+                     "scales": list(r.scales), "site_cv": s, "folds": [asdict(x) for x in folds],
                      "official_val_macro_f1": vf1, "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"{r.name:36} " + " ".join(f"{x.site}={x.macro_f1:.4f}" for x in folds)
+        write_rows(rows)
+        print(f"{r.name:36} [{time.perf_counter() - t0:.0f} s] " + " ".join(f"{x.site}={x.macro_f1:.4f}" for x in folds)
               + f"  mean {s['mean']:.4f} ± {s['std']:.4f}  val {vf1:.4f}", flush=True)
-    print(f"\nleave-one-site-out macro-F1 at GT points (sites: "
-          f"{ {s: len(v) for s, v in site_groups(train + val).items()} } images)")
-    print(f"{'recipe':36} {'CV mean':>8} {'± std':>7} {'worst':>7} {'val':>7}")
-    for row in rows:
-        c = row["site_cv"]
-        print(f"{row['recipe']:36} {c['mean']:8.4f} {c['std']:7.4f} {c['min']:7.4f} {row['official_val_macro_f1']:7.4f}")
-    out = {"benchmark": "classifier_site_cv", "metric": "macro-F1 at GT points of the held-out TCGA site",
-           "pool": "train+val (90 images)", "sites": {s: len(v) for s, v in site_groups(train + val).items()},
-           "encoder": "efficientnet-lite0", "feature_layers": "+".join(LITE0_DEFAULT_TAPS), "mpp": fz.mpp,
-           **run_info("classifier_site_cv.py", one_thread=args.threads == 1), "cpu_threads": args.threads,
-           "results": rows}
-    write_json(args.out, out)
+    write_rows(rows)
     return 0
 
 

@@ -343,9 +343,9 @@ def test_phikon_loads_exactly_the_hashed_file(tmp_path: Path) -> None:
     folder = tmp_path / "phk"
     _hf_vit(folder, bin_too=True)  # model.safetensors and a different pytorch_model.bin
     x = torch.randn(1, 3, 32, 32)
-    st = build_encoder("phikon-v2", weights=folder)
+    st = build_encoder("phikon-v2", weights=folder, variant="last")  # one block: the default taps need 24
     assert st.weights_hash == file_sha256(folder / "model.safetensors") and st(x).shape == (1, 1024, 2, 2)
-    pt = build_encoder("phikon-v2", weights=folder / "pytorch_model.bin")
+    pt = build_encoder("phikon-v2", weights=folder / "pytorch_model.bin", variant="last")
     assert pt.weights_hash == file_sha256(folder / "pytorch_model.bin")
     sd_bin = torch.load(folder / "pytorch_model.bin", weights_only=True)
     torch.testing.assert_close(pt.body.embeddings.cls_token, sd_bin["embeddings.cls_token"])
@@ -379,7 +379,8 @@ class _Grid:
 
 def _head_for(enc: torch.nn.Module, path: Path) -> HeadMeta:
     meta = HeadMeta(classes=["a", "b"], colors=[[0, 0, 0]] * 2, encoder=enc.name, weights_hash=enc.weights_hash,
-                    weights_source=enc.weights_ref, dim=enc.dim, mpp=0.25, window=64, stride=48, align="center", input_size=enc.input_size)
+                    weights_source=enc.weights_ref, dim=enc.dim, mpp=0.25, window=64, stride=48, align="center", input_size=enc.input_size,
+                    taps=list(enc.taps))
     save_head(path, PointHead(enc.dim, 2), meta)
     return read_meta(path)
 

@@ -64,7 +64,8 @@ def test_checkpoint_round_trip(blobs, tmp_path: Path) -> None:  # type: ignore[n
     train_head(blobs, enc, out, cache_dir=tmp_path / "c", config=HeadTrainConfig(epochs=3), mode="mlp",
                window=64, log=lambda m: None)
     meta = read_meta(out)
-    assert (meta.mode, meta.hidden, meta.dim, meta.window, meta.align) == ("mlp", 256, 32, 64, "center")
+    assert (meta.mode, meta.hidden, meta.dim, meta.window, meta.align) == ("mlp", 256, 64, 64, "center")
+    assert (meta.taps, meta.encoder_variant) == (["b-2", "b-1"], "quarters")  # the taps it reads are recorded
     assert meta.version and "macro_f1" in meta.val_scores
     from safetensors import safe_open
 
@@ -183,19 +184,25 @@ def test_feature_cache_key_separates_precisions_and_geometry(blobs) -> None:  # 
 
 
 def test_feature_cache_key_separates_encoder_variants(blobs) -> None:  # type: ignore[no-untyped-def]
-    """Lite0 with other taps (same name, weights and even dim) must not share cached features."""
+    """Lite0 with other taps (same name, weights and even dim) must not share cached features;
+    the taps are always in the key, so a change of the default taps cannot reuse old entries."""
     from denuc.encode.encoder import EfficientNetLiteEncoder
     from denuc.encode.weights import WeightsSource
     from denuc.train.features import cache_key
 
-    b = build_encoder("efficientnet-lite0", weights="random", device="cpu")
+    b = build_encoder("efficientnet-lite0", weights="random", device="cpu", taps="s8,s16,s32")
     w = WeightsSource(None, b.weights_hash, b.weights_source)
     reordered = EfficientNetLiteEncoder(b.spec, b.body, w, taps=("s32", "s16", "s8"))
-    assert reordered.dim == b.dim and b.variant() == {}
+    assert reordered.dim == b.dim and b.variant() == {"taps": ["s8", "s16", "s32"]}
     stems = blobs.stems("train")
     default, other = (cache_key(PointFeaturizer(e, precision="fp32"), blobs, stems, "gt") for e in (b, reordered))
-    assert "taps" not in default[1] and other[1]["taps"] == ["s32", "s16", "s8"]
+    assert default[1]["taps"] == ["s8", "s16", "s32"] and other[1]["taps"] == ["s32", "s16", "s8"]
     assert default[0] != other[0]
+    # a variant at another working mpp differs by its mpp (part of the geometry) as well
+    half = build_encoder("efficientnet-lite0", weights="random", variant="s8-s32@0.5")
+    k_half = cache_key(PointFeaturizer(half, precision="fp32"), blobs, stems, "gt")
+    assert k_half[1]["mpp"] == 0.5 and k_half[0] != cache_key(
+        PointFeaturizer(b, mpp=0.25, precision="fp32"), blobs, stems, "gt")[0]
     # the same model fed another input normalisation gives other features
     own = EfficientNetLiteEncoder(b.spec.with_(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)), b.body, w)
     assert cache_key(PointFeaturizer(own, precision="fp32"), blobs, stems, "gt")[0] != default[0]
@@ -223,3 +230,14 @@ def test_gt_and_detected_points_share_one_encoding_when_maps_stream(blobs) -> No
     assert n_small == n_full
     for k in ("gt", "det"):
         np.testing.assert_array_equal(small[k].feats, full[k].feats)
+
+
+def test_unknown_variant_or_taps_are_refused_before_any_work(blobs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "h.safetensors"
+    with pytest.raises(ModelError, match="tiny-uni has no variant 'nope'; known: quarters, last4, last"):
+        train_head(blobs, "tiny-uni", out, weights="random", variant="nope", cache_dir=tmp_path / "c", log=lambda m: None)
+    with pytest.raises(ModelError, match="ViT taps are b<i>"):
+        train_head(blobs, "tiny-uni", out, weights="random", taps="s8", cache_dir=tmp_path / "c", log=lambda m: None)
+    with pytest.raises(InputError, match="a built encoder keeps its own"):
+        train_head(blobs, build_encoder("tiny-uni", weights="random"), out, taps="b0", log=lambda m: None)
+    assert not out.exists() and not (tmp_path / "c").exists()

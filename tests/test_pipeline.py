@@ -89,6 +89,37 @@ def test_head_refuses_other_encoder_or_weights(trained, tmp_path: Path) -> None:
         check_head_encoder(replace(meta, input_size=96), enc, str(head))
 
 
+def test_heads_carry_their_taps_and_heads_without_taps_read_the_legacy_ones(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A head records the taps it reads and DeNuC.load builds the encoder with them; a head
+    written before taps were recorded (no ``taps``) reads the spec's legacy taps (the last ViT
+    block), and gives the same classes and probabilities as the same head with them recorded."""
+    from dataclasses import replace
+
+    from denuc.classify.head import head_taps, load_head, read_meta, save_head
+    from denuc.pipeline import check_head_encoder
+
+    ds, head = trained
+    meta = read_meta(head)
+    assert tuple(meta.taps) == head_taps(meta) == ("b-2", "b-1") and meta.dim == 64
+    model = DeNuC.load(detector=GridDetector(), head=head, weights="random", device="cpu")
+    assert model.encoder.taps == ("b-2", "b-1")
+    last = tmp_path / "last.safetensors"
+    train_head(ds, "tiny-uni", last, weights="random", variant="last", cache_dir=tmp_path / "c",
+               config=HeadTrainConfig(epochs=5), window=64, log=lambda m: None)
+    h, m_last, _ = load_head(last)
+    assert (m_last.taps, m_last.encoder_variant, m_last.dim) == (["b-1"], "last", 32)
+    old = tmp_path / "old.safetensors"  # as written before taps were recorded
+    save_head(old, h, replace(m_last, taps=[], encoder_variant=""))
+    assert head_taps(read_meta(old)) == ("b-1",)
+    img = np.asarray(read_image(SAMPLE / "brca-m2c-sample.png"))[:96, :96]
+    new_out, old_out = (DeNuC.load(detector=GridDetector(), head=p, weights="random", device="cpu")(img, 0.5)
+                        for p in (last, old))
+    np.testing.assert_array_equal(new_out.class_ids, old_out.class_ids)
+    np.testing.assert_allclose(new_out.probs, old_out.probs, atol=1e-6)
+    with pytest.raises(ModelError, match=r"reads tiny-uni taps b-1, but the encoder was built with taps b-2\+b-1"):
+        check_head_encoder(read_meta(old), model.encoder, str(old))
+
+
 def _predict(argv: list[str]) -> int:
     from denuc import pipeline_cli
 

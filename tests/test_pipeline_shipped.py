@@ -15,11 +15,13 @@ SAMPLE = ASSETS / "sample" / "brca-m2c-sample.png"
                     reason="shipped head/detector not in src/denuc/assets")
 def test_shipped_models_classify_the_sample() -> None:
     from denuc import DeNuC
-    from denuc.classify.head import read_meta
+    from denuc.classify.head import head_taps, read_meta
 
     model = DeNuC.load(device="cpu")
     meta = read_meta(DEFAULT_HEAD)
     assert model.encoder.name == meta.encoder == "efficientnet-lite0"
+    assert model.encoder.taps == head_taps(meta) and model.encoder.dim == meta.dim  # the head's own taps
+    assert model.featurizer.mpp == meta.mpp
     out = model(read_image(SAMPLE)[:200, :200], mpp=0.5)
     assert out.class_names == tuple(meta.classes) and len(out) > 10
     assert out.probs is not None and out.probs.shape == (len(out), len(meta.classes))

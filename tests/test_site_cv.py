@@ -94,10 +94,12 @@ def test_train_head_cli_options_reach_the_checkpoint(tmp_path: Path, monkeypatch
     args = p.parse_args(["--data", str(ds.root), "--encoder", "tiny-uni", "--weights", "random", "--out", str(out),
                          "--epochs", "3", "--select", "last", "--weight-decay", "0.01", "--stain-augment", "1",
                          "--stain-space", "hed", "--stain-strength", "0.2", "--window", "64",
-                         "--stain-norm", "macenko", "--cache-dir", str(tmp_path / "c")])
+                         "--stain-norm", "macenko", "--cache-dir", str(tmp_path / "c"),
+                         "--encoder-variant", "last4", "--taps", "b0"])
     assert head_cli.main(args) == 0
     meta = read_meta(out)
     assert meta.train["select"] == "last" and meta.train["weight_decay"] == 0.01
     assert meta.train["stain_space"] == "hed" and meta.train["stain_strength"] == 0.2
     assert meta.stain_norm == "macenko"
+    assert meta.taps == ["b0"] and meta.dim == 32  # --taps overrides the variant's taps
     assert meta.val_scores["epoch"] == 3 and "macro_f1" in meta.val_scores

@@ -10,10 +10,11 @@
 Scores: ``score = detection score x probability of the predicted class`` (the chance that
 the point is a nucleus *of that class*); ``probs`` holds the full class distribution.
 
-A head is only used with the encoder it was trained on: same encoder name and same base
-weights (sha256), plus the fine-tuned encoder tensors stored in the head for ``lora``/``full``
-heads. Windows are encoded at the head's working mpp; images at any other mpp are resampled,
-so the image's ``mpp`` must be known (:class:`~denuc.errors.ResolutionError` otherwise).
+A head is only used with the encoder it was trained on: same encoder name, same base
+weights (sha256) and same feature taps (built from the head's record), plus the fine-tuned
+encoder tensors stored in the head for ``lora``/``full`` heads. Windows are encoded at the
+head's working mpp; images at any other mpp are resampled, so the image's ``mpp`` must be
+known (:class:`~denuc.errors.ResolutionError` otherwise).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from denuc.classify.head import HeadMeta, PointHead, load_head
+from denuc.classify.head import HeadMeta, PointHead, head_taps, load_head
 from denuc.core.mpp import check_mpp
 from denuc.core.result import Nuclei
 from denuc.data.image import as_rgb_image
@@ -54,6 +55,11 @@ def check_head_encoder(meta: HeadMeta, enc: Encoder, head_path: str) -> None:
                          f"but the encoder was loaded with weights {enc.weights_hash[:12]}... ({enc.weights_source}); "
                          "pass the same weights file the head was trained with (the hash is of the file's bytes, so "
                          "the same tensors saved in another format or by another tool count as different)")
+    taps = head_taps(meta)
+    if tuple(enc.taps) != taps:
+        raise ModelError(f"head {head_path} reads {enc.name} taps {'+'.join(taps) or '(none)'}, but the encoder was "
+                         f"built with taps {'+'.join(enc.taps) or '(none)'}; build it with taps={list(taps)} "
+                         "(DeNuC.load builds the head's own when given the encoder's name)")
     if enc.dim != meta.dim:
         raise ModelError(f"head {head_path} expects {meta.dim}-d features; encoder {enc.name} gives {enc.dim}")
     if enc.input_size != meta.input_size:
@@ -177,7 +183,7 @@ class DeNuC:
                                  f"use --encoder {meta.encoder} or a head trained for {name}")
             if weights is None:
                 check_default_weights(meta, name, str(head_path))
-            enc = build_encoder(name, weights, offline=offline, device=device)
+            enc = build_encoder(name, weights, offline=offline, device=device, taps=head_taps(meta) or None)
         check_head_encoder(meta, enc, str(head_path))
         apply_encoder_tensors(enc, enc_tensors, meta, str(head_path))
         if detector is None or isinstance(detector, (str, os.PathLike)):

@@ -193,6 +193,7 @@ def run_inputs(command: str, args: argparse.Namespace, build: Any) -> int:
     if len(todo) < len(files):
         print(f"skipping {len(files) - len(todo)} input(s) already done in {out} (use --overwrite to redo)")
     if not todo:
+        _sweep_claims(out, files, is_done, opts.stale_after)
         _summary_table(out)
         return 0
     runner = models = colors = None
@@ -232,6 +233,7 @@ def run_inputs(command: str, args: argparse.Namespace, build: Any) -> int:
             for k, v in s.get("timings_ms", {}).items():
                 t.add(k, v)
             print(t.table(s.get("wall_s")))
+    _sweep_claims(out, files, is_done, opts.stale_after)
     _summary_table(out)
     if failed:
         written = f"{done} written to {out}" if done else "nothing was written"
@@ -240,6 +242,18 @@ def run_inputs(command: str, args: argparse.Namespace, build: Any) -> int:
     if busy:
         print(f"{busy} input(s) were being processed by another process; rerun to finish any it left")
     return 0
+
+
+def _sweep_claims(out: Path, files: list[Path], is_done: Any, stale_after: float) -> None:
+    """Remove claims left on finished inputs by processes that died after writing them (a live
+    owner's claim stays)."""
+    from denuc.cohort.claims import claim_path, try_claim
+
+    for f in files:
+        if claim_path(out, f.stem).exists() and is_done(f):
+            c = try_claim(out, f.stem, stale_after=stale_after)
+            if c is not None:
+                c.release()
 
 
 def _summary_table(out: Path) -> None:

@@ -102,6 +102,11 @@ class HeadMeta:
         temperature: the logits are divided by it before the softmax (fitted on val; 1 = none).
         calibration: how it was fitted: val points, NLL and ECE before/after, reliability bins.
         val_report: per-class precision/recall/F1 and the confusion matrix at val GT points.
+        taps: the encoder's feature levels the head reads (:mod:`denuc.encode.specs`); ``[]`` in
+            heads written before taps were recorded, which read the spec's ``legacy_taps``
+            (:func:`head_taps`).
+        encoder_variant: name of the encoder variant (taps + mpp) it was trained with, "" when
+            none or not recorded (informative; ``taps`` and ``mpp`` are what is used).
     """
 
     classes: list[str]
@@ -126,18 +131,32 @@ class HeadMeta:
     temperature: float = 1.0
     calibration: dict[str, Any] = field(default_factory=dict)
     val_report: dict[str, Any] = field(default_factory=dict)
+    taps: list[str] = field(default_factory=list)
+    encoder_variant: str = ""
     version: str = ""
     format: int = FORMAT_VERSION
 
     def describe(self) -> str:
         return (f"{self.mode} head for encoder {self.encoder} (weights {self.weights_hash[:12]}"
                 + (f" from {self.weights_source}" if self.weights_source else "") + "), "
-                f"classes {self.classes}, {self.mpp} µm/px, window {self.window}/{self.stride}, align {self.align}"
+                f"classes {self.classes}, {self.mpp} µm/px"
+                + (f", taps {'+'.join(self.taps)}" if self.taps else "")
+                + f", window {self.window}/{self.stride}, align {self.align}"
                 + (f", stain norm {self.stain_norm}" if self.stain_norm != "none" else "")
                 + (f", features averaged over {self.feature_tta} passes" if self.feature_tta != 1 else "")
                 + (f", never predicts {self.untrained_classes} (no training points)" if self.untrained_classes
                    else "")
                 + (f", temperature {self.temperature:.3g}" if self.temperature != 1.0 else ""))
+
+
+def head_taps(meta: HeadMeta) -> tuple[str, ...]:
+    """The encoder taps a head reads: the recorded ones, else (a head written before taps were
+    recorded) the encoder spec's ``legacy_taps``; ``()`` for an encoder without taps."""
+    if meta.taps:
+        return tuple(meta.taps)
+    from denuc.encode.specs import get_spec
+
+    return get_spec(meta.encoder).legacy_taps
 
 
 def save_head(path: str | os.PathLike[str], head: PointHead, meta: HeadMeta,

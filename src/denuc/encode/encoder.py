@@ -9,14 +9,14 @@ column) is centred at input pixel ``x = (j + 0.5) * stride``, ``y = (i + 0.5) * 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from denuc.encode.specs import EncoderSpec, get_spec
+from denuc.encode.specs import LITE0_TAPS, EncoderSpec, get_spec, vit_block_index
 from denuc.encode.weights import WeightsSource, load_into, read_state_dict, resolve_weights
 from denuc.errors import ModelError
 from denuc.registry import Registry
@@ -62,10 +62,15 @@ class Encoder(nn.Module):
     def input_size(self) -> int:
         return self.spec.input_size
 
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """Feature levels concatenated into the map (``spec.taps``; ``()`` for a single-map encoder)."""
+        return self.spec.taps
+
     def variant(self) -> dict[str, object]:
-        """Settings beyond name and weights that change the features (``{}`` for the registry's
-        default build); part of feature-cache keys."""
-        return {}
+        """Settings beyond name and weights that change the features: the taps, always listed
+        (``{}`` for an encoder without taps); part of feature-cache keys."""
+        return {"taps": list(self.taps)} if self.taps else {}
 
     def map_size(self, input_size: int | None = None) -> int:
         """Side ``h`` (= ``w``) of the map for a square input of ``input_size`` px."""
@@ -90,80 +95,106 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
 
+def _tokens_to_map(tok: torch.Tensor, hgt: int, wid: int, stride: int) -> torch.Tensor:
+    """``(B, h*w, C)`` patch tokens (prefix tokens dropped) -> ``(B, C, h, w)``."""
+    return tok.transpose(1, 2).reshape(tok.shape[0], -1, hgt // stride, wid // stride)
+
+
 class ViTEncoder(Encoder):
-    """timm ViT: last-block patch tokens after the final norm, prefix tokens dropped."""
+    """timm ViT: the patch tokens after each tapped block (``b<i>``, see :mod:`denuc.encode.specs`),
+    each through the final norm, prefix tokens dropped, concatenated in tap order."""
+
+    def __init__(self, spec: EncoderSpec, body: nn.Module, weights: WeightsSource) -> None:
+        depth = len(getattr(body, "blocks", ()))
+        block_ids = [vit_block_index(t, depth, spec.name) for t in spec.taps or ("b-1",)]
+        super().__init__(spec, body, weights)
+        self.block_ids = block_ids
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b, _, hgt, wid = images.shape
         if hgt % self.stride or wid % self.stride:
             raise ModelError(f"{self.name}: input sides must be multiples of the patch size {self.stride}; got {hgt}x{wid}")
         if hasattr(self.body, "forward_intermediates"):
-            out = self.body.forward_intermediates(images, indices=[-1], output_fmt="NCHW",
+            want = sorted(set(self.block_ids))
+            out = self.body.forward_intermediates(images, indices=want, output_fmt="NCHW",
                                                   intermediates_only=True, norm=True)
-            return out[-1]
+            by_block = dict(zip(want, out, strict=True))  # timm returns them in block order
+            maps = [by_block[i] for i in self.block_ids]
+            return maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
+        if self.block_ids != [len(self.body.blocks) - 1]:
+            raise ModelError(f"{self.name}: this timm model has no forward_intermediates; "
+                             "only the last block can be tapped")
         tok = self.body.forward_features(images)[:, self.spec.num_prefix_tokens:]
-        return tok.transpose(1, 2).reshape(b, -1, hgt // self.stride, wid // self.stride)
+        return _tokens_to_map(tok, hgt, wid, self.stride)
 
 
 class HFViTEncoder(Encoder):
-    """transformers ViT (Phikon-v2): ``last_hidden_state`` minus the CLS token, reshaped."""
+    """transformers ViT (Phikon-v2): the hidden states after each tapped block through the model's
+    final layer norm (for the last block: ``last_hidden_state``), CLS token dropped, reshaped and
+    concatenated in tap order."""
+
+    def __init__(self, spec: EncoderSpec, body: nn.Module, weights: WeightsSource) -> None:
+        depth = int(getattr(body.config, "num_hidden_layers", 0))
+        block_ids = [vit_block_index(t, depth, spec.name) for t in spec.taps or ("b-1",)]
+        super().__init__(spec, body, weights)
+        self.block_ids = block_ids
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b, _, hgt, wid = images.shape
         if hgt % self.stride or wid % self.stride:
             raise ModelError(f"{self.name}: input sides must be multiples of the patch size {self.stride}; got {hgt}x{wid}")
-        tok = self.body(pixel_values=images).last_hidden_state[:, self.spec.num_prefix_tokens:]
-        return tok.transpose(1, 2).reshape(b, -1, hgt // self.stride, wid // self.stride)
+        out = self.body(pixel_values=images, output_hidden_states=True)
+        norm = getattr(self.body, "layernorm", None)
+        last = len(out.hidden_states) - 2  # hidden_states[0] is the embedding output
+        maps = []
+        for i in self.block_ids:
+            h = out.last_hidden_state if i == last or norm is None else norm(out.hidden_states[i + 1])
+            maps.append(_tokens_to_map(h[:, self.spec.num_prefix_tokens:], hgt, wid, self.stride))
+        return maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
 
 
-#: EfficientNet-Lite0 feature taps: name -> (block index whose output is taken, channels, stride).
-LITE0_TAPS: dict[str, tuple[int, int, int]] = {"s8": (2, 40, 8), "s16": (4, 112, 16), "s32": (6, 320, 32),
-                                               "head": (6, 1280, 32)}
-#: Default dense map of ``efficientnet-lite0``: stages at strides 8, 16 and 32 (472 channels) on the
-#: stride-8 grid. Chosen on BRCA-M2C val (linear head, GT points, macro-F1, 30 epochs;
-#: ``benchmarks/classifier_val_ablations.py``): at 0.25 µm/px s8 .692, s16 .747, s32 .732, head .701, s16+s32 .787,
-#: **s8+s16+s32 .798**, s16+s32+head .778, all four .792; at 0.5 µm/px the same order
-#: (s8+s16+s32 .769 best, all four .764), so 0.25 µm/px and s8+s16+s32.
-LITE0_DEFAULT_TAPS = ("s8", "s16", "s32")
+#: Default taps of ``efficientnet-lite0`` (the registry spec's; see :data:`denuc.encode.specs.LITE0_VARIANTS`).
+LITE0_DEFAULT_TAPS: tuple[str, ...] = get_spec("efficientnet-lite0").taps
 
 
 class EfficientNetLiteEncoder(Encoder):
-    """EfficientNet-Lite0 with several stages concatenated on the stride-8 grid.
+    """EfficientNet-Lite0 with several levels concatenated on the grid of the finest one.
 
-    Taps (see :data:`LITE0_TAPS`): ``s8`` (40 ch), ``s16`` (112), ``s32`` (320) and ``head``
-    (1280, the conv head after the last stage). Coarser maps are bilinearly upsampled
-    (align_corners=False, consistent with the cell-centre geometry) to the stride-8 grid and
-    concatenated in the order given, so ``C = sum of the taps' channels``.
+    Taps (see :data:`~denuc.encode.specs.LITE0_TAPS`): ``s2`` (16 ch), ``s4`` (24), ``s8`` (40),
+    ``s16`` (112), ``s32`` (320) and ``head`` (1280, the conv head after the last stage). The
+    map's stride is the finest tap's; coarser maps are bilinearly upsampled (align_corners=False,
+    consistent with the cell-centre geometry) onto its grid and concatenated in the order given,
+    so ``C = sum of the taps' channels``.
+
+    Args:
+        taps: the taps (default: ``spec.taps``); the encoder's spec gets their dim and stride.
     """
 
     def __init__(self, spec: EncoderSpec, body: nn.Module, weights: WeightsSource,
-                 taps: tuple[str, ...] = LITE0_DEFAULT_TAPS) -> None:
-        unknown = [t for t in taps if t not in LITE0_TAPS]
-        if unknown:
-            raise ModelError(f"unknown efficientnet-lite0 taps {unknown}; known: {list(LITE0_TAPS)}")
-        dim = sum(LITE0_TAPS[t][1] for t in taps)
-        super().__init__(spec.with_(dim=dim), body, weights)
-        self.taps = tuple(taps)
-
-    def variant(self) -> dict[str, object]:
-        return {} if self.taps == LITE0_DEFAULT_TAPS else {"taps": list(self.taps)}
+                 taps: tuple[str, ...] | None = None) -> None:
+        spec = spec.with_taps(taps if taps is not None else spec.taps or LITE0_DEFAULT_TAPS)
+        super().__init__(spec, body, weights)
+        self._last_block = max(LITE0_TAPS[t][0] for t in spec.taps)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         m = self.body
         x = m.bn1(m.conv_stem(images))
-        grid = -(-images.shape[-1] // 8), -(-images.shape[-2] // 8)
+        st = self.stride
+        grid = -(-images.shape[-2] // st), -(-images.shape[-1] // st)  # (rows, columns)
         outs: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(m.blocks):
+            if i > self._last_block:
+                break
             x = blk(x)
             outs[i] = x
         feats = []
         for t in self.taps:
             idx = LITE0_TAPS[t][0]
             f = m.bn2(m.conv_head(outs[idx])) if t == "head" else outs[idx]
-            if f.shape[-2:] != (grid[1], grid[0]):
-                f = F.interpolate(f, size=(grid[1], grid[0]), mode="bilinear", align_corners=False)
+            if f.shape[-2:] != grid:
+                f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
             feats.append(f)
-        return torch.cat(feats, dim=1)
+        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
 
 
 # ------------------------------------------------------------------ builders
@@ -223,9 +254,9 @@ def _build_hf_vit(spec: EncoderSpec, w: WeightsSource) -> Encoder:
     cfg = body.config
     dim, patch = getattr(cfg, "hidden_size", None), getattr(cfg, "patch_size", None)
     patch = patch[0] if isinstance(patch, (tuple, list)) else patch
-    if dim != spec.dim or patch != spec.stride:
+    if dim != (spec.width or spec.dim) or patch != spec.stride:
         raise ModelError(f"{w.path}: this is not a {spec.name} model: its config.json gives hidden size {dim} and "
-                         f"patch size {patch}, but {spec.name} has {spec.dim} and {spec.stride} "
+                         f"patch size {patch}, but {spec.name} has {spec.width or spec.dim} and {spec.stride} "
                          "(wrong folder for this --encoder?)")
     return HFViTEncoder(spec, body, w)
 
@@ -263,6 +294,8 @@ def build_encoder(
     offline: bool | None = None,
     token: str | bool | None = None,
     device: str | torch.device | None = None,
+    variant: str | None = None,
+    taps: Sequence[str] | str | None = None,
 ) -> Encoder:
     """Build a frozen encoder in eval mode.
 
@@ -273,8 +306,13 @@ def build_encoder(
         offline: no network (default: env ``HF_HUB_OFFLINE``).
         token: Hugging Face token (default ``HF_TOKEN`` or the stored login).
         device: where to put it (default cpu).
+        variant: a named taps + working mpp choice of the spec (``spec.variants``; default: the
+            spec's own taps and mpp).
+        taps: feature levels to concatenate, overriding the variant's (``("s2", "s4")`` or
+            ``"s2,s4"``; see :mod:`denuc.encode.specs`). Unknown taps raise :class:`ModelError`;
+            ViT block taps are checked against the loaded model's depth.
     """
-    spec = get_spec(name)
+    spec = get_spec(name, variant, taps)
     w = resolve_weights(weights, spec.hub_id, offline=offline, token=token, default_file=_default_file(spec))
     if w.path is None:  # random init is seeded so that "random" names one fixed set of weights
         with torch.random.fork_rng(devices=[]):

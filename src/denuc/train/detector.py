@@ -521,9 +521,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        from denuc.train.distributed import distributed, launched_world, main_only_log
-
         with removed_if_failed(cfg.out):  # a run that fails before writing anything leaves no empty --out
+            from denuc.train.distributed import distributed, launched_world, main_only_log
+
             if launched_world()[1] > 1:
                 with distributed(pick_device(cfg.device)) as (ctx, device):
                     return _train(cfg, main_only_log(log, ctx), ctx, device)

@@ -46,6 +46,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", default="efficientnet-lite0",
                    help="encoder name (efficientnet-lite0, uni2-h, uni, virchow2, h-optimus-0/1, phikon-v2, timm:<arch>) "
                         "(default: %(default)s)")
+    p.add_argument("--encoder-variant", default=None, metavar="NAME",
+                   help="named feature taps + working mpp of the encoder, e.g. s8-s32@0.25 for efficientnet-lite0 "
+                        "or last for a ViT (default: the encoder's own; docs/encoders.md lists them)")
+    p.add_argument("--taps", default=None, metavar="T1,T2,...",
+                   help="feature levels to concatenate, overriding the variant's: efficientnet-lite0 "
+                        "s2,s4,s8,s16,s32,head; ViTs b<i> = after block i (b-1 = last) (default: the variant's)")
     p.add_argument("--weights", default=None,
                    help="encoder weights: local file/folder or hf-hub:org/name (default: the encoder's own)")
     p.add_argument("--out", required=True, help="head checkpoint to write (.safetensors) (required)")
@@ -62,8 +68,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="head type: linear or mlp on frozen features; lora or full also update the encoder "
                         "(default: %(default)s)")
     p.add_argument("--mpp", type=float, default=None,
-                   help="working µm/px of the encoder, at which images are encoded (default: the encoder's own, from "
-                        "its spec); for the µm/px of the dataset's images see --data-mpp")
+                   help="working µm/px of the encoder, at which images are encoded (default: the encoder variant's; "
+                        "efficientnet-lite0 and the ViTs: 0.25); for the µm/px of the dataset's images see --data-mpp")
     p.add_argument("--data-mpp", type=float, default=None,
                    help="µm per pixel of the dataset's images where its files do not say (generic layout without "
                         "mpp in dataset.yaml; PUMA's nominal 0.25) (default: what the files say)")
@@ -140,7 +146,8 @@ def main(args: argparse.Namespace) -> int:
                           class_balance=args.class_balance, hidden=args.hidden if args.mode == "mlp" else 0,
                           seed=args.seed, select=r["select"])
     ft = {"epochs": args.ft_epochs, "lr": args.ft_lr, "lora_rank": args.lora_rank}
-    train_head(args.data, args.encoder, args.out, weights=args.weights, detector=args.detector,
+    train_head(args.data, args.encoder, args.out, weights=args.weights, variant=args.encoder_variant, taps=args.taps,
+               detector=args.detector,
                use_detector=args.select_with_detector, mode=args.mode, mpp=args.mpp, window=args.window,
                stride=args.stride, align=args.align, config=cfg, finetune=ft, stain_augment=r["stain_augment"],
                stain_strength=r["stain_strength"], stain_space=r["stain_space"], stain_norm=r["stain_norm"],

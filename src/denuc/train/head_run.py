@@ -113,6 +113,8 @@ def train_head(
     out: str | os.PathLike[str],
     *,
     weights: str | None = None,
+    variant: str | None = None,
+    taps: str | list[str] | tuple[str, ...] | None = None,
     detector: str | os.PathLike[str] | None = None,
     use_detector: bool = False,
     mode: str = "linear",
@@ -141,6 +143,8 @@ def train_head(
     Args:
         data: dataset folder (any format :func:`open_dataset` knows) or an opened dataset.
         encoder: encoder name (built with ``weights``) or a built :class:`Encoder`.
+        variant, taps: for an encoder name, a named taps + working mpp choice of its spec and/or
+            other taps (:func:`~denuc.encode.build_encoder`); the head records the taps it reads.
         detector, use_detector: select the epoch at detected val points with this detector
             checkpoint (``use_detector`` with ``detector=None`` = the shipped detector).
         mode: ``linear``, ``mlp``, ``lora`` (ViT encoders only) or ``full``.
@@ -183,7 +187,8 @@ def train_head(
                                finetune=finetune, stain_augment=stain_augment, stain_strength=stain_strength,
                                stain_space=stain_space, stain_norm=stain_norm, feature_tta=feature_tta,
                                cache_dir=cache_dir, device=str(dev), offline=offline, data_mpp=data_mpp,
-                               outside=outside, calibrate=calibrate, history=history, log=main_only_log(log, ctx))
+                               outside=outside, calibrate=calibrate, history=history, variant=variant, taps=taps,
+                               log=main_only_log(log, ctx))
             barrier(ctx)  # rank 0 has written the head when any rank returns
             return meta
     return _train_head(data, encoder, out, weights=weights, detector=detector, use_detector=use_detector, mode=mode,
@@ -191,7 +196,7 @@ def train_head(
                        stain_augment=stain_augment, stain_strength=stain_strength, stain_space=stain_space,
                        stain_norm=stain_norm, feature_tta=feature_tta, cache_dir=cache_dir, device=device,
                        offline=offline, data_mpp=data_mpp, outside=outside, calibrate=calibrate, history=history,
-                       log=log)
+                       variant=variant, taps=taps, log=log)
 
 
 def _train_head(
@@ -221,6 +226,8 @@ def _train_head(
     outside: str,
     calibrate: bool,
     history: list[dict[str, float]] | None,
+    variant: str | None,
+    taps: str | list[str] | tuple[str, ...] | None,
     log: Callable[[str], None],
 ) -> HeadMeta:
     """:func:`train_head` in this process (one of several under ``torchrun``)."""
@@ -241,6 +248,13 @@ def _train_head(
     if stain_augment and not (math.isfinite(float(stain_strength)) and 0 <= float(stain_strength) < 1):
         raise InputError(f"stain jitter strength (--stain-strength) must be a number >= 0 and < 1; "
                          f"got {float(stain_strength)}")
+    if isinstance(encoder, Encoder) and (variant or taps):
+        raise InputError("variant and taps select how an encoder is built by name; a built encoder keeps its own "
+                         f"(taps {'+'.join(encoder.taps) or '(none)'})")
+    if not isinstance(encoder, Encoder):
+        from denuc.encode.specs import get_spec
+
+        get_spec(encoder, variant, taps)  # unknown encoder, variant or taps: refused before any work
     fcfg = None
     if mode in ("lora", "full"):
         from denuc.train.head_finetune import FinetuneConfig
@@ -265,7 +279,8 @@ def _train_head(
     from denuc.train.detector import pick_device
 
     device = str(pick_device(device))  # None: cuda, then mps, then cpu (like predict and train-detector)
-    enc = encoder if isinstance(encoder, Encoder) else build_encoder(encoder, weights, offline=offline, device=device)
+    enc = encoder if isinstance(encoder, Encoder) else build_encoder(encoder, weights, offline=offline, device=device,
+                                                                     variant=variant, taps=taps)
     if mode == "lora":
         from denuc.train.head_finetune import check_lora_applies
 
@@ -334,6 +349,7 @@ def _train_head(
         encoder_hash=enc_hash, stain_norm=fz.stain_norm, feature_tta=fz.feature_tta,
         untrained_classes=[c for c, u in zip(ds.classes, head.untrained.tolist()) if u],
         temperature=temperature, calibration=calib, val_report=report,
+        taps=list(enc.taps), encoder_variant=enc.spec.variant_name(enc.taps, fz.mpp) if enc.taps else "",
     )
     meta.train["class_balance"] = cfg.balance
     meta.train["class_points"] = {c: int((tr.labels == i).sum()) for i, c in enumerate(ds.classes)}
