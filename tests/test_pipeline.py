@@ -219,3 +219,30 @@ def test_load_passes_detector_options_to_a_checkpoint_detector(trained, tmp_path
     assert (model.detector.window, model.detector.stride, model.detector.tta) == (512, 448, 4)
     plain = DeNuC.load(ckpt, head=head, device="cpu", weights="random")
     assert (plain.detector.window, plain.detector.stride, plain.detector.tta) == (256, 192, 1)
+
+
+def test_predict_takes_a_model_folder(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from model_fixtures import tiny_detector_checkpoint
+
+    _, head = trained
+    root = tmp_path / "mymodel"
+    root.mkdir()
+    tiny_detector_checkpoint(root / "detector.safetensors", score_threshold=0.5)
+    (root / "head.safetensors").write_bytes(head.read_bytes())
+    (root / "model.yaml").write_text("format: denuc-model/1\ndetector: detector.safetensors\nhead: head.safetensors\n"
+                                     "encoder: tiny-uni\nweights: random\nclasses: [dark, light]\nmpp: 0.5\n"
+                                     "thresholds: {detection: 0.3}\n")
+    model = DeNuC.load(model=root, device="cpu")
+    assert model.class_names == ("dark", "light") and model.detector.threshold == 0.3
+    out = tmp_path / "out"
+    assert _predict([str(SAMPLE), "--out", str(out), "--mpp", "0.5", "--model", str(root), "--device", "cpu"]) == 0
+    n = Nuclei.read_csv(out / "brca-m2c-sample.csv")
+    assert n.class_names == ("dark", "light") and len(n) > 0
+    import json
+
+    s = json.loads((out / "brca-m2c-sample.summary.json").read_text())
+    assert s["models"]["detector"]["threshold"] == 0.3 and s["models"]["encoder"] == "tiny-uni"
+    (root / "model.yaml").write_text("detector: nothing.safetensors\nhead: head.safetensors\nclasses: [a]\nmpp: 0.5\n")
+    from denuc.cli import main
+
+    assert main(["predict", str(SAMPLE), "--out", str(tmp_path / "o2"), "--mpp", "0.5", "--model", str(root)]) == 2

@@ -162,10 +162,13 @@ class DeNuC:
         from denuc.train.detector import pick_device
 
         device = pick_device(str(device) if device is not None else None)  # ModelError for unknown/unavailable
+        det_threshold = None
         if model is not None:
             from denuc.modeldir import load_model_dir
 
             md = load_model_dir(model)
+            if detector is None and tta == 1:  # the folder's val-chosen threshold (one detector pass)
+                det_threshold = md.thresholds.get("detection")
             detector = md.detector if detector is None else detector
             head = md.head if head is None else head
             encoder = md.encoder if encoder is None else encoder
@@ -189,7 +192,8 @@ class DeNuC:
         if detector is None or isinstance(detector, (str, os.PathLike)):
             from denuc.detect.api import Detector
 
-            det: PointDetector = Detector.load(detector, device=device, tta=tta, window=detector_window)
+            det: PointDetector = Detector.load(detector, device=device, tta=tta, window=detector_window,
+                                               threshold=det_threshold)
         else:
             det = detector
         import hashlib
