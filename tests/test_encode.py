@@ -35,7 +35,9 @@ def test_registry_lists_fms_and_refuses_unknown() -> None:
     assert (s.width, s.stride, s.num_prefix_tokens, s.hub_id) == (1536, 14, 9, "MahmoodLab/UNI2-h")
     assert get_spec("h-optimus-0").mean == (0.707223, 0.578729, 0.703617)
     t = get_spec("timm:vit_small_patch16_224")  # 12 blocks of 384 channels
-    assert (t.width, t.depth, t.taps, t.dim) == (384, 12, ("b-10", "b-7", "b-4", "b-1"), 4 * 384)
+    assert (t.width, t.depth, t.taps, t.dim) == (384, 12, ("b-1",), 384)
+    q = get_spec("timm:vit_small_patch16_224", variant="quarters")
+    assert (q.taps, q.dim) == (("b-10", "b-7", "b-4", "b-1"), 4 * 384)
     with pytest.raises(DenucError, match="known: .*uni2-h"):
         build_encoder("no-such-encoder")
 
@@ -146,18 +148,19 @@ def test_encoder_variants_set_taps_and_working_mpp() -> None:
         build_encoder("efficientnet-lite0", taps="s1,s8")
     with pytest.raises(ModelError, match="name a level twice"):
         get_spec("efficientnet-lite0", taps="s8,s8")
-    for n in ("uni2-h", "uni", "virchow2", "h-optimus-0", "phikon-v2"):  # ViT FMs: last + intermediate blocks
+    for n in ("uni2-h", "uni", "virchow2", "h-optimus-0", "phikon-v2"):  # ViT FMs: the last block (the paper's)
         s = get_spec(n)
-        assert s.taps[-1] == "b-1" and len(s.taps) == 4 and s.dim == 4 * s.width and s.legacy_taps == ("b-1",)
-        assert get_spec(n, variant="last").dim == s.width
-    assert get_spec("uni2-h").taps == ("b-19", "b-13", "b-7", "b-1")  # blocks 6, 12, 18, 24 of 24
+        assert s.taps == ("b-1",) and s.dim == s.width and s.legacy_taps == ("b-1",)
+        q = get_spec(n, variant="quarters")  # + intermediate blocks on request
+        assert q.taps[-1] == "b-1" and len(q.taps) == 4 and q.dim == 4 * s.width
+    assert get_spec("uni2-h", variant="quarters").taps == ("b-19", "b-13", "b-7", "b-1")  # blocks 6, 12, 18, 24
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_vit_taps_concatenate_normed_block_tokens(name: str) -> None:
-    """Default ViT taps = intermediate + last block; the last-block part is the legacy map, the
+    """ViT quarter taps = intermediate + last block; the last-block part is the legacy map, the
     intermediate part timm's normed intermediate tokens; taps out of the model's depth are refused."""
-    enc = build_encoder(name, weights="random")
+    enc = build_encoder(name, weights="random", variant="quarters")
     last = build_encoder(name, weights="random", variant="last")
     first = build_encoder(name, weights="random", taps="b0")
     x = torch.randn(2, 3, enc.input_size, enc.input_size)
@@ -193,7 +196,7 @@ def test_phikon_family_loads_a_local_transformers_folder(tmp_path: Path) -> None
     assert enc(x).shape == (2, 1024, 4, 4)
     torch.testing.assert_close(enc(x), enc.body(pixel_values=x).last_hidden_state[:, 1:].transpose(1, 2).reshape(2, -1, 4, 4))
     with pytest.raises(ModelError, match=r"tap 'b-19' needs a block the model does not have \(it has 1 blocks"):
-        build_encoder("phikon-v2", weights=folder)  # the default taps need phikon-v2's 24 blocks
+        build_encoder("phikon-v2", weights=folder, variant="quarters")  # these taps need phikon-v2's 24 blocks
     # block 0 = last block here: through the final layer norm, like last_hidden_state
     torch.testing.assert_close(build_encoder("phikon-v2", weights=folder, taps="b0")(x), enc(x))
 

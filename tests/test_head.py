@@ -64,8 +64,8 @@ def test_checkpoint_round_trip(blobs, tmp_path: Path) -> None:  # type: ignore[n
     train_head(blobs, enc, out, cache_dir=tmp_path / "c", config=HeadTrainConfig(epochs=3), mode="mlp",
                window=64, log=lambda m: None)
     meta = read_meta(out)
-    assert (meta.mode, meta.hidden, meta.dim, meta.window, meta.align) == ("mlp", 256, 64, 64, "center")
-    assert (meta.taps, meta.encoder_variant) == (["b-2", "b-1"], "quarters")  # the taps it reads are recorded
+    assert (meta.mode, meta.hidden, meta.dim, meta.window, meta.align) == ("mlp", 256, 32, 64, "center")
+    assert (meta.taps, meta.encoder_variant) == (["b-1"], "last")  # the taps it reads are recorded
     assert meta.version and "macro_f1" in meta.val_scores
     from safetensors import safe_open
 
@@ -234,7 +234,7 @@ def test_gt_and_detected_points_share_one_encoding_when_maps_stream(blobs) -> No
 
 def test_unknown_variant_or_taps_are_refused_before_any_work(blobs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "h.safetensors"
-    with pytest.raises(ModelError, match="tiny-uni has no variant 'nope'; known: quarters, last4, last"):
+    with pytest.raises(ModelError, match="tiny-uni has no variant 'nope'; known: last, quarters, last4"):
         train_head(blobs, "tiny-uni", out, weights="random", variant="nope", cache_dir=tmp_path / "c", log=lambda m: None)
     with pytest.raises(ModelError, match="ViT taps are b<i>"):
         train_head(blobs, "tiny-uni", out, weights="random", taps="s8", cache_dir=tmp_path / "c", log=lambda m: None)

@@ -100,9 +100,13 @@ def test_heads_carry_their_taps_and_heads_without_taps_read_the_legacy_ones(trai
 
     ds, head = trained
     meta = read_meta(head)
-    assert tuple(meta.taps) == head_taps(meta) == ("b-2", "b-1") and meta.dim == 64
-    model = DeNuC.load(detector=GridDetector(), head=head, weights="random", device="cpu")
-    assert model.encoder.taps == ("b-2", "b-1")
+    assert tuple(meta.taps) == head_taps(meta) == ("b-1",) and meta.dim == 32  # the default: the last block
+    quarters = tmp_path / "quarters.safetensors"
+    train_head(ds, "tiny-uni", quarters, weights="random", variant="quarters", cache_dir=tmp_path / "c",
+               config=HeadTrainConfig(epochs=2), window=64, log=lambda m: None)
+    assert tuple(read_meta(quarters).taps) == ("b-2", "b-1") and read_meta(quarters).dim == 64
+    model = DeNuC.load(detector=GridDetector(), head=quarters, weights="random", device="cpu")
+    assert model.encoder.taps == ("b-2", "b-1")  # built with the taps the head records
     last = tmp_path / "last.safetensors"
     train_head(ds, "tiny-uni", last, weights="random", variant="last", cache_dir=tmp_path / "c",
                config=HeadTrainConfig(epochs=5), window=64, log=lambda m: None)

@@ -207,16 +207,19 @@ def vit_taps(depth: int, kind: str = "quarters") -> tuple[str, ...]:
 
 def vit_variants(depth: int) -> dict[str, EncoderVariant]:
     """The named tap choices of a ViT of ``depth`` blocks (working mpp: the spec's)."""
-    return {"quarters": EncoderVariant(vit_taps(depth, "quarters"), None,
-                                       "the blocks ending each quarter of the depth, last included (default)"),
-            "last4": EncoderVariant(vit_taps(depth, "last4"), None, "the last four blocks"),
-            "last": EncoderVariant(vit_taps(depth, "last"), None, "the last block only (heads before taps)")}
+    return {"last": EncoderVariant(vit_taps(depth, "last"), None,
+                                   "the last block only, as in the DeNuC paper (default)"),
+            "quarters": EncoderVariant(vit_taps(depth, "quarters"), None,
+                                       "the blocks ending each quarter of the depth, last included (4x the features; "
+                                       "not measured here: no pathology FM weights)"),
+            "last4": EncoderVariant(vit_taps(depth, "last4"), None, "the last four blocks")}
 
 
 def vit_spec(*, width: int, depth: int, **kw: Any) -> EncoderSpec:
-    """A ViT spec whose default taps are the ``quarters`` blocks and whose legacy taps are the last block."""
+    """A ViT spec whose default taps are the last block (the paper's features; ``quarters`` and
+    ``last4`` are variants that could not be measured without the gated weights), as are its legacy taps."""
     variants = vit_variants(depth)
-    taps = variants["quarters"].taps
+    taps = variants["last"].taps
     return EncoderSpec(dim=width * len(taps), width=width, depth=depth, taps=taps, legacy_taps=("b-1",),
                        variants=variants, **kw)
 
