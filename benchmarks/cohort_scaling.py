@@ -106,9 +106,12 @@ LAUNCHERS = {"shard": run_sharded, "torchrun": run_torchrun}
 
 
 def output_digests(out: Path) -> dict[str, str]:
-    """sha256 of every result file in ``out`` (not hidden files, not timing-dependent logs)."""
+    """sha256 of every result file in ``out`` (not hidden files, not timing-dependent logs and
+    per-input summaries, whose timings differ from run to run: their results are compared
+    through ``summary.csv``)."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
-            if p.is_file() and not p.name.startswith(".") and not p.name.endswith((".log", ".jsonl"))}
+            if p.is_file() and not p.name.startswith(".") and not p.name.endswith((".log", ".jsonl", ".summary.json"))
+            and p.name != "summary.csv"}
 
 
 def summary_bytes(out: Path) -> bytes | None:
