@@ -1,17 +1,19 @@
 """ONNX Runtime runner: each input shape is exported once to ONNX, cached on disk, and run on the CPU.
 
-Export: ``torch.onnx.export`` (the TorchScript exporter, opset :data:`OPSET`) of the module's
-method in eval mode, batch dimension dynamic, the other dimensions fixed to the shape seen
-(TF-"same" padding and anchors depend on them); the module's training flags are restored
-afterwards. A new export is checked against the module on a random batch before use
-(:data:`CHECK_RTOL`), so a file that does not reproduce the module is never cached.
+Export: ``torch.onnx.export`` of the module's method in eval mode (the ``torch.export``-based
+exporter when ``onnxscript`` is installed, else the TorchScript one; see :func:`_export`),
+batch dimension dynamic, the other dimensions fixed to the shape seen (TF-"same" padding and
+anchors depend on them); the module's training flags are restored afterwards. A new export is
+checked against the module on a random batch before use (:data:`CHECK_RTOL`), so a file that
+does not reproduce the module is never cached.
 
 Cache: ``$DENUC_CACHE/onnx`` (default ``~/.cache/denuc/onnx``), one file per key: the sha256 of
 the weights (every tensor's name, dtype, shape and bytes), the module tree (``repr``), the top
 module's settings, the source files of its classes, the method, the input shape and the
 torch/onnx/opset versions. Files are written atomically (temporary name, then rename), so
 concurrent processes may share the cache. A module whose weights change in place after the
-first call (e.g. loading a state dict) is re-exported on its next call.
+first call (e.g. loading a state dict) is re-exported on its next call (tensors replaced by
+new objects, rather than written in place, are not noticed: build a new runner then).
 
 Sessions use ``torch.get_num_threads()`` intra-op threads (read when a shape is first run),
 one inter-op thread and no spin-waiting (:data:`SPIN`; spinning wastes shared CPUs).
