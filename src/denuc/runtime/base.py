@@ -55,8 +55,9 @@ class TorchRunner:
         self.method = method
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with torch.no_grad():
-            return _as_tuple(getattr(self.module, self.method)(x))
+        with torch.no_grad():  # ``forward`` through the module's __call__, so that its hooks run
+            fn = self.module if self.method == "forward" else getattr(self.module, self.method)
+            return _as_tuple(fn(x))
 
 
 RunnerBuilder = Callable[..., ModuleRunner]
