@@ -133,10 +133,15 @@ def test_onnx_runner_matches_torch_caches_and_follows_weight_changes(cache: Path
     model = _tiny_model(seed=1)
     run = make_runner(model, "onnx", method="raw", name="tiny detector")
     x = torch.rand(3, 3, 64, 96, generator=torch.Generator().manual_seed(0))
-    for b in (3, 1):  # the batch dimension is dynamic
-        got, ref = run(x[:b]), model.raw(x[:b])
-        assert [g.shape for g in got] == [r.shape for r in ref]
-        assert max(_rel(r, g) for r, g in zip(ref, got, strict=True)) < 1e-4
+    threads = torch.get_num_threads()
+    try:
+        for b, t in ((3, 1), (1, 1), (3, 2), (1, 2)):  # the batch dimension is dynamic; 2 threads split it
+            torch.set_num_threads(t)
+            got, ref = run(x[:b]), model.raw(x[:b])
+            assert [g.shape for g in got] == [r.shape for r in ref]
+            assert max(_rel(r, g) for r, g in zip(ref, got, strict=True)) < 1e-4
+    finally:
+        torch.set_num_threads(threads)
     files = sorted(cache.glob("tiny_detector-3x64x96-*.onnx"))
     assert len(files) == 1 and not list(cache.glob(".*tmp*"))  # atomic: no temporary left
 

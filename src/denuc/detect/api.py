@@ -98,17 +98,20 @@ class Detector:
             if self.stride < 1 or self.window % 32:
                 raise InputError(f"detector window must be a multiple of 32 larger than twice the margin "
                                  f"({self.margin:g} px); got {window}")
-        if batch_size is None:  # about 4 Mpx per forward pass on a GPU; 0.25 Mpx on a CPU, where
-            # larger batches leave the caches and run slower (benchmarks/detector_speed.py --batch)
-            import torch
-
-            on_gpu = torch.device(device).type == "cuda"
-            batch_size = max(1, (2**22 if on_gpu else 2**18) // self.window**2)
-        self.batch_size = int(batch_size)
-        self.path: Path | None = None
         #: what runs the model's forward pass (:mod:`denuc.runtime`; results equal PyTorch's within
         #: float32 rounding): ``runner.runtime`` is ``torch`` or ``onnx``
         self.runner = make_runner(model, runtime, method="raw", name="detector", device=device)
+        if batch_size is None:  # about 4 Mpx per forward pass on a GPU; on a CPU 0.25 Mpx with PyTorch,
+            # where larger batches leave the caches and run slower (benchmarks/detector_speed.py --batch),
+            # and 1 Mpx with ONNX Runtime, whose time per window does not grow with the batch and which
+            # splits a batch over the threads (larger batches keep them busy together)
+            import torch
+
+            on_gpu = torch.device(device).type == "cuda"
+            px = 2**22 if on_gpu else 2**20 if self.runner.runtime == "onnx" else 2**18
+            batch_size = max(1, px // self.window**2)
+        self.batch_size = int(batch_size)
+        self.path: Path | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, device: Any = None,
@@ -118,8 +121,8 @@ class Detector:
 
         Args:
             tta: test-time augmentation passes (1, 2, 4, 8).
-            batch_size: windows per forward pass (default: 4 Mpx of windows on CUDA, 0.25 Mpx
-                elsewhere); results do not depend on it.
+            batch_size: windows per forward pass (default: 4 Mpx of windows on CUDA, 1 Mpx with
+                ONNX Runtime, 0.25 Mpx with PyTorch on the CPU); results do not depend on it.
             window: inference window side in pixels at the model's mpp (default: the
                 checkpoint's); windows overlap by twice the checkpoint's margin.
             runtime: ``auto`` (ONNX Runtime on the CPU when installed, else PyTorch), ``torch``

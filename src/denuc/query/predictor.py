@@ -84,7 +84,8 @@ class PointFeaturizer:
         window: window side in pixels at the working mpp (default: the encoder's, 256).
         stride: window step in pixels (default ``window - window // 4``).
         align: ``center`` (right token-centre geometry) or ``corners`` (authors' code).
-        batch_size: windows per encoder call (default: 64 on CUDA; 4 elsewhere, where larger
+        batch_size: windows per encoder call (default: 64 on CUDA; on the CPU 16 with ONNX
+            Runtime, which splits a batch over the threads, and 4 with PyTorch, where larger
             batches leave the CPU caches and run slower).
         device: device of the encoder (default: where its parameters live).
         stain_norm: stain normaliser applied to each image first (``none`` or ``macenko``).
@@ -126,10 +127,17 @@ class PointFeaturizer:
         self.align = align
         p = next(encoder.parameters(), None)
         self.device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
-        self.batch_size = int(batch_size if batch_size is not None else 64 if self.device.type == "cuda" else 4)
         if precision not in PRECISIONS:
             raise InputError(f"precision must be one of {PRECISIONS}; got {precision!r}")
         self.precision = precision
+        from denuc.runtime import make_runner
+
+        self.runtime = runtime
+        #: the encoder's forward pass (:mod:`denuc.runtime`; PyTorch under bf16 autocast)
+        self.runner = make_runner(encoder, runtime if self.autocast_dtype is None else "torch",
+                                  name=f"encoder-{encoder.name}", device=self.device)
+        default_batch = 64 if self.device.type == "cuda" else 16 if self.runner.runtime == "onnx" else 4
+        self.batch_size = int(batch_size if batch_size is not None else default_batch)
         from denuc.detect.tta import TTA_PASSES
 
         if feature_tta not in TTA_PASSES:
@@ -141,12 +149,6 @@ class PointFeaturizer:
         self.cache_mb = float(CACHE_MB if cache_mb is None else cache_mb)
         if not self.cache_mb >= 0:
             raise InputError(f"cache_mb must be >= 0; got {cache_mb!r}")
-        from denuc.runtime import make_runner
-
-        self.runtime = runtime
-        #: the encoder's forward pass (:mod:`denuc.runtime`; PyTorch under bf16 autocast)
-        self.runner = make_runner(encoder, runtime if self.autocast_dtype is None else "torch",
-                                  name=f"encoder-{encoder.name}", device=self.device)
         self.n_encoded = 0
         self.encode_ms = 0.0
         self._image_encoded = 0  # windows encoded for the current image

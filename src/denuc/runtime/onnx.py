@@ -15,8 +15,10 @@ concurrent processes may share the cache. A module whose weights change in place
 first call (e.g. loading a state dict) is re-exported on its next call (tensors replaced by
 new objects, rather than written in place, are not noticed: build a new runner then).
 
-Sessions use ``torch.get_num_threads()`` intra-op threads (read when a shape is first run),
-one inter-op thread and no spin-waiting (:data:`SPIN`; spinning wastes shared CPUs).
+Threads: ``torch.get_num_threads()`` (read at every call): a batch is split into that many parts
+run in parallel on single-threaded sessions (:data:`SPLIT_BATCH`); a batch of one window runs on
+a session with that many intra-op threads. No spin-waiting (:data:`SPIN`; spinning wastes shared
+CPUs).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import os
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,11 @@ CHECK_RTOL = 1e-3
 #: ONNX Runtime intra-op threads spin-wait for work when True (faster on an idle machine, but
 #: burns the CPU that other processes of a shared machine need).
 SPIN = False
+#: with ``torch.get_num_threads()`` > 1, split each batch into that many parts and run them in
+#: parallel on single-threaded sessions (else one session with that many intra-op threads): whole
+#: windows per thread scale better than threads inside each small convolution (2.0x vs 1.7x on
+#: two idle cores for the detector).
+SPLIT_BATCH = True
 
 
 def cache_dir() -> Path:
@@ -244,6 +252,8 @@ class OnnxRunner:
         self.paths: dict[tuple[int, ...], Path] = {}
         self._version: int | None = None
         self._tensors = module_tensors(module)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
 
     def file_for(self, shape: tuple[int, ...]) -> Path:
         """The cached ONNX file of input shape ``shape`` = ``(C, H, W)``, exported if missing."""
@@ -265,11 +275,23 @@ class OnnxRunner:
             self.paths.clear()
             self._version = v
         shape = tuple(int(s) for s in x.shape[1:])
-        threads = torch.get_num_threads()
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        threads = max(1, torch.get_num_threads())
+        parts = min(threads, len(arr)) if SPLIT_BATCH else 1
+        if parts <= 1:
+            return tuple(torch.from_numpy(o) for o in self._session_for(shape, threads).run(None, {"x": arr}))
+        # one single-threaded run per part of the batch, in parallel (runs release the GIL)
+        sess = self._session_for(shape, 1)
+        chunks = np.array_split(arr, parts)
+        if self._pool is None or self._pool_size < parts:
+            self._pool, self._pool_size = ThreadPoolExecutor(parts, thread_name_prefix="denuc-onnx"), parts
+        outs = list(self._pool.map(lambda c: sess.run(None, {"x": c}), chunks))
+        return tuple(torch.from_numpy(np.concatenate(o)) for o in zip(*outs, strict=True))
+
+    def _session_for(self, shape: tuple[int, ...], threads: int) -> Any:
         sess = self._sessions.get((shape, threads))
         if sess is None:
             path = self.paths.get(shape) or self.file_for(shape)
             self.paths[shape] = path
             sess = self._sessions[(shape, threads)] = _session(str(path), threads)
-        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        return tuple(torch.from_numpy(o) for o in sess.run(None, {"x": arr}))
+        return sess
