@@ -8,7 +8,11 @@
 #                 random weights, bf16 autocast; target >= 0.9), detector and whole-pipeline
 #                 throughput of the shipped models on BRCA-M2C $SPEED_SPLIT images (with a host-side
 #                 profile of the pipeline), detector training crops/s with 0/4/8 loader workers
-#                 (first $TRAIN_SPEED_IMAGES BRCA-M2C train images)
+#                 (first $TRAIN_SPEED_IMAGES BRCA-M2C train images), and the slide targets
+#                 (benchmarks/gpu_slide_speed.py: UNI2-h architecture and the default models end to
+#                 end on a BRCA-M2C test slide in s/mm², against the bare encoder's windows/s, the
+#                 detector stage, GPU busy fraction, GPU memory per batch and the largest batch;
+#                 bf16 + torch.compile; DEVICE=cpu runs its --smoke setting)
 # ablation-train  the detector backbone/matcher ablation (benchmarks/detector_ablation.py), all
 #                 variants at once on the one GPU, $ABLATION_EPOCHS epochs, stopped after
 #                 $ABLATION_DEADLINE_S s
@@ -59,6 +63,9 @@ step speed:detector "$PY" benchmarks/detector_speed.py --device "$DEVICE" --spli
 # shellcheck disable=SC2086
 step speed:pipeline "$PY" benchmarks/pipeline_speed.py --device "$DEVICE" --split "$SPEED_SPLIT" --threads 4 --tta 1 4 \
     --reps 3 --profile 30 ${PIPELINE_SPEED_ARGS:-}
+# shellcheck disable=SC2046,SC2086
+step speed:slide "$PY" benchmarks/gpu_slide_speed.py --device "$DEVICE" --encoders default uni2-h --batch 64 --compile \
+    $([[ $DEVICE == cpu ]] && echo --smoke) ${GPU_SLIDE_ARGS:-}
 step speed:train "$PY" benchmarks/detector_train_speed.py --device "$DEVICE" --images "$TRAIN_SPEED_IMAGES" --workers 0 4 8 \
     --steps 40
 # shellcheck disable=SC2086
@@ -69,7 +76,7 @@ step ablation-score "$PY" benchmarks/detector_ablation.py score --device "$DEVIC
 # shellcheck disable=SC2086
 step pytest "$PY" -m pytest -q -x -p no:cacheprovider ${PYTEST_ARGS:-}
 for f in encode_query_speed "detector_speed_${DEVICE%%:*}" "pipeline_speed_${DEVICE%%:*}" \
-    "detector_train_speed_${DEVICE%%:*}" detector_ablation; do
+    "detector_train_speed_${DEVICE%%:*}" "gpu_slide_speed_${DEVICE%%:*}" detector_ablation; do
     [[ -f benchmarks/results/$f.json ]] && cp "benchmarks/results/$f.json" "$OUT/"
 done
 true

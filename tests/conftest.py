@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from denuc.data.paths import brca_m2c_dir
+
+# The suite runs the PyTorch reference wherever the runtime is "auto" (ONNX exports take seconds
+# per model and results equal PyTorch's only to float32 rounding); tests/test_runtime.py checks the
+# ONNX Runtime path against it.
+os.environ.setdefault("DENUC_RUNTIME", "torch")
 
 
 @pytest.fixture(scope="session")

@@ -119,10 +119,12 @@ class DeNuC:
         encoder: the frozen encoder the head was trained with.
         head: the :class:`PointHead`; ``meta``: its checkpoint metadata.
         batch_size: windows per encoder call (default: the featurizer's for the device).
+        runtime: what runs the encoder's forward pass (:mod:`denuc.runtime`): ``auto`` (ONNX
+            Runtime on the CPU when installed, else PyTorch), ``torch`` (the reference) or ``onnx``.
     """
 
     def __init__(self, detector: PointDetector, encoder: Encoder, head: PointHead, meta: HeadMeta,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, runtime: str = "auto") -> None:
         self.detector = detector
         self.encoder = encoder
         self.meta = meta
@@ -132,7 +134,8 @@ class DeNuC:
         self.head_sha256: str | None = None
         self.featurizer = PointFeaturizer(encoder, mpp=meta.mpp, window=meta.window, stride=meta.stride,
                                           align=meta.align, batch_size=batch_size, stain_norm=meta.stain_norm,
-                                          feature_tta=meta.feature_tta)
+                                          feature_tta=meta.feature_tta, runtime=runtime)
+        self.runtime = runtime
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -143,7 +146,7 @@ class DeNuC:
              encoder: str | Encoder | None = None, head: str | os.PathLike[str] | None = None,
              device: str | torch.device | None = None, *, weights: str | None = None,
              offline: bool | None = None, tta: int = 1, detector_window: int | None = None,
-             model: str | os.PathLike[str] | None = None) -> DeNuC:
+             model: str | os.PathLike[str] | None = None, runtime: str = "auto") -> DeNuC:
         """Build the pipeline.
 
         Args:
@@ -158,6 +161,9 @@ class DeNuC:
                 as a checkpoint or None; a detector object keeps its own setting.
             detector_window: the detector's inference window in px at its mpp (default: the
                 checkpoint's), likewise.
+            runtime: what runs the detector's and the encoder's forward passes: ``auto`` (ONNX
+                Runtime on the CPU when ``denuc[onnx]`` is installed, else PyTorch), ``torch``
+                (the reference) or ``onnx`` (:mod:`denuc.runtime`).
         """
         from denuc.train.detector import pick_device
 
@@ -193,12 +199,12 @@ class DeNuC:
             from denuc.detect.api import Detector
 
             det: PointDetector = Detector.load(detector, device=device, tta=tta, window=detector_window,
-                                               threshold=det_threshold)
+                                               threshold=det_threshold, runtime=runtime)
         else:
             det = detector
         import hashlib
 
-        out = cls(det, enc, h, meta)
+        out = cls(det, enc, h, meta, runtime=runtime)
         out.head_sha256 = hashlib.sha256(head_path.read_bytes()).hexdigest()
         return out
 
@@ -221,7 +227,7 @@ class DeNuC:
         d = det.describe() if hasattr(det, "describe") else {"type": type(det).__name__}
         return {"detector": d, "encoder": self.encoder.name, "encoder_weights_sha256": self.encoder.weights_hash,
                 "head": self.meta.describe(), "head_sha256": getattr(self, "head_sha256", None),
-                "classes": list(self.class_names)}
+                "classes": list(self.class_names), "encoder_runtime": self.featurizer.runner.runtime}
 
     def predict_slide(self, path: str | os.PathLike[str] | np.ndarray, mpp: float | None = None, *,
                       out: str | os.PathLike[str] | None = None, name: str = "", opts: Any = None,

@@ -82,6 +82,10 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
                    help="detector inference window side at its mpp (default: the checkpoint's, 256); larger windows "
                         "are faster and may lose a little F1 (docs/results.md)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    p.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnx"),
+                   help="what runs the networks: torch (PyTorch, the reference), onnx (ONNX Runtime on the CPU, "
+                        "pip install 'denuc[onnx]'; same results within float32 rounding), auto (onnx on the CPU "
+                        "when installed, else torch; env DENUC_RUNTIME overrides) (default: %(default)s)")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -288,7 +292,7 @@ def main(args: argparse.Namespace) -> int:
         model = DeNuC.load(detector=args.detector, encoder=args.encoder, head=args.head,
                            device=process_device(args.device),
                            weights=args.weights, offline=True if args.offline else None, tta=args.tta,
-                           detector_window=args.detector_window, model=args.model)
+                           detector_window=args.detector_window, model=args.model, runtime=args.runtime)
         return model.stream(tile_px=args.tile_px, workers=args.workers), model.models(), model._colors()
 
     return run_inputs("predict", args, build)

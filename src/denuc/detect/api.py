@@ -70,8 +70,10 @@ class Detector:
     """
 
     def __init__(self, model: Any, meta: dict[str, Any], device: Any, threshold: float | None = None,
-                 batch_size: int | None = None, tta: int = 1, window: int | None = None) -> None:
+                 batch_size: int | None = None, tta: int = 1, window: int | None = None,
+                 runtime: str = "auto") -> None:
         from denuc.detect.tta import tta_passes
+        from denuc.runtime import make_runner
 
         self.model = model
         self.config = meta
@@ -96,27 +98,35 @@ class Detector:
             if self.stride < 1 or self.window % 32:
                 raise InputError(f"detector window must be a multiple of 32 larger than twice the margin "
                                  f"({self.margin:g} px); got {window}")
-        if batch_size is None:  # about 4 Mpx per forward pass on a GPU; 0.25 Mpx on a CPU, where
-            # larger batches leave the caches and run slower (benchmarks/detector_speed.py --batch)
+        #: what runs the model's forward pass (:mod:`denuc.runtime`; results equal PyTorch's within
+        #: float32 rounding): ``runner.runtime`` is ``torch`` or ``onnx``
+        self.runner = make_runner(model, runtime, method="raw", name="detector", device=device)
+        if batch_size is None:  # about 4 Mpx per forward pass on a GPU; on a CPU 0.25 Mpx with PyTorch,
+            # where larger batches leave the caches and run slower (benchmarks/detector_speed.py --batch),
+            # and 1 Mpx with ONNX Runtime, whose time per window does not grow with the batch and which
+            # splits a batch over the threads (larger batches keep them busy together)
             import torch
 
             on_gpu = torch.device(device).type == "cuda"
-            batch_size = max(1, (2**22 if on_gpu else 2**18) // self.window**2)
+            px = 2**22 if on_gpu else 2**20 if self.runner.runtime == "onnx" else 2**18
+            batch_size = max(1, px // self.window**2)
         self.batch_size = int(batch_size)
         self.path: Path | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, device: Any = None,
              threshold: float | None = None, tta: int = 1, batch_size: int | None = None,
-             window: int | None = None) -> Detector:
+             window: int | None = None, runtime: str = "auto") -> Detector:
         """Load a checkpoint (``None`` = the shipped default) onto ``device`` (default: cuda, mps, cpu).
 
         Args:
             tta: test-time augmentation passes (1, 2, 4, 8).
-            batch_size: windows per forward pass (default: 4 Mpx of windows on CUDA, 0.25 Mpx
-                elsewhere); results do not depend on it.
+            batch_size: windows per forward pass (default: 4 Mpx of windows on CUDA, 1 Mpx with
+                ONNX Runtime, 0.25 Mpx with PyTorch on the CPU); results do not depend on it.
             window: inference window side in pixels at the model's mpp (default: the
                 checkpoint's); windows overlap by twice the checkpoint's margin.
+            runtime: ``auto`` (ONNX Runtime on the CPU when installed, else PyTorch), ``torch``
+                (the reference) or ``onnx`` (:mod:`denuc.runtime`).
         """
         from denuc.detect.checkpoint import load_detector
         from denuc.train.detector import pick_device
@@ -128,7 +138,7 @@ class Detector:
             raise ModelError(f"no default detector shipped at {p}; pass a checkpoint path")
         dev = pick_device(str(device) if device is not None else None)
         model, meta = load_detector(p, dev)
-        det = cls(model, meta, dev, threshold, batch_size=batch_size, tta=tta, window=window)
+        det = cls(model, meta, dev, threshold, batch_size=batch_size, tta=tta, window=window, runtime=runtime)
         det.path = p
         return det
 
@@ -146,7 +156,8 @@ class Detector:
             sha = h.hexdigest()
         return {"checkpoint": Path(path).name if path is not None else None, "sha256": sha,
                 "backbone": self.model.config.backbone, "mpp": self.mpp, "threshold": self.threshold,
-                "tta": self.tta, "window": self.window, "stride": self.stride, "margin": self.margin}
+                "tta": self.tta, "window": self.window, "stride": self.stride, "margin": self.margin,
+                "runtime": self.runner.runtime}
 
     def _prepare(self, image: Any, mpp: float | None, name: str) -> tuple[np.ndarray, np.ndarray, float]:
         """``(image as (H, W, 3) uint8, image resampled to the model's mpp, mpp)``; any array
@@ -208,7 +219,8 @@ class Detector:
         if self.tta > 1:
             return self._detect_tta(list(works))
         return detect_images(self.model, list(works), threshold=self.threshold, window=self.window,
-                             stride=self.stride, margin=self.margin, batch_size=self.batch_size, device=self.device)
+                             stride=self.stride, margin=self.margin, batch_size=self.batch_size, device=self.device,
+                             forward=self.runner)
 
     def _detect_tta(self, works: list[np.ndarray]) -> list[Any]:
         """Fused detections of every pass of :attr:`passes` on each working-mpp image."""
@@ -219,7 +231,7 @@ class Detector:
         floor = min(0.05, self.threshold / 2)  # proposals kept per pass; the fused score is thresholded
         batch = [transform_image(w, k, f) for w in works for k, f in self.passes]
         raw = detect_images(self.model, batch, threshold=floor, window=self.window, stride=self.stride,
-                            margin=self.margin, batch_size=self.batch_size, device=self.device)
+                            margin=self.margin, batch_size=self.batch_size, device=self.device, forward=self.runner)
         radius = float(self.model.config.nms_radius_px)
         out = []
         for i, w in enumerate(works):

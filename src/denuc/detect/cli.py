@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
         from denuc.stream.runner import TileStream
 
         det = Detector.load(args.detector, device=process_device(args.device), threshold=args.threshold, tta=args.tta,
-                            window=args.detector_window)
+                            window=args.detector_window, runtime=args.runtime)
         return TileStream(det, None, tile_px=args.tile_px, workers=args.workers), {"detector": det.describe()}, None
 
     return run_inputs("detect", args, build)

@@ -239,12 +239,14 @@ class PointDetector(nn.Module):
                 for i in range(len(logits))]
 
     @torch.no_grad()
-    def candidates_numpy(self, images: torch.Tensor, threshold: float | None = None
+    def candidates_numpy(self, images: torch.Tensor, threshold: float | None = None,
+                         raw: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
                          ) -> list[dict[str, np.ndarray]]:
         """:meth:`candidates` as numpy arrays, with one device-to-host copy per output for the
         whole batch (selection per image happens on the host): on a GPU this avoids a
-        synchronisation for every image of the batch."""
-        logits, points = self.raw(images)
+        synchronisation for every image of the batch. ``raw``: what computes :meth:`raw`
+        (default: this module; a :mod:`denuc.runtime` runner of it)."""
+        logits, points = (raw or self.raw)(images)
         p = {k: v.cpu().numpy() for k, v in self._proposals(logits, points, images.shape[-2:], threshold).items()}
         return [{k: p[k][i][p["keep"][i]] for k in ("points", "scores", "labels", "probs")}
                 for i in range(len(p["keep"]))]

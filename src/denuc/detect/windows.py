@@ -11,7 +11,7 @@ padding are dropped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,8 +56,12 @@ def _pad(img: np.ndarray, window: int) -> np.ndarray:
 @torch.no_grad()
 def detect_images(model: PointDetector, images: Sequence[np.ndarray], *, threshold: float | None = None,
                   window: int = WINDOW, stride: int = STRIDE, margin: float = MARGIN, batch_size: int = 16,
-                  device: torch.device | str | None = None) -> list[RawDetections]:
+                  device: torch.device | str | None = None,
+                  forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None) -> list[RawDetections]:
     """Detect nuclei in ``images`` (each ``(H, W, 3)`` uint8 at the model's mpp).
+
+    ``forward``: what runs the model's :meth:`~denuc.detect.model.PointDetector.raw` on a
+    ``(B, 3, window, window)`` batch (default: the model itself; a :mod:`denuc.runtime` runner).
 
     Returns one :class:`RawDetections` per image, coordinates in that image's pixels,
     sorted by descending score.
@@ -71,7 +75,7 @@ def detect_images(model: PointDetector, images: Sequence[np.ndarray], *, thresho
     for b in range(0, len(jobs), batch_size):
         chunk = jobs[b:b + batch_size]
         crops = np.stack([padded[i][y0:y0 + window, x0:x0 + window] for i, (x0, y0) in chunk])
-        cands = model.candidates_numpy(normalise(crops, cfg.mean, cfg.std, device), threshold)
+        cands = model.candidates_numpy(normalise(crops, cfg.mean, cfg.std, device), threshold, raw=forward)
         for (i, (x0, y0)), d in zip(chunk, cands, strict=True):
             xy = d["points"].astype(np.float64)
             hp, wp = padded[i].shape[:2]

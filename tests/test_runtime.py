@@ -1,0 +1,236 @@
+"""Inference runtimes (denuc.runtime): the ONNX Runtime path gives the PyTorch reference's results.
+
+Tolerances (float32 on both sides; ONNX Runtime fuses and reorders operations): network outputs
+within 1e-4 relative to their largest value, detected points within 1e-3 px with the same count,
+scores within 1e-4, features within 1e-4 relative, classes equal. ONNX tests skip when
+onnxruntime/onnx are not installed (``pip install 'denuc[onnx]'``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from denuc.detect.api import Detector
+from denuc.detect.model import DetectorConfig, build_detector
+from denuc.errors import ModelError
+from denuc.runtime import RUNTIME_ENV, TorchRunner, make_runner, onnx_available, resolve_runtime
+from model_fixtures import tiny_detector_checkpoint
+
+needs_onnx = pytest.mark.skipif(not onnx_available(), reason="onnxruntime/onnx not installed (pip install 'denuc[onnx]')")
+
+
+@pytest.fixture()
+def no_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` decided by availability, not by the suite's DENUC_RUNTIME=torch (tests/conftest.py)."""
+    monkeypatch.delenv(RUNTIME_ENV, raising=False)
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ONNX cache for the module's tests (exports take seconds)."""
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture()
+def cache(onnx_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DENUC_CACHE", str(onnx_cache))
+    return onnx_cache / "onnx"
+
+
+def _tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_detector(DetectorConfig(backbone="tiny", score_threshold=0.5)).eval()
+    torch.nn.init.normal_(model.head.offset.weight, std=0.05)
+    return model.requires_grad_(False)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-6))
+
+
+def _pair(ref: np.ndarray, got: np.ndarray, atol: float = 1e-3) -> np.ndarray:
+    """Index into ``got`` of each ``ref`` point: the one within ``atol`` px (points of equal score
+    may come in another order); fails unless every point has exactly one partner."""
+    from scipy.spatial import cKDTree
+
+    assert len(ref) == len(got)
+    d, idx = cKDTree(got).query(ref)
+    assert float(d.max(initial=0.0)) <= atol and len(set(idx.tolist())) == len(ref)
+    return idx
+
+
+# --------------------------------------------------------------------- choice
+def test_resolve_runtime(no_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import denuc.runtime.base as base
+
+    assert resolve_runtime("torch", "cpu") == "torch"
+    assert resolve_runtime("auto", "cuda") == "torch"  # ONNX Runtime runs on the CPU only here
+    monkeypatch.setattr(base, "onnx_available", lambda: False)
+    assert resolve_runtime("auto", "cpu") == "torch" and resolve_runtime(None, "cpu") == "torch"
+    with pytest.raises(ModelError, match=r"denuc\[onnx\]"):
+        resolve_runtime("onnx", "cpu")
+    monkeypatch.setattr(base, "onnx_available", lambda: True)
+    assert resolve_runtime("auto", "cpu") == "onnx"
+    with pytest.raises(ModelError, match="CPU only"):
+        resolve_runtime("onnx", "cuda")
+    monkeypatch.setattr(base, "AUTO_MAX_PARAMS", 10)  # large models stay on PyTorch
+    assert resolve_runtime("auto", "cpu", _tiny_model()) == "torch"
+    with pytest.raises(ModelError, match="unknown runtime 'tvm'"):
+        resolve_runtime("tvm", "cpu")
+    monkeypatch.setenv(RUNTIME_ENV, "torch")
+    monkeypatch.setattr(base, "AUTO_MAX_PARAMS", 10**9)
+    assert resolve_runtime("auto", "cpu") == "torch" and resolve_runtime("onnx", "cpu") == "onnx"
+    monkeypatch.setenv(RUNTIME_ENV, "fast")
+    with pytest.raises(ModelError, match="DENUC_RUNTIME='fast'"):
+        resolve_runtime("auto", "cpu")
+
+
+def test_torch_runner_runs_the_method() -> None:
+    model = _tiny_model()
+    x = torch.rand(2, 3, 64, 64)
+    got = TorchRunner(model, "raw")(x)
+    ref = model.raw(x)
+    assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    assert make_runner(model, "torch", method="raw").runtime == "torch"
+
+
+def test_auto_falls_back_to_torch_with_a_warning(no_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import denuc.runtime.base as base
+    import denuc.runtime.onnx as ro
+
+    def broken(*a: object, **k: object) -> None:
+        raise ModelError("exporter says no")
+
+    monkeypatch.setattr(base, "onnx_available", lambda: True)
+    monkeypatch.setattr(ro, "module_key", lambda *a, **k: "0" * 64)
+    monkeypatch.setattr(ro, "export_onnx", broken)
+    monkeypatch.setattr(ro, "cache_dir", lambda: Path("/nonexistent-denuc-cache"))
+    model = _tiny_model()
+    run = make_runner(model, "auto", method="raw", name="detector")
+    assert run.runtime == "onnx"
+    x = torch.rand(1, 3, 64, 64)
+    with pytest.warns(UserWarning, match="detector: ONNX Runtime failed .*exporter says no.*PyTorch"):
+        out = run(x)
+    assert run.runtime == "torch" and torch.equal(out[0], model.raw(x)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        run(x)
+    with pytest.raises(ModelError, match="exporter says no"):  # asked for explicitly: the error surfaces
+        make_runner(model, "onnx", method="raw")(x)
+
+
+# ------------------------------------------------------------------------ onnx
+@needs_onnx
+def test_onnx_runner_matches_torch_caches_and_follows_weight_changes(cache: Path, monkeypatch: pytest.MonkeyPatch
+                                                                     ) -> None:
+    import denuc.runtime.onnx as ro
+
+    model = _tiny_model(seed=1)
+    run = make_runner(model, "onnx", method="raw", name="tiny detector")
+    x = torch.rand(3, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    try:
+        for b, t in ((3, 1), (1, 1), (3, 2), (1, 2)):  # the batch dimension is dynamic; 2 threads split it
+            torch.set_num_threads(t)
+            got, ref = run(x[:b]), model.raw(x[:b])
+            assert [g.shape for g in got] == [r.shape for r in ref]
+            assert max(_rel(r, g) for r, g in zip(ref, got, strict=True)) < 1e-4
+    finally:
+        torch.set_num_threads(threads)
+    files = sorted(cache.glob("tiny_detector-3x64x96-*.onnx"))
+    assert len(files) == 1 and not list(cache.glob(".*tmp*"))  # atomic: no temporary left
+
+    def no_export(*a: object, **k: object) -> None:
+        raise AssertionError("exported again although the cache holds the file")
+
+    monkeypatch.setattr(ro, "export_onnx", no_export)
+    again = make_runner(model, "onnx", method="raw", name="tiny detector")
+    assert torch.equal(again(x)[0], run(x)[0])  # a new runner (or process) reuses the cached file
+    monkeypatch.undo()
+    monkeypatch.setenv("DENUC_CACHE", str(cache.parent))
+    with torch.no_grad():  # weights written in place: the next call exports the new weights
+        model.head.cls.bias.add_(0.5)
+    got, ref = run(x), model.raw(x)
+    assert max(_rel(r, g) for r, g in zip(ref, got, strict=True)) < 1e-4
+    assert len(sorted(cache.glob("tiny_detector-3x64x96-*.onnx"))) == 2
+
+
+@needs_onnx
+def test_onnx_runner_leaves_training_mode_and_empty_batches_to_torch(cache: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import denuc.runtime.onnx as ro
+
+    model = _tiny_model(seed=2)
+    run = make_runner(model, "onnx", method="raw")
+    monkeypatch.setattr(ro, "_session", lambda *a: (_ for _ in ()).throw(AssertionError("ONNX Runtime used")))
+    assert run(torch.zeros(0, 3, 64, 64))[0].shape[0] == 0
+    model.train()
+    assert run(torch.rand(2, 3, 64, 64))[0].shape[0] == 2
+    assert model.training
+
+
+@needs_onnx
+def test_detector_onnx_equals_torch_on_a_fixed_image(cache: Path, tmp_path: Path) -> None:
+    ckpt = tiny_detector_checkpoint(tmp_path / "det.safetensors", seed=3, score_threshold=0.4)
+    img = np.random.default_rng(0).integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    ref = Detector.load(ckpt, device="cpu", runtime="torch").detect(img, 0.5)
+    fast = Detector.load(ckpt, device="cpu", runtime="onnx")
+    got = fast.detect(img, 0.5)
+    assert fast.describe()["runtime"] == "onnx" and len(ref) > 20
+    k = _pair(ref.xy, got.xy)
+    np.testing.assert_allclose(got.scores[k], ref.scores, atol=1e-4, rtol=0)
+
+
+@needs_onnx
+def test_featurizer_onnx_features_equal_torch(cache: Path) -> None:
+    from denuc.encode import build_encoder
+    from denuc.encode.tiny import register_tiny
+    from denuc.query.predictor import PointFeaturizer
+
+    register_tiny()
+    enc = build_encoder("tiny-uni", "random")
+    img = np.random.default_rng(1).integers(0, 256, (150, 170, 3), dtype=np.uint8)
+    xy = np.random.default_rng(2).uniform([0, 0], [170, 150], (40, 2))
+    feats = {}
+    for rt in ("torch", "onnx"):
+        fz = PointFeaturizer(enc, mpp=0.5, runtime=rt)
+        assert fz.runner.runtime == rt and fz.with_stain_norm("none").runner is fz.runner
+        fz.set_image(img, 0.5)
+        feats[rt] = fz.features_at(xy)
+    assert fz.windows_encoded > 1
+    assert _rel(feats["torch"], feats["onnx"]) < 1e-4
+
+
+@needs_onnx
+@pytest.mark.slow
+def test_shipped_pipeline_onnx_equals_torch_on_the_sample(cache: Path, no_env: None) -> None:
+    """The default fast path (ONNX Runtime, float32) against the PyTorch reference on the bundled
+    BRCA-M2C sample: same points (1e-3 px), same classes, probabilities within 1e-4."""
+    from denuc.data.image import read_image
+    from denuc.pipeline import ASSETS, DeNuC
+
+    img = read_image(ASSETS / "sample" / "brca-m2c-sample.png")
+    ref = DeNuC.load(device="cpu", runtime="torch")(img, 0.5)
+    model = DeNuC.load(device="cpu")  # auto: ONNX Runtime here
+    got = model(img, 0.5)
+    assert model.detector.runner.runtime == "onnx" and model.featurizer.runner.runtime == "onnx"
+    assert model.models()["encoder_runtime"] == "onnx" and len(ref) > 100
+    k = _pair(ref.xy, got.xy)
+    np.testing.assert_array_equal(got.class_ids[k], ref.class_ids)
+    np.testing.assert_allclose(got.probs[k], ref.probs, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got.det_scores[k], ref.det_scores, atol=1e-4, rtol=0)
+
+
+def test_cli_runtime_option() -> None:
+    from denuc.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["predict", "x.png", "--out", "o"]).runtime == "auto"
+    assert p.parse_args(["detect", "x.png", "--out", "o", "--runtime", "torch"]).runtime == "torch"
+    with pytest.raises(SystemExit):
+        p.parse_args(["predict", "x.png", "--out", "o", "--runtime", "tvm"])
