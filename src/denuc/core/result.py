@@ -44,6 +44,21 @@ def _as_xy(xy: Any) -> np.ndarray:
     return arr
 
 
+def _score_column(df: pd.DataFrame, column: str, source: str) -> np.ndarray | None:
+    """Column ``column`` of ``df`` as float32 scores (None when absent); :class:`InputError`
+    naming ``source`` for text or empty cells."""
+    if column not in df.columns:
+        return None
+    try:
+        values = df[column].to_numpy(np.float32)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{source}: {column} must be numbers ({e})") from None
+    if np.isnan(values).any():
+        raise InputError(f"{source}: {column} contains NaN or empty cells "
+                         f"({int(np.isnan(values).sum())} of {len(values)}); drop the column or fill it")
+    return values
+
+
 @dataclass
 class Nuclei:
     """Nucleus points of one image, with optional scores, classes and class probabilities.
@@ -304,21 +319,8 @@ class Nuclei:
             raise InputError(f"{source}: x/y must be numbers ({e})") from None
         if len(xy) and not np.all(np.isfinite(xy)):
             raise InputError(f"{source}: x/y contain NaN or empty cells")
-        scores = None
-        if "score" in df.columns:
-            try:
-                scores = df["score"].to_numpy(np.float32)
-            except (TypeError, ValueError) as e:
-                raise InputError(f"{source}: score must be numbers ({e})") from None
-            if np.isnan(scores).any():
-                raise InputError(f"{source}: score contains NaN or empty cells "
-                                 f"({int(np.isnan(scores).sum())} of {len(scores)}); drop the column or fill it")
-        det_scores = None
-        if "det_score" in df.columns:
-            try:
-                det_scores = df["det_score"].to_numpy(np.float32)
-            except (TypeError, ValueError) as e:
-                raise InputError(f"{source}: det_score must be numbers ({e})") from None
+        scores = _score_column(df, "score", source)
+        det_scores = _score_column(df, "det_score", source)
         roi = df["roi"].fillna("").astype(str).to_numpy(object) if "roi" in df.columns else None
         ids = None
         names = tuple(class_names) if class_names is not None else ()
