@@ -15,7 +15,7 @@ env: $(BIN)/.denuc-env
 
 demo: env
 	$(BIN)/denuc predict src/denuc/assets/sample --mpp 0.5 --out outputs/demo
-	@echo "wrote outputs/demo/ (CSV per image); try: $(BIN)/denuc --help"
+	@echo "wrote outputs/demo/ (CSV, summary JSON and overlay PNG per image); try: $(BIN)/denuc --help"
 
 test: env
 	$(BIN)/python -m pytest -q
