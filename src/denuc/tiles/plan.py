@@ -139,6 +139,7 @@ class TilePlan:
     enc_stride: int = 0
     selected: list[int] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    _enc_origins: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @property
     def count(self) -> int:
@@ -164,9 +165,11 @@ class TilePlan:
         """Global window origins (x, y) of the encoder frame (``window_origins`` of its size;
         a frame smaller than a window has one window at 0, padded white)."""
         assert self.enc is not None
-        w, h = self.enc.size
-        return (window_origins(max(w, self.enc_window), self.enc_window, self.enc_stride),
-                window_origins(max(h, self.enc_window), self.enc_window, self.enc_stride))
+        if self._enc_origins is None:  # computed once per plan, asked for every tile
+            w, h = self.enc.size
+            self._enc_origins = (window_origins(max(w, self.enc_window), self.enc_window, self.enc_stride),
+                                 window_origins(max(h, self.enc_window), self.enc_window, self.enc_stride))
+        return self._enc_origins
 
     def key(self) -> str:
         """Hash of everything that decides which points come out of which tile (for resume)."""
