@@ -165,7 +165,7 @@ class DeNuC:
                 Runtime on the CPU when ``denuc[onnx]`` is installed, else PyTorch), ``torch``
                 (the reference) or ``onnx`` (:mod:`denuc.runtime`).
         """
-        from denuc.train.detector import pick_device
+        from denuc.core.device import pick_device
 
         device = pick_device(str(device) if device is not None else None)  # ModelError for unknown/unavailable
         det_threshold = None

@@ -175,10 +175,10 @@ def train_head(
     and writes ``out``. The result is the one-process result, up to float rounding in the
     fine-tuned encoder.
     """
-    from denuc.train.distributed import launched_world
+    from denuc.core.device import launched_world
 
     if launched_world()[1] > 1:
-        from denuc.train.detector import pick_device
+        from denuc.core.device import pick_device
         from denuc.train.distributed import barrier, distributed, main_only_log
 
         with distributed(pick_device(device)) as (ctx, dev):
@@ -276,7 +276,7 @@ def _train_head(
                                          need_val=cfg.select == "val" or mode in ("lora", "full"))
     ids = np.concatenate([ds.points(s).class_ids for s in train])  # cheap: refuse before any encoding
     check_class_counts(np.bincount(ids[ids >= 0], minlength=len(ds.classes)), ds.classes)
-    from denuc.train.detector import pick_device
+    from denuc.core.device import pick_device
 
     device = str(pick_device(device))  # None: cuda, then mps, then cpu (like predict and train-detector)
     enc = encoder if isinstance(encoder, Encoder) else build_encoder(encoder, weights, offline=offline, device=device,
