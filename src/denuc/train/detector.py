@@ -284,7 +284,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise InputError("no training datasets given")
     if not isinstance(cfg.datasets, (list, tuple)) or not all(isinstance(p, str) and p for p in cfg.datasets):
         raise InputError(f"datasets must be a list of folder paths; got {cfg.datasets!r}")
-    check_mpp(cfg.mpp, "training mpp (--mpp)")
+    check_mpp(cfg.mpp, "training mpp (--work-mpp)")
     if cfg.loss_ref_mpp != 0:
         check_mpp(cfg.loss_ref_mpp, "loss reference mpp (--loss-ref-mpp; 0 = training px)")
     check_int(cfg.epochs, 1, "epochs (--epochs)")

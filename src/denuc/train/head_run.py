@@ -242,7 +242,7 @@ def _train_head(
     # every setting and output location is checked before any feature is extracted
     cfg.check()
     if mpp is not None:
-        mpp = check_mpp(mpp, "working resolution (--mpp)")
+        mpp = check_mpp(mpp, "working resolution (--work-mpp)")
     if isinstance(stain_augment, bool) or int(stain_augment) != stain_augment or stain_augment < 0:
         raise InputError(f"stain-jittered passes (--stain-augment) must be a whole number >= 0; got {stain_augment}")
     if stain_augment and not (math.isfinite(float(stain_strength)) and 0 <= float(stain_strength) < 1):
