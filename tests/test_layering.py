@@ -102,10 +102,9 @@ def test_no_import_cycles() -> None:
 
 
 def test_inference_modules_never_import_training() -> None:
+    """What the inference entry points reach through any import (function-level included) is
+    never a training module."""
     graph = import_graph()
-    inference = [m for m in graph if not m.startswith(("denuc.train", "denuc.evaluate"))
-                 and m not in ("denuc.cli", "denuc.__main__")]
-    # what inference modules reach (through any import, function-level included) is not training
     seen: set[str] = set()
     todo = ["denuc.pipeline", "denuc.detect.api", "denuc.stream.job", "denuc.pipeline_cli"]
     while todo:
@@ -113,7 +112,7 @@ def test_inference_modules_never_import_training() -> None:
         if m not in seen:
             seen.add(m)
             todo.extend(graph[m])
-    assert inference and not [m for m in seen if m.startswith("denuc.train")]
+    assert "denuc.core.device" in seen and not [m for m in seen if m.startswith("denuc.train")]
 
 
 def test_predict_slide_imports_no_training_module(tmp_path: Path) -> None:
