@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     for v in args.variants:
         name, backbone, matcher = variant_name(v)
         argv = [sys.executable, "-m", "denuc.cli", "train-detector", data, "--out", str(root / name),
-                "--preset", "quick", "--backbone", backbone, "--matcher", matcher, "--mpp", str(args.mpp), "--epochs", str(args.epochs),
+                "--preset", "quick", "--backbone", backbone, "--matcher", matcher, "--work-mpp", str(args.mpp), "--epochs", str(args.epochs),
                 "--crops-per-epoch", str(args.crops_per_epoch), "--batch-size", str(args.batch_size),
                 "--lr", str(args.lr), "--stain-p", str(args.stain_p), "--threads", str(args.threads),
                 "--workers", str(args.workers),

@@ -3,7 +3,7 @@ training runs that differ only in ``--matcher`` / ``--head-activation`` (val onl
 not touched).
 
     denuc train-detector <brca-m2c> --out runs/det_matcher_cheapest --matcher cheapest \\
-        --preset quick --backbone shufflenetv2_1.0x --mpp 0.5 --epochs 10
+        --preset quick --backbone shufflenetv2_1.0x --work-mpp 0.5 --epochs 10
     (same with --matcher hungarian, and with --head-activation none), then
     python benchmarks/detector_matchers.py runs/det_matcher_cheapest runs/det_matcher_hungarian runs/det_headact_none
 """

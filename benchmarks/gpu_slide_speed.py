@@ -222,7 +222,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from denuc.train.detector import pick_device
+    from denuc.core.device import pick_device
 
     device = pick_device(args.device)
     if args.smoke:

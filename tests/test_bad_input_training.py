@@ -136,12 +136,12 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--batch-size", "0"], "batch size"), (["--mpp", "0"], "mpp"), (["--epochs", "0"], "epochs"),
+    (["--batch-size", "0"], "batch size"), (["--work-mpp", "0"], "mpp"), (["--epochs", "0"], "epochs"),
     (["--lr", "nan"], "learning rate"), (["--weight-decay", "-1"], "weight decay"),
 ])
 def test_cli_bad_numbers_are_one_line_errors(blobs, tmp_path: Path, capsys, extra, match) -> None:  # type: ignore[no-untyped-def]
     cache = tmp_path / "cache"
-    rc, err = _cli(capsys, "--data", str(_generic(blobs, tmp_path / "ds", ["dark", "light"])), "--encoder", "tiny-uni",
+    rc, err = _cli(capsys, str(_generic(blobs, tmp_path / "ds", ["dark", "light"])), "--encoder", "tiny-uni",
                    "--weights", "random", "--out", str(tmp_path / "h.safetensors"), "--cache-dir", str(cache),
                    "--window", "64", *extra)
     assert rc == 2 and match in err and len(err.splitlines()) == 1 and "Traceback" not in err
@@ -281,10 +281,10 @@ def test_empty_class_list_is_refused_by_the_cli(blobs, tmp_path: Path, capsys) -
     pred = tmp_path / "pred"
     for s in blobs.stems():
         blobs.points(s).to_csv(pred / f"{s}.csv")
-    ok = cli_main(["evaluate", "--gt", str(root), "--pred", str(pred), "--classes", "dark,", "--radius-px", "3"])
+    ok = cli_main(["evaluate", str(root), "--pred", str(pred), "--classes", "dark,", "--radius-px", "3"])
     assert ok == 0
     capsys.readouterr()
-    rc = cli_main(["evaluate", "--gt", str(root), "--pred", str(pred), "--classes", ",", "--radius-px", "3"])
+    rc = cli_main(["evaluate", str(root), "--pred", str(pred), "--classes", ",", "--radius-px", "3"])
     err = capsys.readouterr().err
     assert rc == 2 and "--classes" in err and "names no class" in err
 

@@ -84,7 +84,7 @@ def test_torchrun_detector_matches_one_process_and_resumes_on_another_world_size
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "denuc", "train-detector", str(ds), "--out", str(tmp_path / "two"),
-           "--backbone", "tiny", "--epochs", "2", "--batch-size", "4", "--crop", "64", "--no-progress", "--init", "", "--mpp", "0.5",
+           "--backbone", "tiny", "--epochs", "2", "--batch-size", "4", "--crop", "64", "--no-progress", "--init", "", "--work-mpp", "0.5",
            "--threads", "1", "--workers", "0", "--device", "cpu", "--crops-per-epoch", "1.0", "--stop-after", "1"]
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

@@ -230,7 +230,7 @@ def test_cli_writes_json_with_the_documented_shape(tmp_path: Path, capsys: pytes
     nuc([[6, 5], [20, 20]], [0, 1], [0.9, 0.8], names=("lymphocyte", "tumor", "stromal")).to_csv(preds / "s1.csv")
     (preds / "s2.csv").write_text("x,y,class,score\n")
     out = tmp_path / "out" / "report.json"
-    assert _run_cli(["--gt", str(data), "--split", "test", "--pred", str(preds), "--protocol", "hungarian",
+    assert _run_cli([str(data), "--split", "test", "--pred", str(preds), "--protocol", "hungarian",
                      "--radius-um", "1.5", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "detection" in printed and "mean class F1" in printed and "hungarian" in printed
@@ -245,10 +245,10 @@ def test_cli_writes_json_with_the_documented_shape(tmp_path: Path, capsys: pytes
     assert d["mean_f1"] == pytest.approx(np.mean([d["classes"][c]["f1"] for c in d["classes"]]))
     assert not list(out.parent.glob(".*tmp"))  # atomic write left no temp file
     # --print-format json prints the summary
-    assert _run_cli(["--gt", str(data), "--split", "test", "--pred", str(preds), "--print-format", "json"]) == 0
+    assert _run_cli([str(data), "--split", "test", "--pred", str(preds), "--print-format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["protocol"] == "denuc"
     # the former spelling --format still works, with a deprecation warning
-    assert _run_cli(["--gt", str(data), "--split", "test", "--pred", str(preds), "--format", "json"]) == 0
+    assert _run_cli([str(data), "--split", "test", "--pred", str(preds), "--format", "json"]) == 0
     got = capsys.readouterr()
     assert json.loads(got.out)["protocol"] == "denuc" and "--format is deprecated" in got.err and "--print-format" in got.err
 
@@ -259,9 +259,9 @@ def test_cli_errors_name_the_file(tmp_path: Path) -> None:
     preds.mkdir()
     (preds / "s1.csv").write_text("x,y,class\n")
     with pytest.raises(InputError, match="s2"):
-        _run_cli(["--gt", str(data), "--split", "test", "--pred", str(preds)])
+        _run_cli([str(data), "--split", "test", "--pred", str(preds)])
     with pytest.raises(SystemExit):
-        _run_cli(["--gt", str(data), "--pred", str(preds), "--radius-px", "1", "--radius-um", "1"])
+        _run_cli([str(data), "--pred", str(preds), "--radius-px", "1", "--radius-um", "1"])
 
 
 # ------------------------------------------------------------------ properties

@@ -53,7 +53,7 @@ def test_cli_reads_the_raw_files_directly(brca_dir: Path, tmp_path: Path) -> Non
     parser = argparse.ArgumentParser()
     cli.configure(parser)
     out = tmp_path / "r6.json"
-    args = parser.parse_args(["--gt", str(brca_dir), "--split", "test",
+    args = parser.parse_args([str(brca_dir), "--split", "test",
                               "--pred", str(brca_dir / "reference_predictions_mcspatnet" / "points"),
                               "--pred-format", "brca-m2c", "--protocol", "mcspatnet", "--radius-px", "6",
                               "--json", str(out)])

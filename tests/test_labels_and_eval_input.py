@@ -142,10 +142,10 @@ def test_detect_output_scores_detection_against_a_classified_gt(tmp_path: Path,
     plain.mkdir()
     (plain / "s1.csv").write_text("x,y,score\n5,6,0.9\n20,20,0.8\n38,38,0.4\n")
     assert evaluate(gt, plain, radius_px=3.0).to_dict() == rep.to_dict()
-    # the CLI (denuc evaluate --gt GT --pred DET)
+    # the CLI (denuc evaluate GT --pred DET)
     parser = argparse.ArgumentParser()
     cli.configure(parser)
-    assert cli.main(parser.parse_args(["--gt", str(gt), "--pred", str(det), "--radius-px", "3"])) == 0
+    assert cli.main(parser.parse_args([str(gt), "--pred", str(det), "--radius-px", "3"])) == 0
     out = capsys.readouterr().out
     assert "detection" in out and "n/a" in out
     # a mapping of Detector-style Nuclei works the same way

@@ -91,7 +91,7 @@ def test_train_head_cli_options_reach_the_checkpoint(tmp_path: Path, monkeypatch
     p = argparse.ArgumentParser()
     head_cli.configure(p)
     out = tmp_path / "h.safetensors"
-    args = p.parse_args(["--data", str(ds.root), "--encoder", "tiny-uni", "--weights", "random", "--out", str(out),
+    args = p.parse_args([str(ds.root), "--encoder", "tiny-uni", "--weights", "random", "--out", str(out),
                          "--epochs", "3", "--select", "last", "--weight-decay", "0.01", "--stain-augment", "1",
                          "--stain-space", "hed", "--stain-strength", "0.2", "--window", "64",
                          "--stain-norm", "macenko", "--cache-dir", str(tmp_path / "c"),

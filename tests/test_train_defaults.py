@@ -156,7 +156,7 @@ def test_train_head_cli_with_data_mpp_prints_per_class_scores_and_calibration(
     cfg = yaml.safe_load((nompp / "dataset.yaml").read_text())
     del cfg["mpp"]
     (nompp / "dataset.yaml").write_text(yaml.safe_dump(cfg))
-    base = ["train-head", "--data", str(nompp), "--encoder", "tiny-uni", "--weights", "random", "--out",
+    base = ["train-head", str(nompp), "--encoder", "tiny-uni", "--weights", "random", "--out",
             str(tmp_path / "h.safetensors"), "--cache-dir", str(tmp_path / "c"), "--preset", "paper", "--epochs", "3"]
     assert cli_main(base) == 2
     err = capsys.readouterr().err

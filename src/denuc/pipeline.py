@@ -98,7 +98,7 @@ def check_default_weights(meta: HeadMeta, encoder: str, head_path: str) -> None:
                      f"{f' ({default})' if default else ''}; pass {how}")
 
 
-def apply_encoder_tensors(enc: Encoder, tensors: dict[str, torch.Tensor], meta: HeadMeta, head_path: str) -> None:
+def apply_encoder_tensors(enc: Encoder, tensors: dict[str, torch.Tensor], head_path: str) -> None:
     """Load the fine-tuned encoder tensors stored in a lora/full head into ``enc`` (in place)."""
     if not tensors:
         return
@@ -165,7 +165,7 @@ class DeNuC:
                 Runtime on the CPU when ``denuc[onnx]`` is installed, else PyTorch), ``torch``
                 (the reference) or ``onnx`` (:mod:`denuc.runtime`).
         """
-        from denuc.train.detector import pick_device
+        from denuc.core.device import pick_device
 
         device = pick_device(str(device) if device is not None else None)  # ModelError for unknown/unavailable
         det_threshold = None
@@ -194,7 +194,7 @@ class DeNuC:
                 check_default_weights(meta, name, str(head_path))
             enc = build_encoder(name, weights, offline=offline, device=device, taps=head_taps(meta) or None)
         check_head_encoder(meta, enc, str(head_path))
-        apply_encoder_tensors(enc, enc_tensors, meta, str(head_path))
+        apply_encoder_tensors(enc, enc_tensors, str(head_path))
         if detector is None or isinstance(detector, (str, os.PathLike)):
             from denuc.detect.api import Detector
 

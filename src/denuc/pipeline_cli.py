@@ -271,13 +271,9 @@ def _summary_table(out: Path) -> None:
 def process_device(name: str | None) -> Any:
     """The device this process uses: ``name`` (default: cuda, then mps, then cpu); under torchrun
     a CUDA device becomes ``cuda:LOCAL_RANK`` (one GPU per process)."""
-    from denuc.train.detector import pick_device
-    from denuc.train.distributed import launched_world, rank_device
+    from denuc.core.device import process_device as device_of_process
 
-    dev = pick_device(name)
-    if name is not None and ":" in str(name):
-        return dev
-    return rank_device(dev, launched_world()[2])
+    return device_of_process(name)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from denuc.cohort.inputs import input_stem, shard
 from denuc.errors import InputError
@@ -373,14 +372,3 @@ def claimed_inputs(
             yield path, claim
         finally:
             claim.release()
-
-
-def holders(out_dir: Path) -> dict[str, dict[str, Any]]:
-    """The claims now in ``out_dir``: stem -> what the claim file says (for progress reports)."""
-    out: dict[str, dict[str, Any]] = {}
-    for p in sorted(Path(out_dir).glob(".*.claim")):
-        info = read_claim(p)
-        if info is not None:
-            out[p.name[1:-len(".claim")]] = {"host": info.host, "pid": info.pid, "started": info.started,
-                                             "heartbeat": info.heartbeat, "stale": info.is_stale()}
-    return out

@@ -29,3 +29,30 @@ def add_deprecated_alias(parser: argparse.ArgumentParser, old_flag: str, new_fla
     """
     parser.add_argument(old_flag, dest=dest, action=_Deprecated, new_flag=new_flag, default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS, **kwargs)
+
+
+def add_dataset_argument(parser: argparse.ArgumentParser, help: str, old_flag: str) -> None:
+    """The dataset folder as the first positional argument (``DATASET``), as in every command
+    that reads one; ``old_flag`` (e.g. ``--data``) stays accepted with a deprecation warning.
+    Read it back with :func:`dataset_of`."""
+    parser.add_argument("dataset", nargs="*", default=[], metavar="DATASET", help=help)  # "*": one checked later
+    add_deprecated_alias(parser, old_flag, "the positional DATASET", "dataset_flag")
+
+
+def dataset_of(args: argparse.Namespace, command: str) -> str:
+    """The dataset folder given positionally or with the deprecated flag of :func:`add_dataset_argument`.
+
+    Raises:
+        InputError: none given, several, or both spellings with different folders.
+    """
+    from denuc.errors import InputError
+
+    given, flag = list(getattr(args, "dataset", None) or []), getattr(args, "dataset_flag", None)
+    if len(given) > 1:
+        raise InputError(f"denuc {command} reads one dataset folder; got {len(given)}: {' '.join(given)}")
+    pos = given[0] if given else None
+    if pos is not None and flag is not None and pos != flag:
+        raise InputError(f"two datasets given ({pos} and {flag}); give the dataset folder once, as the first argument")
+    if pos is None and flag is None:
+        raise InputError(f"a dataset folder is required: denuc {command} DATASET ...")
+    return str(pos if pos is not None else flag)

@@ -165,8 +165,6 @@ def open_dataset(path: str | os.PathLike[str], format: str | None = None, **kwar
     Raises:
         InputError: the folder does not exist or no reader recognises it.
     """
-    import denuc.data.readers  # noqa: F401  (registers the built-in readers)
-
     p = Path(path)
     if not p.is_dir():
         raise InputError(f"{p}: dataset folder does not exist")
@@ -201,8 +199,6 @@ def open_training_dataset(path: str | os.PathLike[str], *, mpp: float | None = N
     from denuc.core.mpp import check_mpp
 
     mpp = check_mpp(mpp, "--data-mpp (µm per pixel of the dataset's images)")
-    import denuc.data.readers  # noqa: F401  (registers the built-in readers)
-
     p = Path(path)
     fmt = format or next((n for n in DATASETS if p.is_dir() and DATASETS.get(n).detect(p)), None)
     if fmt is None:

@@ -181,12 +181,6 @@ def _geometry(geom: dict[str, Any]) -> tuple[np.ndarray, bool, float]:
     raise ValueError(f"unsupported geometry type {kind!r} (need Point, MultiPoint, Polygon or MultiPolygon)")
 
 
-def geometry_points(geom: dict[str, Any]) -> tuple[np.ndarray, bool]:
-    """``(k, 2)`` nucleus positions of one geometry and whether it was a polygon."""
-    pts, is_poly, _ = _geometry(geom)
-    return pts, is_poly
-
-
 def nucleus_geometry(feature: dict[str, Any]) -> dict[str, Any]:
     """The geometry that locates the nucleus of a feature: QuPath's ``nucleusGeometry`` of a
     cell object when present (its ``geometry`` is then the cell boundary), else ``geometry``."""

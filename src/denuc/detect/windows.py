@@ -20,11 +20,12 @@ import torch
 from denuc.detect.model import PointDetector, normalise
 from denuc.merge.nms import point_nms
 from denuc.merge.tiling import inner_margin_mask, window_grid
-from denuc.train.augment import PAD_VALUE
 
 WINDOW = 256
 STRIDE = 192
 MARGIN = 32
+#: Value of canvas pixels outside the image (white, like empty glass in H&E).
+PAD_VALUE = 255
 
 
 @dataclass

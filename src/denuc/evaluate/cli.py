@@ -2,8 +2,8 @@
 
 Examples::
 
-    denuc evaluate --gt DATA/brca-m2c --split test --pred runs/preds --protocol denuc --radius-px 6
-    denuc evaluate --gt DATA/brca-m2c --split test \\
+    denuc evaluate DATA/brca-m2c --split test --pred runs/preds --protocol denuc --radius-px 6
+    denuc evaluate DATA/brca-m2c --split test \\
         --pred DATA/brca-m2c/reference_predictions_mcspatnet/points --pred-format brca-m2c \\
         --protocol mcspatnet --radius-px 6 --json runs/mcspatnet_r6.json
 """
@@ -21,7 +21,9 @@ HELP = "Score predicted nucleus points against ground truth (precision, recall, 
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gt", required=True, metavar="DATASET_DIR", help="dataset folder with the ground truth")
+    from denuc.core.cliargs import add_dataset_argument, add_deprecated_alias
+
+    add_dataset_argument(parser, "dataset folder with the ground truth (--gt DATASET is its former spelling) (required)", "--gt")
     parser.add_argument("--gt-format", default=None, metavar="NAME",
                         help="dataset reader (default: detected from the folder)")
     parser.add_argument("--split", default=None, help="split to score: train, val or test (default: all images)")
@@ -44,12 +46,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the full report (with per-image counts) as JSON")
     parser.add_argument("--print-format", default="table", choices=("table", "json"),
                         help="what to print: a text table or the JSON summary (default: table)")
-    from denuc.core.cliargs import add_deprecated_alias
-
     add_deprecated_alias(parser, "--format", "--print-format", "print_format", choices=("table", "json"))
 
 
 def main(args: argparse.Namespace) -> int:
+    from denuc.core.cliargs import dataset_of
     from denuc.core.files import atomic_write_text
     from denuc.data.base import open_dataset
     from denuc.errors import InputError
@@ -61,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
                          "or leave it out to score every GT class")
     if args.json and Path(args.json).is_dir():
         raise InputError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'scores.json'}")
-    gt = open_dataset(args.gt, format=args.gt_format)
+    gt = open_dataset(dataset_of(args, "evaluate"), format=args.gt_format)
     report = evaluate(gt, Path(args.pred), protocol=args.protocol, radius_px=args.radius_px,
                       radius_um=args.radius_um, split=args.split, classes=classes, missing=args.missing,
                       pred_format=args.pred_format)

@@ -1,4 +1,5 @@
-"""The runtime registry, the choice of ``auto`` and the PyTorch reference runner.
+"""The runtime registry and the choice of ``auto`` (the PyTorch reference runner is in
+:mod:`denuc.runtime.reference`).
 
 A *runner* wraps one module method that maps a ``(B, C, H, W)`` float32 tensor to a tensor or
 a tuple of tensors (the detector's ``raw``, an encoder's ``forward``) and is called like it,
@@ -13,13 +14,14 @@ import functools
 import os
 import warnings
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 from denuc.errors import ModelError
 from denuc.registry import Registry
+from denuc.runtime.reference import ModuleRunner, TorchRunner, _as_tuple  # noqa: F401  (re-exported)
 
 #: values accepted by ``--runtime`` / ``runtime=``.
 RUNTIME_CHOICES = ("auto", "torch", "onnx")
@@ -30,34 +32,6 @@ RUNTIME_ENV = "DENUC_RUNTIME"
 #: buffers): the exported file holds a copy of the weights, and large models (ViT encoders)
 #: gain little on a CPU.
 AUTO_MAX_PARAMS = 50_000_000
-
-
-class ModuleRunner(Protocol):
-    """``runner(x (B, C, H, W) float32) -> tuple of tensors`` (on the module's device)."""
-
-    runtime: str
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
-
-
-def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
-class TorchRunner:
-    """The reference: the module's own method under ``torch.no_grad`` (gradients are never needed
-    at inference; a module in training mode runs as it is)."""
-
-    runtime = "torch"
-
-    def __init__(self, module: nn.Module, method: str = "forward") -> None:
-        self.module = module
-        self.method = method
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with torch.no_grad():  # ``forward`` through the module's __call__, so that its hooks run
-            fn = self.module if self.method == "forward" else getattr(self.module, self.method)
-            return _as_tuple(fn(x))
 
 
 RunnerBuilder = Callable[..., ModuleRunner]

@@ -43,7 +43,7 @@ from torch import nn
 
 from denuc.core.files import atomic_target
 from denuc.errors import ModelError
-from denuc.runtime.base import TorchRunner, _as_tuple
+from denuc.runtime.reference import TorchRunner, _as_tuple
 
 #: ONNX opset of the exports (the TorchScript exporter's; the torch.export-based one uses 18).
 OPSET = 17

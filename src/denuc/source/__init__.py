@@ -9,13 +9,12 @@ plus tissue masks and regions of interest in level-0 pixels.
 from denuc.source.array import ArraySource, ImageSource
 from denuc.source.base import (
     SLIDE_SUFFIXES,
-    SOURCE_BACKENDS,
     BackendDeclined,
     SlideSource,
     is_slide_path,
-    open_source,
     thumbnail_geometry,
 )
+from denuc.source.opening import SOURCE_BACKENDS, open_source
 from denuc.source.roi import RegionsOfInterest, load_rois
 from denuc.source.slide import OpenSlideSource, TiffSlideSource
 from denuc.source.tissue import TISSUE_METHODS, TissueMask, detect_tissue, full_mask, load_tissue_mask, tissue_mask

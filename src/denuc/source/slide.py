@@ -2,7 +2,7 @@
 tiffslide (pure Python on tifffile; JPEG/JPEG 2000 tiles through imagecodecs).
 
 Both raise :class:`~denuc.source.base.BackendDeclined` when they cannot open a file, so that
-:func:`~denuc.source.base.open_source` tries the next reader, and check at open time that the
+:func:`~denuc.source.opening.open_source` tries the next reader, and check at open time that the
 first and last pixel of every level decode (a truncated file fails there, not mid-run).
 
 µm per pixel comes from (first found): the ``mpp`` argument; OME-XML ``PhysicalSizeX/Y``; the

@@ -107,7 +107,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _stain_estimate(source: Any, runner: TileStream, plan: Any, tissue: Any) -> Any:
+def _stain_estimate(source: Any, runner: TileStream, plan: Any) -> Any:
     """One Macenko estimate per source: from the whole image for plain images / arrays (as a
     whole-image pass does; larger than :data:`STAIN_PIXELS`, from an evenly strided subset of
     that many pixels), else from up to 16 tissue tiles of 512 px at the encoder's level."""
@@ -173,7 +173,7 @@ class _Prepared:
                       "skipped_tissue": plan.count - n_tissue,
                       "skipped_roi": n_tissue - len(plan.selected) if self.rois is not None else 0}
         self.chunks = [plan.selected[i:i + opts.chunk_tiles] for i in range(0, len(plan.selected), opts.chunk_tiles)]
-        self.stain = _stain_estimate(source, runner, plan, self.tissue) if plan.selected else None
+        self.stain = _stain_estimate(source, runner, plan) if plan.selected else None
 
     def facts(self, runner: TileStream) -> dict[str, Any]:
         s, p = self.source, self.plan

@@ -116,9 +116,6 @@ class Tile:
     core: tuple[float, float, float, float]
     read: tuple[int, int, int, int]
 
-    def core_level0(self, to_level0: float) -> tuple[float, float, float, float]:
-        return tuple(float(v * to_level0) for v in self.core)  # type: ignore[return-value]
-
 
 @dataclass
 class TilePlan:

@@ -20,9 +20,7 @@ import torch
 from denuc.data.resample import resample
 from denuc.data.stain import stain_jitter
 from denuc.detect.tta import points_to_transformed
-
-#: Value of canvas pixels outside the image (white, like empty glass in H&E).
-PAD_VALUE = 255
+from denuc.detect.windows import PAD_VALUE  # noqa: F401  (the canvas value, shared with inference)
 
 
 @dataclass

@@ -31,6 +31,7 @@ import torch
 import torch.utils.data
 
 from denuc.core.checks import check_int, check_number
+from denuc.core.device import pick_device  # noqa: F401  (also imported from here by older callers)
 from denuc.core.files import atomic_write_text, check_out_dir, removed_if_failed
 from denuc.core.mpp import check_mpp
 from denuc.core.result import Nuclei
@@ -68,37 +69,6 @@ class Item:
     xy: np.ndarray
     labels: np.ndarray
     gt: Nuclei
-
-
-def pick_device(name: str | None = None) -> torch.device:
-    """``name`` if given (``cpu``, ``cuda``, ``cuda:N`` or ``mps``), else the first of cuda, mps,
-    cpu that is available. Raises :class:`~denuc.errors.ModelError` for an unknown device or one
-    this machine does not have."""
-    if name:
-        from denuc.errors import ModelError
-
-        try:
-            dev = torch.device(name)
-        except (RuntimeError, ValueError, TypeError):
-            dev = None
-        if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-            raise ModelError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps")
-        if dev.type == "cuda":
-            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if n == 0:
-                raise ModelError(f"device {name!r}: no CUDA GPU is available to PyTorch on this machine; "
-                                 "use --device cpu")
-            if dev.index is not None and dev.index >= n:
-                raise ModelError(f"device {name!r}: this machine has {n} CUDA GPU(s) (cuda:0 to cuda:{n - 1})")
-        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
-                                      and torch.backends.mps.is_available()):
-            raise ModelError(f"device {name!r}: Apple MPS is not available on this machine; use --device cpu")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def load_items(paths: Sequence[str], split: str, mpp: float, keep_classes: bool,
@@ -314,7 +284,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise InputError("no training datasets given")
     if not isinstance(cfg.datasets, (list, tuple)) or not all(isinstance(p, str) and p for p in cfg.datasets):
         raise InputError(f"datasets must be a list of folder paths; got {cfg.datasets!r}")
-    check_mpp(cfg.mpp, "training mpp (--mpp)")
+    check_mpp(cfg.mpp, "training mpp (--work-mpp)")
     if cfg.loss_ref_mpp != 0:
         check_mpp(cfg.loss_ref_mpp, "loss reference mpp (--loss-ref-mpp; 0 = training px)")
     check_int(cfg.epochs, 1, "epochs (--epochs)")

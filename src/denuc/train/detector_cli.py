@@ -5,7 +5,9 @@ a ``preset`` too), then flags, each overriding the one before (dataset folders g
 command line, positional or ``--datasets``, replace the YAML's ``datasets``). Every key of
 :class:`denuc.train.detector.TrainConfig` is both a YAML key and a flag; YAML values must
 have the option's type (``true``/``false``, numbers, strings; ``datasets`` a list, or one
-folder); booleans are ``--flag`` / ``--no-flag``.
+folder); booleans are ``--flag`` / ``--no-flag``. The working resolution ``mpp`` is the flag
+``--work-mpp`` (YAML ``mpp`` or ``work_mpp``): ``--mpp`` means an input's own resolution in
+``predict``, and stays accepted here with a deprecation warning.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ flags, each overriding the one before. The default preset, recipe, fine-tunes th
 EfficientNet-Lite0 detector at 0.25 µm/px with H&E stain jitter (the settings of its own last
 training stage, src/denuc/assets/detector.md); --preset quick trains ShuffleNetV2 1.0x from
 ImageNet weights at 0.5 µm/px for 100 epochs (the former quick start).
-A dataset without a val split gives --val-fraction of its train images to val."""
+A dataset without a val split gives --val-fraction of its train images to val.
+--work-mpp is the resolution the detector trains at; --data-mpp the resolution of the
+datasets' images where their files do not say (--mpp is the former spelling of --work-mpp)."""
+
+#: option name -> flag, where the flag is not ``--`` + the name with ``-`` for ``_`` (YAML keys
+#: stay the names; the flag says which mpp it is: ``--mpp`` is an input's own resolution in ``predict``).
+FLAGS = {"mpp": "--work-mpp"}
+#: YAML keys accepted as another spelling of an option's name.
+YAML_ALIASES = {"work_mpp": "mpp"}
 
 _HELPS = {
     "datasets": ("dataset folders (any readable format, mixed freely; each folder once); on the command line "
@@ -66,7 +76,7 @@ _HELPS = {
     "lr": "peak learning rate of AdamW (cosine schedule from it to --min-lr over all epochs)",
     "min_lr": "learning rate at the end of the cosine schedule",
     "weight_decay": "AdamW weight decay (not applied to biases and norm weights)",
-    "crop": "side of the square training crops in px at --mpp",
+    "crop": "side of the square training crops in px at --work-mpp",
     "val_fraction": ("datasets without a val split: hold back this share of their train images as val (by image, "
                      "seeded; 0 = none, the best epoch is then the one with the lowest train loss)"),
     "data_mpp": ("µm per pixel of the datasets' images where their files do not say (generic layout without mpp "
@@ -113,8 +123,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                               "EfficientNet-Lite0 detector at 0.25 µm/px with stain jitter (the recipe that carries "
                               "to new tissue); quick = ShuffleNetV2 1.0x from ImageNet weights at 0.5 µm/px, 100 "
                               "epochs, no stain jitter (the former quick start) (default: recipe)"))
+    from denuc.core.cliargs import add_deprecated_alias
+
     for name, tp, default in _fields():
-        flag = "--" + name.replace("_", "-")
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        if name in FLAGS:
+            add_deprecated_alias(parser, "--" + name.replace("_", "-"), flag, name, type=float)
         hlp = _HELPS.get(name, "") + _shown(name, default)
         if name == "datasets":
             parser.add_argument(flag, nargs="+", default=None, help=hlp)
@@ -126,7 +140,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, choices=OUTSIDE_POLICIES, default=None, help=hlp)
         else:
             base = typing.get_args(tp)[0] if typing.get_origin(tp) in (typing.Union, type(int | None)) else tp
-            parser.add_argument(flag, type=base, default=None, help=hlp)
+            parser.add_argument(flag, dest=name, type=base, default=None, metavar=name.upper(), help=hlp)
 
 
 def _loader() -> Any:
@@ -209,6 +223,11 @@ def resolve_config(args: argparse.Namespace) -> Any:
         if not isinstance(loaded, dict):
             raise InputError(f"{args.config}: the YAML config must be a mapping of option: value; "
                              f"got a {type(loaded).__name__}")
+        for alias, name in YAML_ALIASES.items():
+            if alias in loaded:
+                if name in loaded:
+                    raise InputError(f"{args.config}: give {name} or {alias}, not both")
+                loaded[name] = loaded.pop(alias)
         types = {n: tp for n, tp, _ in _fields()}
         unknown = sorted(str(k) for k in set(loaded) - set(types) - {"preset"})
         if unknown:

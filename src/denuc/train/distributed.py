@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from denuc.core.device import launched_world, rank_device  # noqa: F401  (re-exported)
 from denuc.errors import InputError, ModelError
 
 T = TypeVar("T")
@@ -86,41 +87,12 @@ def is_main() -> bool:
     return _CURRENT.is_main
 
 
-def launched_world() -> tuple[int, int, int]:
-    """``(rank, world size, local rank)`` from the variables ``torchrun`` sets; ``(0, 1, 0)``
-    when they are absent. Raises :class:`InputError` for values that are not consistent."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, 0
-    try:
-        world = int(os.environ["WORLD_SIZE"])
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise InputError(f"RANK={os.environ.get('RANK')!r}, WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}, "
-                         f"LOCAL_RANK={os.environ.get('LOCAL_RANK')!r}: expected whole numbers") from None
-    if world < 1 or not 0 <= rank < world or local < 0:
-        raise InputError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}: need 0 <= RANK < WORLD_SIZE")
-    return rank, world, local
-
-
-def rank_device(device: torch.device, local_rank: int) -> torch.device:
-    """The device of the process with ``local_rank``: ``cuda:LOCAL_RANK`` when ``device`` is a
-    CUDA device (one GPU per process), else ``device``."""
-    if device.type != "cuda":
-        return device
-    n = torch.cuda.device_count()
-    if local_rank >= n:
-        raise ModelError(f"local rank {local_rank} needs GPU cuda:{local_rank}, but this host has {n} GPU(s); "
-                         f"start at most {n} processes per host (torchrun --nproc-per-node {n})")
-    return torch.device("cuda", local_rank)
-
-
 @contextmanager
 def distributed(device: torch.device) -> Iterator[tuple[DistContext, torch.device]]:
     """Join the data-parallel run this process was started in, for the ``with`` block.
 
     Args:
-        device: the device asked for (e.g. from :func:`denuc.train.detector.pick_device`).
+        device: the device asked for (e.g. from :func:`denuc.core.device.pick_device`).
 
     Yields:
         ``(context, device of this process)``. Under ``torchrun`` with ``WORLD_SIZE > 1`` a
@@ -426,8 +398,6 @@ def extract_shared(extract: Callable[[list[str], list[int]], dict[str, Any]], st
     """
     import numpy as np
 
-    from denuc.train.features import PointFeatures
-
     pos = list(range(ctx.rank, len(stems), ctx.world))
     mine = extract([stems[i] for i in pos], pos) if pos else {}
     gathered = all_gather_objects((pos, mine), ctx)
@@ -442,7 +412,8 @@ def extract_shared(extract: Callable[[list[str], list[int]], dict[str, Any]], st
         def cat(field: str, parts: list[tuple[list[int], Any]] = parts, order: np.ndarray = order) -> np.ndarray:
             return np.concatenate([getattr(f, field) for _, f in parts])[order]
 
-        out[kind] = PointFeatures(cat("feats"), cat("labels"), image[order].astype(np.int32), cat("xy"),
+        cls = type(parts[0][1])  # PointFeatures (not imported: denuc.train.features imports this module)
+        out[kind] = cls(cat("feats"), cat("labels"), image[order].astype(np.int32), cat("xy"),
                                   cat("scores"), list(stems), list(mpps))
     return out
 

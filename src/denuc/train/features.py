@@ -10,6 +10,10 @@ image stems, working mpp, window/stride, align mode, input size and (for detecte
 detector identity.
 Files are written atomically (temporary file + rename). A cache file that cannot be read
 (truncated, corrupt, inconsistent) is a miss: it is reported, deleted and re-extracted.
+While an extraction runs, each image's features are also kept as soon as they are computed
+(:class:`ImageParts`, under ``features/parts/<key>/``): an interrupted run (Ctrl-C, a killed
+job) resumes at the first image it had not finished; the folder goes once the whole result is
+cached.
 """
 
 from __future__ import annotations
@@ -198,10 +202,13 @@ def cache_key(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], point
 
 def _extract(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], want_gt: bool,
              detect: DetectFn | None, log: Callable[[str], None],
-             transform: Callable[[np.ndarray, int], np.ndarray] | None = None) -> dict[str, PointFeatures]:
+             transform: Callable[[np.ndarray, int], np.ndarray] | None = None,
+             parts: ImageParts | None = None) -> dict[str, PointFeatures]:
     """Features of ``stems`` (``transform(image, position in stems)`` applied first, if given).
     In a data-parallel run (:mod:`denuc.train.distributed`) every process encodes its share of
-    the images and all get the whole result, the same as one process extracting everything."""
+    the images and all get the whole result, the same as one process extracting everything.
+    With ``parts`` (one process only) each image's features are kept on disk as soon as they
+    are computed, and images already there are not encoded again."""
     from denuc.train.distributed import current
 
     ctx = current()
@@ -210,18 +217,78 @@ def _extract(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], want_g
 
         return extract_shared(lambda mine, pos: _extract_images(fz, ds, mine, want_gt, detect, log, transform, pos),
                               stems, [ds.mpp_of(s) for s in stems], ctx)
-    return _extract_images(fz, ds, stems, want_gt, detect, log, transform)
+    return _extract_images(fz, ds, stems, want_gt, detect, log, transform, parts=parts)
+
+
+class ImageParts:
+    """Per-image features of one extraction, kept in a folder while it runs, so that an
+    interrupted extraction (Ctrl-C, a killed job) resumes where it stopped.
+
+    ``<folder>/<position>.npz`` holds, for each point set ``kind`` (``gt``, ``det``), the
+    arrays ``<kind>.feats`` (float16), ``<kind>.labels``, ``<kind>.xy`` and ``<kind>.scores``
+    of the image at that position of ``stems``, plus its stem; files are written atomically.
+    The folder's name is the cache key of the whole extraction (it covers the image and label
+    contents), so a part is only reused for the same images, labels, encoder and settings. The
+    folder is removed once the whole result is cached.
+    """
+
+    def __init__(self, folder: Path, kinds: Sequence[str]) -> None:
+        self.folder = folder
+        self.kinds = tuple(kinds)
+
+    def _path(self, i: int) -> Path:
+        return self.folder / f"{i}.npz"
+
+    def load(self, i: int, stem: str, dim: int) -> dict[str, tuple[np.ndarray, ...]] | None:
+        """``{kind: (feats, labels, xy, scores)}`` of image ``i`` if kept (and readable), else None."""
+        p = self._path(i)
+        if not p.is_file():
+            return None
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if str(z["stem"]) != stem:
+                    return None
+                out = {k: (z[f"{k}.feats"].reshape(-1, dim), z[f"{k}.labels"], z[f"{k}.xy"].reshape(-1, 2),
+                           z[f"{k}.scores"]) for k in self.kinds}
+        except Exception:  # noqa: BLE001 - a truncated or foreign file is a miss: the image is encoded again
+            return None
+        return out
+
+    def save(self, i: int, stem: str, sets: dict[str, tuple[np.ndarray, ...]]) -> None:
+        """Keep image ``i``'s features (a failure to write only warns: they are in memory)."""
+        arrays = {f"{k}.{name}": a for k, v in sets.items() for name, a in zip(("feats", "labels", "xy", "scores"), v,
+                                                                                 strict=True)}
+        try:
+            with atomic_target(self._path(i), suffix=".npz") as tmp:
+                np.savez(tmp, stem=np.array(stem), **arrays)
+        except OSError as e:
+            warnings.warn(f"{self.folder}: could not keep per-image features ({e.strerror or e})", stacklevel=3)
+
+    def remove(self) -> None:
+        """Delete the folder (its content is in the whole-extraction cache file now)."""
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _extract_images(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str], want_gt: bool,
                     detect: DetectFn | None, log: Callable[[str], None],
                     transform: Callable[[np.ndarray, int], np.ndarray] | None = None,
-                    positions: Sequence[int] | None = None) -> dict[str, PointFeatures]:
+                    positions: Sequence[int] | None = None, parts: ImageParts | None = None
+                    ) -> dict[str, PointFeatures]:
     """:func:`_extract` in this process; ``positions``: each stem's position for ``transform``
-    (default: its index in ``stems``)."""
-    parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]]] = {"gt": [], "det": []}
+    (default: its index in ``stems``); ``parts``: per-image features kept on disk (reused, and
+    written as each image is done)."""
+    collected: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]]] = {"gt": [], "det": []}
     t0 = time.perf_counter()
+    n_kept = 0
     for i, s in enumerate(stems):
+        kept = parts.load(i, s, fz.encoder.dim) if parts is not None else None
+        if kept is not None:
+            for kind, (f, lab, xy, sc) in kept.items():
+                collected[kind].append((f, lab, xy, sc, i))
+            n_kept += 1
+            continue
         sample = ds.load(s)
         if transform is not None:
             sample.image = transform(sample.image, i if positions is None else positions[i])
@@ -237,16 +304,22 @@ def _extract_images(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str],
         every = fz.features_at(np.concatenate([p.xy.reshape(-1, 2) for p in sets.values()]) if sets
                                else np.zeros((0, 2))).cpu().numpy().astype(np.float16)
         offsets = np.cumsum([0] + [len(p) for p in sets.values()])
+        mine: dict[str, tuple[np.ndarray, ...]] = {}
         for (kind, pts), a, b in zip(sets.items(), offsets[:-1], offsets[1:], strict=True):
             f = every[a:b]
             lab = pts.class_ids if (kind == "gt" and pts.class_ids is not None) else np.full(len(pts), -1)
             sc = pts.scores if pts.scores is not None else np.ones(len(pts), np.float32)
-            parts[kind].append((f, lab.astype(np.int64), pts.xy, sc.astype(np.float32), i))
+            mine[kind] = (f, lab.astype(np.int64), np.asarray(pts.xy, np.float64).reshape(-1, 2), sc.astype(np.float32))
+            collected[kind].append((*mine[kind], i))
+        if parts is not None:
+            parts.save(i, s, mine)
         if (i + 1) % 10 == 0 or i + 1 == len(stems):
-            log(f"  features: {i + 1}/{len(stems)} images, {fz.n_encoded} windows, {time.perf_counter() - t0:.0f} s")
+            kept_note = f" ({n_kept} kept from an interrupted run)" if n_kept else ""
+            log(f"  features: {i + 1}/{len(stems)} images{kept_note}, {fz.n_encoded} windows, "
+                f"{time.perf_counter() - t0:.0f} s")
     out = {}
     mpps = [ds.mpp_of(s) for s in stems]
-    for kind, lst in parts.items():
+    for kind, lst in collected.items():
         if not lst:
             continue
         out[kind] = PointFeatures(
@@ -276,11 +349,14 @@ def cached_features(fz: PointFeaturizer, ds: PointDataset, stems: Sequence[str],
     if todo:
         log(f"extracting {'+'.join(todo)} point features of {len(stems)} images with {fz.encoder.name} "
             f"({fz.mpp} µm/px, window {fz.window}/{fz.stride}, align {fz.align})")
-        new = _extract(fz, ds, stems, "gt" in todo, detect if "det" in todo else None, log)
+        parts = _parts_for([paths[k] for k in todo], todo)
+        new = _extract(fz, ds, stems, "gt" in todo, detect if "det" in todo else None, log, parts=parts)
         for k in todo:
             if _writes_cache():
                 _save_cached(new[k], paths[k])
             out[k] = new[k]
+        if parts is not None and all(paths[k].is_file() for k in todo):
+            parts.remove()
     else:
         log(f"using cached point features ({', '.join(str(p) for p in paths.values())})")
     return out
@@ -334,12 +410,26 @@ def augmented_gt_features(fz: PointFeaturizer, ds: PointDataset, stems: Sequence
             out.append(cached)
             continue
         log(f"extracting stain-jittered ({space}, strength {strength}) GT features, pass {k + 1}/{n_aug}")
+        parts = _parts_for([path], ["gt"])
         feats = _extract(fz, ds, stems, True, None, log, transform=lambda img, i, k=k: stain_jitter(
-            img, np.random.default_rng([seed, k, i]), strength, space))["gt"]
+            img, np.random.default_rng([seed, k, i]), strength, space), parts=parts)["gt"]
         if _writes_cache():
             _save_cached(feats, path)
+        if parts is not None and path.is_file():
+            parts.remove()
         out.append(feats)
     return out
+
+
+def _parts_for(paths: Sequence[Path], kinds: Sequence[str]) -> ImageParts | None:
+    """The per-image folder of an extraction that will be cached at ``paths`` (one process only:
+    in a data-parallel run each rank holds only its share; None there)."""
+    from denuc.train.distributed import current
+
+    if current().active:
+        return None
+    name = "+".join(p.name.removesuffix(".npz") for p in paths)
+    return ImageParts(paths[0].parent / "parts" / name, kinds)
 
 
 def _agree(todo: list[str], wanted: Sequence[str]) -> list[str]:

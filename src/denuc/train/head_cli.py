@@ -41,8 +41,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = (__doc__ or "").split("\n\n", 1)[1].replace("``", "'")
-    p.add_argument("--data", required=True,
-                   help="dataset folder (BRCA-M2C, OCELOT, PUMA or the generic layout) (required)")
+    from denuc.core.cliargs import add_dataset_argument, add_deprecated_alias
+
+    add_dataset_argument(p, "dataset folder (BRCA-M2C, OCELOT, PUMA or the generic layout; --data DATASET is its "
+                            "former spelling) (required)", "--data")
     p.add_argument("--encoder", default="efficientnet-lite0",
                    help="encoder name (efficientnet-lite0, uni2-h, uni, virchow2, h-optimus-0/1, phikon-v2, timm:<arch>) "
                         "(default: %(default)s)")
@@ -67,9 +69,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("linear", "mlp", "lora", "full"), default="linear",
                    help="head type: linear or mlp on frozen features; lora or full also update the encoder "
                         "(default: %(default)s)")
-    p.add_argument("--mpp", type=float, default=None,
+    p.add_argument("--work-mpp", dest="mpp", type=float, default=None,
                    help="working µm/px of the encoder, at which images are encoded (default: the encoder variant's; "
-                        "efficientnet-lite0 and the ViTs: 0.25); for the µm/px of the dataset's images see --data-mpp")
+                        "efficientnet-lite0 and the ViTs: 0.25); for the µm/px of the dataset's images see --data-mpp "
+                        "(--mpp is its former spelling)")
+    add_deprecated_alias(p, "--mpp", "--work-mpp", "mpp", type=float)
     p.add_argument("--data-mpp", type=float, default=None,
                    help="µm per pixel of the dataset's images where its files do not say (generic layout without "
                         "mpp in dataset.yaml; PUMA's nominal 0.25) (default: what the files say)")
@@ -138,15 +142,17 @@ def resolved(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from denuc.core.cliargs import dataset_of
     from denuc.train.head import HeadTrainConfig
     from denuc.train.head_run import train_head
 
+    data = dataset_of(args, "train-head")
     r = resolved(args)
     cfg = HeadTrainConfig(epochs=r["epochs"], lr=r["lr"], weight_decay=r["weight_decay"], batch_size=args.batch_size,
                           class_balance=args.class_balance, hidden=args.hidden if args.mode == "mlp" else 0,
                           seed=args.seed, select=r["select"])
     ft = {"epochs": args.ft_epochs, "lr": args.ft_lr, "lora_rank": args.lora_rank}
-    train_head(args.data, args.encoder, args.out, weights=args.weights, variant=args.encoder_variant, taps=args.taps,
+    train_head(data, args.encoder, args.out, weights=args.weights, variant=args.encoder_variant, taps=args.taps,
                detector=args.detector,
                use_detector=args.select_with_detector, mode=args.mode, mpp=args.mpp, window=args.window,
                stride=args.stride, align=args.align, config=cfg, finetune=ft, stain_augment=r["stain_augment"],

@@ -175,10 +175,10 @@ def train_head(
     and writes ``out``. The result is the one-process result, up to float rounding in the
     fine-tuned encoder.
     """
-    from denuc.train.distributed import launched_world
+    from denuc.core.device import launched_world
 
     if launched_world()[1] > 1:
-        from denuc.train.detector import pick_device
+        from denuc.core.device import pick_device
         from denuc.train.distributed import barrier, distributed, main_only_log
 
         with distributed(pick_device(device)) as (ctx, dev):
@@ -242,7 +242,7 @@ def _train_head(
     # every setting and output location is checked before any feature is extracted
     cfg.check()
     if mpp is not None:
-        mpp = check_mpp(mpp, "working resolution (--mpp)")
+        mpp = check_mpp(mpp, "working resolution (--work-mpp)")
     if isinstance(stain_augment, bool) or int(stain_augment) != stain_augment or stain_augment < 0:
         raise InputError(f"stain-jittered passes (--stain-augment) must be a whole number >= 0; got {stain_augment}")
     if stain_augment and not (math.isfinite(float(stain_strength)) and 0 <= float(stain_strength) < 1):
@@ -276,7 +276,7 @@ def _train_head(
                                          need_val=cfg.select == "val" or mode in ("lora", "full"))
     ids = np.concatenate([ds.points(s).class_ids for s in train])  # cheap: refuse before any encoding
     check_class_counts(np.bincount(ids[ids >= 0], minlength=len(ds.classes)), ds.classes)
-    from denuc.train.detector import pick_device
+    from denuc.core.device import pick_device
 
     device = str(pick_device(device))  # None: cuda, then mps, then cpu (like predict and train-detector)
     enc = encoder if isinstance(encoder, Encoder) else build_encoder(encoder, weights, offline=offline, device=device,
