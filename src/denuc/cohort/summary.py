@@ -28,7 +28,7 @@ SUMMARY_SUFFIX = ".summary.json"
 TABLE_NAME = "summary.csv"
 #: Keys (at any depth) that describe how and where a run went, not its results.
 EXCLUDED_KEYS = frozenset({"timings", "timing", "timings_ms", "wall_s", "resumed_tiles", "profile", "host", "pid",
-                           "started", "finished", "elapsed"})
+                           "started", "finished", "elapsed", "fingerprint"})
 #: First column: the input's stem (outputs are named ``<stem>.*``).
 STEM_COLUMN = "stem"
 

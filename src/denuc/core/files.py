@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -249,16 +249,17 @@ def temp_owner(name: str) -> int | None:
     return int(pid)
 
 
-def remove_dead_temps(folder: str | os.PathLike[str], names: Iterator[str] | list[str] | tuple[str, ...]) -> list[Path]:
-    """Remove the temporary files in ``folder`` of the final files ``names`` (``.<name>.<pid>.tmp*``)
-    whose writer process is gone (``kill -9`` leaves them): a live process's, this one's
-    included, are kept. Call it while holding the input's claim, so no other host writes them.
+def remove_dead_temps(folder: str | os.PathLike[str], names: Iterable[str] | None = None) -> list[Path]:
+    """Remove the temporary files in ``folder`` of the final files ``names`` (``.<name>.<pid>.tmp*``;
+    None: of any file) whose writer process is gone (``kill -9`` leaves them): a live process's,
+    this one's included, are kept. Call it while holding the input's claim, so that no process
+    on another host (whose pid this host cannot check) writes them.
 
     Returns:
         The removed paths.
     """
     d = Path(folder)
-    wanted = set(names)
+    wanted = None if names is None else set(names)
     removed: list[Path] = []
     try:
         entries = list(d.iterdir())
@@ -269,7 +270,7 @@ def remove_dead_temps(folder: str | os.PathLike[str], names: Iterator[str] | lis
         if pid is None or pid == os.getpid() or _pid_alive(pid):
             continue
         final = p.name[1:].rpartition(".tmp")[0].rpartition(".")[0]
-        if final in wanted:
+        if wanted is None or final in wanted:
             try:
                 p.unlink()
                 removed.append(p)
