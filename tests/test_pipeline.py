@@ -153,7 +153,7 @@ def test_predict_cli_writes_csv_resumes_and_survives_bad_files(trained, tmp_path
     n = Nuclei.read_csv(csv, class_names=("dark", "light"))
     assert len(n) > 10 and n.probs is not None
     assert _predict([str(SAMPLE), "--out", str(out), "--mpp", "0.5", "--head", str(head)]) == 0
-    assert loads[0] == 1  # everything done: resumed without loading models
+    assert loads[0] == 2  # everything done: the models load once to check the fingerprint, nothing runs
     bad = tmp_path / "in"
     bad.mkdir()
     (bad / "broken.png").write_bytes(b"not a png")
