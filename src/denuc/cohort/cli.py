@@ -26,7 +26,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "(default: every summary in DIR)")
     p.add_argument("--inputs", dest="inputs_file", nargs="+", default=None, metavar="LIST",
                    help="only the inputs of a text file with one path per line (# comments), the same list file "
-                        "`denuc predict --inputs` reads (default: none)")
+                        "`denuc predict --inputs` reads; several values, or inputs instead of a list file, are the "
+                        "deprecated old spelling of the INPUT arguments (default: none)")
 
 
 def _from_list_file(values: list[str]) -> list[str]:
