@@ -32,7 +32,7 @@ from denuc.cohort.inputs import input_stem
 from denuc.errors import InputError
 
 #: ``() -> (TileStream, models description, class colours or None)``.
-Build = Callable[[], tuple[Any, dict[str, Any], "dict[str, tuple[int, int, int]] | None"]]
+Build = Callable[[], tuple[Any, dict[str, Any], Any]]
 
 #: ROI file suffixes looked for in a ``roi`` folder, in this order.
 ROI_SUFFIXES = (".geojson", ".json")
@@ -241,10 +241,11 @@ def run_cohort(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
 
     def fingerprint(f: Path) -> dict[str, Any] | None:
         if f not in fps:
+            models = get_engine()[1]  # a model that cannot be built stops the run
             try:
                 with open_input(f, mpp=mpp, mpp_default=mpp_default, name=input_stem(f)) as src:
-                    fps[f] = input_fingerprint(src, per[f], get_engine()[1])
-            except Exception:  # the run reports it, with the input
+                    fps[f] = input_fingerprint(src, per[f], models)
+            except Exception:  # an unreadable input: running it reports the error, with its name
                 fps[f] = None
         return fps[f]
 
