@@ -208,7 +208,11 @@ def run_cohort(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
         mpp_default = check_mpp(mpp_default, "--mpp-default")
     if not inputs and inputs_file is None:
         raise InputError("no input: give image or slide files, folders, globs or --inputs LIST")
-    files = expand_inputs([os.fspath(x) for x in inputs], inputs_file)
+    from denuc.data.image import IMAGE_SUFFIXES
+    from denuc.source import SLIDE_SUFFIXES
+
+    files = expand_inputs([os.fspath(x) for x in inputs], inputs_file,
+                          suffixes=tuple(dict.fromkeys([*IMAGE_SUFFIXES, *SLIDE_SUFFIXES])))
     rank, size = world() if shard is None else shard
     if shard_only:
         if shard is None:
