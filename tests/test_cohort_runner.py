@@ -242,3 +242,19 @@ def test_python_detect_cohort_is_the_cli_engine(images: Path, tmp_path: Path, ti
     assert [r.status for r in again.results] == ["skipped", "skipped"]
     changed = det.detect_cohort([images], out, mpp=0.25, opts=RunOptions(overlay=False, progress=False))
     assert not changed.ok and "mpp 0.5 -> 0.25" in (changed.results[0].error or "")
+
+
+def test_a_redo_that_fails_before_writing_keeps_the_finished_outputs(images: Path, tmp_path: Path, tiny_ckpt: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from denuc.sinks.tabular import CsvSink
+
+    out = tmp_path / "o"
+    assert _detect(images / "c0.png", out, tiny_ckpt, "--mpp", "0.5") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fails(self, chunk):  # type: ignore[no-untyped-def]
+        raise RuntimeError("failed while computing")
+
+    monkeypatch.setattr(CsvSink, "_write", fails)
+    assert _detect(images / "c0.png", out, tiny_ckpt, "--mpp", "0.25", "--overwrite") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == before

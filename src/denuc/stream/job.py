@@ -384,7 +384,6 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
     journal = Journal(out, source.name, hashlib.sha256(key_src.encode()).hexdigest()[:32], fingerprint=fingerprint,
                       overwrite=opts.overwrite)
     finished = journal.done()
-    _uncommit(finals)
     mpp0 = float(source.mpp)
     info = OutputInfo(
         stem=source.name, out_dir=out, kind=kind, class_names=names, colors=cmap, mpp=mpp0,
@@ -418,7 +417,8 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
         summary = {**prep.facts(runner), **ctx.stats, "models": models or {}, "versions": _versions(),
                    "resumed_tiles": resumed_tiles, "formats": list(opts.formats), "fingerprint": fingerprint,
                    "timings_ms": timer.as_dict(), "wall_s": round(time.perf_counter() - t_start, 3)}
-        with timer("write"):  # the summary last: it marks the input done
+        with timer("write"):  # old outputs go (summary first), then the new ones, the summary last: it marks done
+            _uncommit(finals)
             for s in sorted(sinks, key=lambda s: s.path.name.endswith(".summary.json")):
                 paths.append(s.close(summary))
         for p in paths:  # what was written, counts included
