@@ -213,13 +213,13 @@ def run_cohort(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
 
     files = expand_inputs([os.fspath(x) for x in inputs], inputs_file,
                           suffixes=tuple(dict.fromkeys([*IMAGE_SUFFIXES, *SLIDE_SUFFIXES])))
+    if shard is not None:
+        parse_shard(f"{shard[0]}/{shard[1]}")  # checks 0 <= I < N
     rank, size = world() if shard is None else shard
     if shard_only:
         if shard is None:
             raise InputError("--shard-only needs --shard I/N")
         files, rank, size = files[rank::size], 0, 1
-    if shard is not None:
-        parse_shard(f"{rank}/{size}")  # checks 0 <= I < N
     per, missing = _per_input(opts, files)
     out_dir = check_out_dir(out)
     note = on_note or (lambda _line: None)
