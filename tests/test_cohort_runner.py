@@ -234,7 +234,7 @@ def test_python_detect_cohort_is_the_cli_engine(images: Path, tmp_path: Path, ti
 
     det = Detector.load(tiny_ckpt, device="cpu", runtime="torch")
     out = tmp_path / "o"
-    res = det.detect_cohort([images], out, mpp=0.5, opts=RunOptions(overlay=False, progress=False))
+    res = det.detect_cohort(images, out, mpp=0.5, opts=RunOptions(overlay=False, progress=False))  # one folder
     assert [(r.stem, r.status) for r in res.results] == [("c0", "done"), ("c1", "done")] and res.ok
     assert (out / "summary.csv").is_file()
     assert res.results[0].summary["nuclei"] == len((out / "c0.csv").read_text().splitlines()) - 1

@@ -172,7 +172,7 @@ def run_cohort(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
     """Run every input into ``out`` (see the module docstring).
 
     Args:
-        inputs: files, folders, glob patterns; ``inputs_file``: a list file of more.
+        inputs: files, folders, glob patterns (or one of them); ``inputs_file``: a list file of more.
         out: the output folder (created if missing).
         build: ``() -> (TileStream, models description, colours)``, called at most once.
         opts: :class:`denuc.stream.job.RunOptions`; its ``roi`` and ``tissue_mask`` may be folders
@@ -199,8 +199,12 @@ def run_cohort(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
     from denuc.sinks import output_paths
     from denuc.source import is_slide_path
     from denuc.stream.fingerprint import SettingsChanged, output_state
+    from denuc.data.image import IMAGE_SUFFIXES
+    from denuc.source import SLIDE_SUFFIXES
     from denuc.stream.job import RunOptions, input_fingerprint, open_input, run_source
 
+    if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of characters
+        inputs = [inputs]
     opts = opts if opts is not None else RunOptions(progress=False)
     if mpp is not None:
         mpp = check_mpp(mpp, "--mpp")
@@ -208,9 +212,6 @@ def run_cohort(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
         mpp_default = check_mpp(mpp_default, "--mpp-default")
     if not inputs and inputs_file is None:
         raise InputError("no input: give image or slide files, folders, globs or --inputs LIST")
-    from denuc.data.image import IMAGE_SUFFIXES
-    from denuc.source import SLIDE_SUFFIXES
-
     files = expand_inputs([os.fspath(x) for x in inputs], inputs_file,
                           suffixes=tuple(dict.fromkeys([*IMAGE_SUFFIXES, *SLIDE_SUFFIXES])))
     if shard is not None:
