@@ -153,8 +153,9 @@ def test_roi_folder_is_matched_by_stem_and_inputs_without_one_are_reported(image
     rois = tmp_path / "rois"
     rois.mkdir()
     square = [[10, 10], [60, 10], [60, 60], [10, 60], [10, 10]]
-    (rois / "c0.png.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {"name": "tumour"}, "geometry": {"type": "Polygon", "coordinates": [square]}}]}))
+    feature = {"type": "Feature", "properties": {"name": "tumour"},
+               "geometry": {"type": "Polygon", "coordinates": [square]}}
+    (rois / "c0.png.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
     out = tmp_path / "o"
     assert _detect(images, out, tiny_ckpt, "--mpp", "0.5", "--roi", str(rois)) == 1
     cap = capsys.readouterr()

@@ -224,7 +224,8 @@ class Detector:
         from denuc.stream.runner import TILE_PX, TileStream
 
         def build() -> tuple[Any, dict[str, Any], None]:
-            return TileStream(self, None, tile_px=tile_px or TILE_PX, workers=workers), {"detector": self.describe()}, None
+            stream = TileStream(self, None, tile_px=tile_px or TILE_PX, workers=workers)
+            return stream, {"detector": self.describe()}, None
 
         return run_cohort(inputs, out, build, opts=opts, inputs_file=inputs_file, mpp=mpp, mpp_default=mpp_default,
                           shard=shard)
