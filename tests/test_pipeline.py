@@ -153,7 +153,7 @@ def test_predict_cli_writes_csv_resumes_and_survives_bad_files(trained, tmp_path
     n = Nuclei.read_csv(csv, class_names=("dark", "light"))
     assert len(n) > 10 and n.probs is not None
     assert _predict([str(SAMPLE), "--out", str(out), "--mpp", "0.5", "--head", str(head)]) == 0
-    assert loads[0] == 1  # everything done: resumed without loading models
+    assert loads[0] == 2  # everything done: the models load once to check the fingerprint, nothing runs
     bad = tmp_path / "in"
     bad.mkdir()
     (bad / "broken.png").write_bytes(b"not a png")
@@ -250,3 +250,27 @@ def test_predict_takes_a_model_folder(trained, tmp_path: Path) -> None:  # type:
     from denuc.cli import main
 
     assert main(["predict", str(SAMPLE), "--out", str(tmp_path / "o2"), "--mpp", "0.5", "--model", str(root)]) == 2
+
+
+def test_predict_many_is_the_cli_engine_and_predict_slide_updates_the_table(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    from denuc.stream.job import RunOptions
+
+    _, head = trained
+    model = DeNuC.load(detector=GridDetector(), encoder="tiny-uni", head=head, weights="random", device="cpu")
+    d = tmp_path / "in"
+    d.mkdir()
+    for k in range(2):
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(d / f"p{k}.png")
+    out = tmp_path / "o"
+    opts = RunOptions(overlay=False, progress=False)
+    res = model.predict_many([d], out, mpp=0.5, opts=opts)
+    assert [(r.stem, r.status) for r in res.results] == [("p0", "done"), ("p1", "done")]
+    assert res.results[0].summary["counts"].keys() == {"dark", "light"}
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["p0", "p1"]
+    Image.fromarray(np.full((60, 80, 3), 128, np.uint8)).save(d / "p2.png")
+    model.predict_slide(d / "p2.png", mpp=0.5, out=out, opts=opts)  # one more: the table follows
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["p0", "p1", "p2"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -146,7 +147,8 @@ class DeNuC:
              encoder: str | Encoder | None = None, head: str | os.PathLike[str] | None = None,
              device: str | torch.device | None = None, *, weights: str | None = None,
              offline: bool | None = None, tta: int = 1, detector_window: int | None = None,
-             model: str | os.PathLike[str] | None = None, runtime: str = "auto") -> DeNuC:
+             model: str | os.PathLike[str] | None = None, runtime: str = "auto",
+             threshold: float | None = None) -> DeNuC:
         """Build the pipeline.
 
         Args:
@@ -164,16 +166,18 @@ class DeNuC:
             runtime: what runs the detector's and the encoder's forward passes: ``auto`` (ONNX
                 Runtime on the CPU when ``denuc[onnx]`` is installed, else PyTorch), ``torch``
                 (the reference) or ``onnx`` (:mod:`denuc.runtime`).
+            threshold: the detector's score threshold in [0, 1) (default: the model folder's, else
+                the checkpoint's), for a detector given as a checkpoint or None.
         """
         from denuc.core.device import pick_device
 
         device = pick_device(str(device) if device is not None else None)  # ModelError for unknown/unavailable
-        det_threshold = None
+        det_threshold = threshold
         if model is not None:
             from denuc.modeldir import load_model_dir
 
             md = load_model_dir(model)
-            if detector is None and tta == 1:  # the folder's val-chosen threshold (one detector pass)
+            if detector is None and tta == 1 and threshold is None:  # the folder's val-chosen one (one pass)
                 det_threshold = md.thresholds.get("detection")
             detector = md.detector if detector is None else detector
             head = md.head if head is None else head
@@ -252,7 +256,40 @@ class DeNuC:
                          opts=opts, models=self.models(), colors=self._colors(), keep=True)
         if res.nuclei is None:  # skipped: outputs exist
             raise ModelError(f"{res.name}: outputs already exist in {out} ({res.status}); pass overwrite in opts")
+        if out is not None:
+            from denuc.cohort.runner import refresh_summary_table
+
+            refresh_summary_table(out)
         return res.nuclei, res.summary
+
+    def predict_many(self, inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
+                     mpp: float | None = None, mpp_default: float | None = None, opts: Any = None,
+                     inputs_file: str | os.PathLike[str] | None = None, shard: tuple[int, int] | None = None,
+                     tile_px: int | None = None, workers: int = 2) -> Any:
+        """Every input into ``out``, as ``denuc predict`` does (the same engine,
+        :func:`denuc.cohort.runner.run_cohort`): skip inputs done with the same settings, refuse
+        those done with others, share inputs with other processes on the same ``out``, report a
+        failed input without stopping, write ``summary.csv``.
+
+        Args:
+            inputs: image or slide files, folders of them, glob patterns.
+            out: the output folder.
+            mpp: level-0 µm per pixel of every input (overrides the files' own).
+            mpp_default: level-0 µm per pixel of the inputs that carry none.
+            opts: :class:`~denuc.stream.job.RunOptions` (formats, tissue, ROI or ROI folder,
+                overwrite, ...).
+
+        Returns:
+            :class:`~denuc.cohort.runner.CohortResult`: ``results`` holds one
+            :class:`~denuc.cohort.runner.InputResult` per input (status, summary, files, error).
+        """
+        from denuc.cohort.runner import run_cohort
+
+        def build() -> tuple[Any, dict[str, Any], dict[str, tuple[int, int, int]]]:
+            return self.stream(tile_px=tile_px, workers=workers), self.models(), self._colors()
+
+        return run_cohort(inputs, out, build, opts=opts, inputs_file=inputs_file, mpp=mpp, mpp_default=mpp_default,
+                          shard=shard)
 
     def iter_slide(self, path: str | os.PathLike[str] | np.ndarray, mpp: float | None = None, *,
                    opts: Any = None, tile_px: int | None = None) -> Any:

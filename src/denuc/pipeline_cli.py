@@ -2,19 +2,21 @@
 
 Each input (image file, slide file, or a folder of them) goes through the one tile stream
 (:mod:`denuc.stream`) and gets its own set of outputs in ``--out``, named by its stem: the
-formats of ``--format`` plus ``<stem>.summary.json`` and ``<stem>.overlay.png``. Inputs whose
-outputs all exist are skipped (``--overwrite`` redoes them); an interrupted input resumes from
-its last finished chunk of tiles. An input that fails (unreadable, no mpp, or any unexpected
-error, MemoryError included) is reported in one line by name and the others are still
-processed (exit status 1 at the end); Ctrl-C stops the run (exit 130). ``denuc detect`` shares
-all of this with detection only.
+formats of ``--format`` plus ``<stem>.summary.json`` and ``<stem>.overlay.png``. This module only
+parses options and prints: the run itself is :func:`denuc.cohort.runner.run_cohort`, which
+Python's :meth:`denuc.pipeline.DeNuC.predict_many` calls alike. Inputs finished with the same
+settings are skipped, inputs finished or partly done with other settings are refused
+(``--overwrite`` redoes both); an interrupted input resumes from its last finished chunk of
+tiles. An input that fails (unreadable, no mpp, or any unexpected error, MemoryError included)
+is reported in one line by name, leaves no output, and the others are still processed (exit
+status 1 at the end); Ctrl-C stops the run (exit 130). ``denuc detect`` shares all of this with
+detection only.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ HELP = ("detect and classify nuclei in images and whole slides (files or folders
         ".parquet, <stem>.summary.json and <stem>.overlay.png per input")
 
 
-def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
+def add_common_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``denuc predict`` and ``denuc detect`` (inputs, outputs, slides, runtime)."""
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="image or slide files, folders of them, or quoted glob patterns ('slides/*.svs')")
@@ -33,6 +35,10 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
                    help="µm per pixel of level 0 of every input. Needed for plain images (PNG, JPEG, BMP and TIFFs "
                         "without resolution tags); slides and TIFFs carry it in their metadata, which --mpp "
                         "overrides (default: from the file; an input without it fails with a message saying so)")
+    p.add_argument("--mpp-default", type=float, default=None, metavar="MPP",
+                   help="µm per pixel of level 0 for the inputs that carry none (plain images), while slides keep "
+                        "their own: one run for a folder mixing slides and PNGs. --mpp wins over it "
+                        "(default: none)")
     p.add_argument("--format", default="csv", metavar="FMT[,FMT...]",
                    help="output formats, comma-separated: csv (x,y,x_um,y_um,class,score,det_score,prob_*,roi; what "
                         "`denuc evaluate` reads), geojson (QuPath detections; .geojson.gz for slides), parquet "
@@ -40,13 +46,18 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--tissue", default="auto", choices=("auto", "none"),
                    help="auto: find tissue on a thumbnail of each slide and process only tiles that touch it (plain "
                         "images are processed whole); none: process every tile (default: %(default)s)")
-    p.add_argument("--tissue-mask", default=None, metavar="FILE",
+    p.add_argument("--tissue-mask", default=None, metavar="FILE|DIR",
                    help="binary mask image of the slide (nonzero = tissue, any size with the slide's aspect ratio); "
-                        "replaces --tissue (default: none)")
-    p.add_argument("--roi", default=None, metavar="FILE.geojson",
+                        "replaces --tissue. A folder gives each input its own mask, <stem>.png/.tif/.jpg (or "
+                        "<file name>.png ...); an input without one is reported and not processed (default: none)")
+    p.add_argument("--roi", default=None, metavar="FILE.geojson|DIR",
                    help="QuPath GeoJSON annotations (polygons, holes honoured, level-0 px): only nuclei inside them are "
-                        "reported, each with its region's name; the summary counts per region (default: none)")
-    p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist (default: skip)")
+                        "reported, each with its region's name; the summary counts per region. A folder gives each "
+                        "input its own file, <stem>.geojson or <file name>.geojson (QuPath exports one per image); an "
+                        "input without one is reported and not processed (default: none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo inputs whose outputs exist, also those made with other settings (default: skip "
+                        "inputs done with the same settings, refuse those done with others, naming what changed)")
     p.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
                    help="write <stem>.overlay.png, a thumbnail with tissue outline and class-coloured nuclei "
                         "(default: on)")
@@ -75,6 +86,9 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
                    help="seconds after which another process's claim on an input (a .<stem>.claim file in --out, "
                         "refreshed every chunk) counts as abandoned and is taken over (default: %(default)s)")
     p.add_argument("--detector", default=None, help="detector checkpoint (default: the shipped one)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="detector score threshold in [0, 1) (default: the checkpoint's, or the --model folder's, "
+                        "chosen on val)")
     p.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=1,
                    help="detector test-time augmentation passes: fuse 2/4/8 mirrored or rotated passes (that many "
                         "times the detection work) (default: 1 = off)")
@@ -89,47 +103,16 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    add_common_options(p, "predict")
+    add_common_options(p)
     p.add_argument("--model", default=None, metavar="DIR",
                    help="a model folder written by `denuc finetune` (detector + head + model.yaml); replaces "
-                        "--detector/--head (default: the shipped models)")
+                        "--detector/--head/--encoder/--weights, which it refuses alongside (default: the shipped "
+                        "models)")
     p.add_argument("--encoder", default=None, help="encoder name (default: the head's encoder)")
     p.add_argument("--weights", default=None,
                    help="encoder weights: file, folder or hf-hub:org/name (default: the encoder's own)")
     p.add_argument("--head", default=None, help="head checkpoint (default: the shipped BRCA-M2C head)")
     p.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1) (default: off)")
-
-
-def collect_inputs(inputs: list[str], inputs_file: str | None = None) -> list[Path]:
-    """Input files from files, folders (their images and slides, sorted, not recursive), globs
-    and a list file.
-
-    Raises:
-        InputError: a path does not exist, nothing matches, a folder holds no image, or two
-        inputs share a stem (they would write the same outputs).
-    """
-    from denuc.cohort.inputs import expand_inputs
-    from denuc.data.image import IMAGE_SUFFIXES
-    from denuc.errors import InputError
-    from denuc.source import SLIDE_SUFFIXES
-
-    if not inputs and not inputs_file:
-        raise InputError("no input: give image or slide files, folders, globs or --inputs LIST")
-    suffixes = tuple(dict.fromkeys([*IMAGE_SUFFIXES, *SLIDE_SUFFIXES]))
-    return expand_inputs(inputs, inputs_file, suffixes=suffixes)
-
-
-def image_error_line(command: str, path: Path, e: BaseException) -> str:
-    """One line reporting a failed input: ``denuc CMD: error: PATH: message``, naming the path
-    once (DeNuC's messages usually start with it) and the type of an unexpected exception."""
-    from denuc.data.image import describe_exception
-    from denuc.errors import DenucError
-
-    msg = str(e) if isinstance(e, DenucError) else describe_exception(e)
-    msg = " ".join(msg.split())
-    if not msg.startswith(f"{path}:") and not msg.startswith(f"{path} "):
-        msg = f"{path}: {msg}"
-    return f"denuc {command}: error: {msg}"
 
 
 def run_options(args: argparse.Namespace) -> Any:
@@ -146,126 +129,60 @@ def run_options(args: argparse.Namespace) -> Any:
         raise InputError(f"--stale-after must be positive seconds; got {args.stale_after}")
     for name in ("tissue_mask", "roi"):
         v = getattr(args, name)
-        if v is not None and not Path(v).is_file():
-            raise InputError(f"--{name.replace('_', '-')} {v}: no such file")
+        if v is not None and not Path(v).exists():
+            raise InputError(f"--{name.replace('_', '-')} {v}: no such file or folder")
     return RunOptions(formats=parse_formats(args.format), tissue=args.tissue, tissue_mask=args.tissue_mask,
                       roi=args.roi, overwrite=args.overwrite, overlay=args.overlay, progress=args.progress,
                       chunk_tiles=args.chunk_tiles, stale_after=args.stale_after)
 
 
-def run_inputs(command: str, args: argparse.Namespace, build: Any) -> int:
-    """The input loop of ``predict`` and ``detect``.
+def _print_result(command: str, r: Any, profile: bool) -> None:
+    """One input's lines: a failure on stderr, a finished input's counts, times and files."""
+    if r.status == "failed":
+        print(f"denuc {command}: error: {r.error}", file=sys.stderr)
+        return
+    if r.status != "done":
+        return
+    s = r.summary
+    counts = s.get("counts") or {}
+    n = s.get("nuclei")
+    tiles = s.get("tiles", {})
+    print(f"{r.path.name}: {'' if n is None else f'{n} nuclei '}{counts if counts else ''} in "
+          f"{r.seconds:.2f} s ({tiles.get('selected', '?')} of {tiles.get('total', '?')} tiles) -> "
+          f"{', '.join(p.name for p in r.paths)}")
+    stages = s.get("timings_ms", {})
+    if stages:
+        print("  stage times: " + ", ".join(f"{k} {v / 1e3:.2f} s" for k, v in stages.items() if v >= 5))
+    if profile:
+        from denuc.stream.timing import StageTimer
 
-    Args:
-        command: ``predict`` or ``detect`` (for messages).
-        args: parsed options (:func:`add_common_options`).
-        build: ``() -> (TileStream, models dict, colors)``, called once, only if some input needs work.
+        t = StageTimer()
+        for k, v in stages.items():
+            t.add(k, v)
+        print(t.table(s.get("wall_s")))
+
+
+def run_inputs(command: str, args: argparse.Namespace, build: Any) -> int:
+    """``predict`` and ``detect``: :func:`denuc.cohort.runner.run_cohort` with the parsed options,
+    printing each input's result and the run's last line.
 
     Returns:
         0 when every input was done or skipped, 1 when some failed.
     """
-    from denuc.cohort.claims import claimed_inputs
-    from denuc.cohort.inputs import parse_shard, shard, world
-    from denuc.core.files import check_out_dir
-    from denuc.core.mpp import check_mpp
-    from denuc.sinks import output_paths
-    from denuc.source import is_slide_path
-    from denuc.stream.job import run_source
+    from denuc.cohort.inputs import parse_shard
+    from denuc.cohort.runner import run_cohort
 
-    if args.mpp is not None:
-        check_mpp(args.mpp, "--mpp")
     opts = run_options(args)
-    files = collect_inputs(args.inputs, args.inputs_file)
-    rank, size = world()
-    if args.shard is not None:
-        rank, size = parse_shard(args.shard)
-        if args.shard_only:
-            files, rank, size = shard(files, rank, size), 0, 1
-    elif args.shard_only:
-        from denuc.errors import InputError
-
-        raise InputError("--shard-only needs --shard I/N")
-    out = check_out_dir(args.out)
-
-    def finals(f: Path) -> list[Path]:
-        return output_paths(f.stem, out, "slide" if is_slide_path(f) else "image", opts.formats, opts.overlay)
-
-    def is_done(f: Path) -> bool:
-        return not opts.overwrite and all(p.is_file() for p in finals(f))
-
-    todo = [f for f in files if not is_done(f)]
-    if len(todo) < len(files):
-        print(f"skipping {len(files) - len(todo)} input(s) already done in {out} (use --overwrite to redo)")
-    if not todo:
-        _sweep_claims(out, files, is_done, opts.stale_after)
-        _summary_table(out)
-        return 0
-    runner = models = colors = None
-    failed = done = busy = 0
-    for f, claim in claimed_inputs(todo, out, is_done, rank, size, stale_after=opts.stale_after):
-        t0 = time.perf_counter()
-        if runner is None:  # models load once, when some input needs them; their errors stop the run
-            runner, models, colors = build()
-        try:  # any failure is this input's: report it and go on (Ctrl-C still stops the run)
-            res = run_source(runner, f, mpp=args.mpp, name=f.stem, out_dir=out, opts=opts, models=models,
-                             colors=colors, claim=claim)
-        except Exception as e:
-            failed += 1
-            print(image_error_line(command, f, e), file=sys.stderr)
-            del e  # frees a MemoryError's traceback now
-            continue
-        if res.status == "busy":
-            busy += 1
-            continue
-        if res.status == "skipped":
-            continue
-        done += 1
-        s = res.summary
-        counts = s.get("counts") or {}
-        n = s.get("nuclei")
-        tiles = s.get("tiles", {})
-        print(f"{f.name}: {'' if n is None else f'{n} nuclei '}{counts if counts else ''} in "
-              f"{time.perf_counter() - t0:.2f} s ({tiles.get('selected', '?')} of {tiles.get('total', '?')} tiles) -> "
-              f"{', '.join(p.name for p in res.paths)}")
-        stages = s.get("timings_ms", {})
-        if stages:
-            print("  stage times: " + ", ".join(f"{k} {v / 1e3:.2f} s" for k, v in stages.items() if v >= 5))
-        if args.profile:
-            from denuc.stream.timing import StageTimer
-
-            t = StageTimer()
-            for k, v in s.get("timings_ms", {}).items():
-                t.add(k, v)
-            print(t.table(s.get("wall_s")))
-    _sweep_claims(out, files, is_done, opts.stale_after)
-    _summary_table(out)
-    if failed:
-        written = f"{done} written to {out}" if done else "nothing was written"
-        print(f"denuc {command}: {failed} of {len(todo)} input(s) failed; {written}", file=sys.stderr)
+    res = run_cohort(args.inputs, args.out, build, opts=opts, inputs_file=args.inputs_file, mpp=args.mpp,
+                     mpp_default=args.mpp_default,
+                     shard=parse_shard(args.shard) if args.shard is not None else None, shard_only=args.shard_only,
+                     on_result=lambda r: _print_result(command, r, args.profile), on_note=print)
+    line = res.message()
+    if not res.ok:
+        print(f"denuc {command}: {line}", file=sys.stderr)
         return 1
-    if busy:
-        print(f"{busy} input(s) were being processed by another process; rerun to finish any it left")
+    print(line)
     return 0
-
-
-def _sweep_claims(out: Path, files: list[Path], is_done: Any, stale_after: float) -> None:
-    """Remove claims left on finished inputs by processes that died after writing them (a live
-    owner's claim stays)."""
-    from denuc.cohort.claims import claim_path, try_claim
-
-    for f in files:
-        if claim_path(out, f.stem).exists() and is_done(f):
-            c = try_claim(out, f.stem, stale_after=stale_after)
-            if c is not None:
-                c.release()
-
-
-def _summary_table(out: Path) -> None:
-    """``summary.csv`` over every input's summary in ``out`` (when there is more than one)."""
-    from denuc.cohort.summary import write_summary_table
-
-    if len(list(out.glob("*.summary.json"))) > 1:
-        write_summary_table(out)
 
 
 def process_device(name: str | None) -> Any:
@@ -276,11 +193,27 @@ def process_device(name: str | None) -> Any:
     return device_of_process(name)
 
 
+def check_model_options(args: argparse.Namespace) -> None:
+    """``--model`` replaces ``--detector/--head/--encoder/--weights``: refuse them together."""
+    from denuc.errors import InputError
+
+    if args.model is None:
+        return
+    given = [f"--{n}" for n in ("detector", "head", "encoder", "weights") if getattr(args, n) is not None]
+    if given:
+        raise InputError(f"--model {args.model} replaces {', '.join(given)}: give either the model folder or "
+                         "the separate models, not both")
+
+
 def main(args: argparse.Namespace) -> int:
     from denuc.core.mpp import check_mpp
+    from denuc.detect.api import check_threshold
 
+    check_model_options(args)
     if args.mpp is not None:
         check_mpp(args.mpp, "--mpp")
+    if args.threshold is not None:
+        check_threshold(args.threshold)
 
     def build() -> tuple[Any, dict[str, Any], dict[str, tuple[int, int, int]]]:
         from denuc.pipeline import DeNuC
@@ -288,7 +221,8 @@ def main(args: argparse.Namespace) -> int:
         model = DeNuC.load(detector=args.detector, encoder=args.encoder, head=args.head,
                            device=process_device(args.device),
                            weights=args.weights, offline=True if args.offline else None, tta=args.tta,
-                           detector_window=args.detector_window, model=args.model, runtime=args.runtime)
+                           detector_window=args.detector_window, model=args.model, runtime=args.runtime,
+                           threshold=args.threshold)
         return model.stream(tile_px=args.tile_px, workers=args.workers), model.models(), model._colors()
 
     return run_inputs("predict", args, build)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from denuc.core.files import file_stem
 from denuc.data.image import IMAGE_SUFFIXES
 from denuc.errors import InputError
 
@@ -55,8 +56,9 @@ def suffix_predicate(suffixes: Sequence[str] | None = None) -> Callable[[Path], 
 
 
 def input_stem(path: Path) -> str:
-    """The name an input's outputs are written under (``<stem>.csv``, ...): ``Path.stem``."""
-    return path.stem
+    """The name an input's outputs are written under (``<stem>.csv``, ...): the file name without
+    its suffix, a multi-part one stripped whole (``x.ome.tif`` -> ``x``; :func:`denuc.core.files.file_stem`)."""
+    return file_stem(path)
 
 
 def _expand_folder(p: Path, is_input: Callable[[Path], bool], sufs: str) -> list[Path]:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from denuc.cohort.inputs import input_stem
 from denuc.core.files import atomic_write_text
 from denuc.errors import InputError
 
@@ -28,7 +29,7 @@ SUMMARY_SUFFIX = ".summary.json"
 TABLE_NAME = "summary.csv"
 #: Keys (at any depth) that describe how and where a run went, not its results.
 EXCLUDED_KEYS = frozenset({"timings", "timing", "timings_ms", "wall_s", "resumed_tiles", "profile", "host", "pid",
-                           "started", "finished", "elapsed"})
+                           "started", "finished", "elapsed", "fingerprint"})
 #: First column: the input's stem (outputs are named ``<stem>.*``).
 STEM_COLUMN = "stem"
 
@@ -80,7 +81,7 @@ def write_summary_table(out_dir: str | os.PathLike[str], inputs: Sequence[str] |
 
     Args:
         inputs: restrict the table to these inputs (stems, or paths whose ``Path(x).stem`` is
-            used); an input without summary (not
+            :func:`~denuc.cohort.inputs.input_stem` is used); an input without summary (not
             processed, or failed) gets a row with only its stem. ``None``: every summary in
             ``out_dir``.
 
@@ -103,7 +104,7 @@ def write_summary_table(out_dir: str | os.PathLike[str], inputs: Sequence[str] |
             raise InputError(f"{out_dir}: no per-input summary (*{SUMMARY_SUFFIX}) to merge")
         stems = sorted(found)
     else:
-        stems = sorted({Path(s).name if Path(s).name in found else Path(s).stem for s in inputs})
+        stems = sorted({Path(s).name if Path(s).name in found else input_stem(Path(s)) for s in inputs})
     rows: list[dict[str, str]] = []
     columns: dict[str, None] = {STEM_COLUMN: None}
     for stem in stems:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -202,3 +202,78 @@ def removed_if_failed(path: str | os.PathLike[str]) -> Iterator[Path]:
             except OSError:
                 break
         raise
+
+
+#: Multi-part file suffixes stripped whole from an input's name to give its output stem
+#: (``x.ome.tif`` -> ``x``), lower case.
+MULTI_SUFFIXES = (".ome.tiff", ".ome.tif")
+
+
+def file_stem(path: str | os.PathLike[str]) -> str:
+    """The stem an input's outputs are named by: the name without its suffix, a known
+    multi-part suffix (:data:`MULTI_SUFFIXES`, any case) stripped whole (``a.ome.tif`` -> ``a``,
+    ``a.b.svs`` -> ``a.b``); a folder (a DICOM slide) keeps its whole name."""
+    p = Path(path)
+    if p.is_dir():
+        return p.name
+    low = p.name.lower()
+    for suf in MULTI_SUFFIXES:
+        if low.endswith(suf) and len(p.name) > len(suf):
+            return p.name[: -len(suf)]
+    return p.stem
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def temp_owner(name: str) -> int | None:
+    """The process id in a temporary file name this module writes (``.<name>.<pid>.tmp`` or
+    ``.<name>.<pid>.tmp<suffix>``), or None when ``name`` is not one."""
+    if not name.startswith("."):
+        return None
+    head, sep, _ = name.rpartition(".tmp")
+    if not sep:
+        return None
+    base, dot, pid = head.rpartition(".")
+    if not dot or not base or not pid.isdigit():
+        return None
+    return int(pid)
+
+
+def remove_dead_temps(folder: str | os.PathLike[str], names: Iterable[str] | None = None) -> list[Path]:
+    """Remove the temporary files in ``folder`` of the final files ``names`` (``.<name>.<pid>.tmp*``;
+    None: of any file) whose writer process is gone (``kill -9`` leaves them): a live process's,
+    this one's included, are kept. Call it while holding the input's claim, so that no process
+    on another host (whose pid this host cannot check) writes them.
+
+    Returns:
+        The removed paths.
+    """
+    d = Path(folder)
+    wanted = None if names is None else set(names)
+    removed: list[Path] = []
+    try:
+        entries = list(d.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        pid = temp_owner(p.name)
+        if pid is None or pid == os.getpid() or _pid_alive(pid):
+            continue
+        final = p.name[1:].rpartition(".tmp")[0].rpartition(".")[0]
+        if wanted is None or final in wanted:
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed

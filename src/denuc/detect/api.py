@@ -210,6 +210,26 @@ class Detector:
             out.append(nuc.select(nuc.inside(*nuc.image_size)))
         return out
 
+    def detect_cohort(self, inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
+                      mpp: float | None = None, mpp_default: float | None = None, opts: Any = None,
+                      inputs_file: str | os.PathLike[str] | None = None, shard: tuple[int, int] | None = None,
+                      tile_px: int | None = None, workers: int = 2) -> Any:
+        """Every input (files, folders, globs) into output files in ``out``, as ``denuc detect``
+        does: the same engine and arguments as :meth:`denuc.pipeline.DeNuC.predict_many`.
+
+        Returns:
+            :class:`~denuc.cohort.runner.CohortResult` (one result per input).
+        """
+        from denuc.cohort.runner import run_cohort
+        from denuc.stream.runner import TILE_PX, TileStream
+
+        def build() -> tuple[Any, dict[str, Any], None]:
+            stream = TileStream(self, None, tile_px=tile_px or TILE_PX, workers=workers)
+            return stream, {"detector": self.describe()}, None
+
+        return run_cohort(inputs, out, build, opts=opts, inputs_file=inputs_file, mpp=mpp, mpp_default=mpp_default,
+                          shard=shard)
+
     def detect_works(self, works: Sequence[np.ndarray]) -> list[Any]:
         """Raw detections (:class:`~denuc.detect.windows.RawDetections`, points in each image's
         pixels at the model's mpp, after the margin rule, NMS and the threshold) of images already

@@ -17,9 +17,7 @@ HELP = ("detect nuclei (points) in images and whole slides -> <stem>.csv / .geoj
 def configure(parser: argparse.ArgumentParser) -> None:
     from denuc.pipeline_cli import add_common_options
 
-    add_common_options(parser, "detect")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="score threshold in [0, 1) (default: the checkpoint's, chosen on val)")
+    add_common_options(parser)
 
 
 def main(args: argparse.Namespace) -> int:

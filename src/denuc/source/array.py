@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from denuc.core.files import file_stem
 from denuc.core.mpp import check_mpp
 from denuc.data.image import image_size, read_image, to_rgb_uint8
-from denuc.errors import ResolutionError
+from denuc.errors import MissingMppError, ResolutionError
 from denuc.source.base import SlideSource, resolve_mpp
 
 
@@ -49,7 +50,7 @@ class ArraySource(_OneLevel):
         self.path = None
         self.backend = "array"
         if mpp is None:
-            raise ResolutionError(f"{self.name}: an array carries no µm per pixel; pass mpp=... (CLI: --mpp), "
+            raise MissingMppError(f"{self.name}: an array carries no µm per pixel; pass mpp=... (CLI: --mpp), "
                                   "e.g. mpp=0.25 for a 40x scan")
         self.mpp = check_mpp(mpp, self.name)
         self.mpp_source = "argument"
@@ -69,7 +70,7 @@ class ImageSource(_OneLevel):
     def __init__(self, path: str | os.PathLike[str], mpp: float | None = None, name: str = "") -> None:
         p = Path(path)
         self.path = p
-        self.name = name or p.stem
+        self.name = name or file_stem(p)
         self.backend = "image"
         image_size(p)  # cheap header read: a missing, empty or non-image file fails here
         found, why = (None, "")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from denuc.core.mpp import MPP_MAX, MPP_MIN, check_mpp
-from denuc.errors import DenucError, InputError, ResolutionError
+from denuc.errors import DenucError, InputError, MissingMppError, ResolutionError
 
 #: File extensions of whole-slide images. ``.tif``/``.tiff`` files are slides only when their
 #: content says so (tiled with several levels, OME-XML, a scanner's description), see
@@ -268,7 +268,7 @@ def resolve_mpp(where: str, override: float | None, found: tuple[float, float, s
         return check_mpp(override, f"{where}: --mpp"), "--mpp"
     if found is None:
         extra = f" ({why_missing})" if why_missing else ""
-        raise ResolutionError(f"{where}: no µm per pixel in the file's metadata{extra}; pass --mpp "
+        raise MissingMppError(f"{where}: no µm per pixel in the file's metadata{extra}; pass --mpp "
                               "(Python: mpp=...), e.g. --mpp 0.25 for a 40x scan")
     mx, my, src = found
     for v in (mx, my):

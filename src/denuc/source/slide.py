@@ -290,10 +290,7 @@ def _dicom_file(folder: Path) -> Path:
 
 
 def _stem(p: Path) -> str:
-    """File stem without a compound slide suffix (``a.ome.tif`` -> ``a``)."""
-    if p.is_dir():
-        return p.name
-    for suf in (".ome.tiff", ".ome.tif"):
-        if p.name.lower().endswith(suf):
-            return p.name[: -len(suf)]
-    return p.stem
+    """File stem without a compound slide suffix (``a.ome.tif`` -> ``a``; :func:`denuc.core.files.file_stem`)."""
+    from denuc.core.files import file_stem
+
+    return file_stem(p)

@@ -231,17 +231,49 @@ def _progress(total: int, name: str, enabled: bool | None) -> Any:
     return tqdm(total=total, desc=name, unit="tile", disable=not enabled, dynamic_ncols=True, leave=True)
 
 
+def open_input(src: Any, mpp: float | None = None, mpp_default: float | None = None, name: str = "") -> Any:
+    """:func:`denuc.source.open_source`, with ``mpp_default`` the level-0 µm per pixel of an input
+    that carries none (its ``mpp_source`` is then ``"--mpp-default"``); ``mpp`` overrides every
+    input's. A file's own mpp that is implausible or anisotropic still fails."""
+    from denuc.errors import MissingMppError
+    from denuc.source import open_source
+
+    if mpp is not None or mpp_default is None:
+        return open_source(src, mpp=mpp, name=name)
+    try:
+        return open_source(src, mpp=None, name=name)
+    except MissingMppError:
+        source = open_source(src, mpp=mpp_default, name=name)
+        source.mpp_source = "--mpp-default"
+        return source
+
+
+def input_fingerprint(source: Any, opts: RunOptions, models: dict[str, Any] | None) -> dict[str, Any]:
+    """:func:`denuc.stream.fingerprint.run_fingerprint` of an opened input under ``opts``."""
+    from denuc.stream.fingerprint import run_fingerprint
+
+    return run_fingerprint(models, mpp=float(source.mpp), mpp_source=source.mpp_source, tissue=opts.tissue,
+                           tissue_mask=opts.tissue_mask, roi=opts.roi, thumbnail_px=opts.thumbnail_px)
+
+
 def run_source(runner: TileStream, src: Any, *, mpp: float | None = None, name: str = "",
                out_dir: str | os.PathLike[str] | None = None, opts: RunOptions | None = None,
                models: dict[str, Any] | None = None, colors: dict[str, tuple[int, int, int]] | None = None,
-               keep: bool | None = None, claim: Any = None) -> SourceResult:
+               keep: bool | None = None, claim: Any = None, mpp_default: float | None = None) -> SourceResult:
     """Run one input through the stream.
+
+    With ``out_dir``, the input's outputs are committed by its summary, written last with the
+    run's fingerprint (:mod:`denuc.stream.fingerprint`): an input is skipped when its summary
+    has the same fingerprint and every output is there, refused (:class:`SettingsChanged`)
+    when the summary or the resume journal has another one (unless ``opts.overwrite``), and a
+    failure removes every output this run had put in place.
 
     Args:
         runner: detector (+ classifier) stream.
         src: a file path (image or slide) or an array (``(H, W, 3)`` etc.).
         mpp: µm per pixel of level 0 (overrides the file's metadata; required for arrays and
             files without it).
+        mpp_default: µm per pixel of level 0 for an input that carries none (:func:`open_input`).
         name: output stem (default: the file's stem).
         out_dir: write outputs there (None: memory only; ``nuclei`` is returned).
         opts: :class:`RunOptions`.
@@ -254,14 +286,14 @@ def run_source(runner: TileStream, src: Any, *, mpp: float | None = None, name: 
     Returns:
         :class:`SourceResult`.
     """
-    from denuc.source import open_source
+    from denuc.stream.fingerprint import output_state
 
     opts = opts or RunOptions()
     t_start = time.perf_counter()
     timer = StageTimer(runner.detector.device)
     keep = out_dir is None if keep is None else keep
     try:
-        source = open_source(src, mpp=mpp, name=name)
+        source = open_input(src, mpp=mpp, mpp_default=mpp_default, name=name)
     except BaseException:
         if claim is not None:
             claim.release()
@@ -275,20 +307,41 @@ def run_source(runner: TileStream, src: Any, *, mpp: float | None = None, name: 
         out = Path(out_dir)
         kind = _kind(source)
         finals = output_paths(stem, out, kind, opts.formats, opts.overlay)
-        if claim is None:
-            if not opts.overwrite and all(p.is_file() for p in finals):
-                return SourceResult(stem, "skipped", paths=finals)
-            from denuc.cohort.claims import try_claim
-
-            claim = try_claim(out, stem, stale_after=opts.stale_after)
-            if claim is None:
-                return SourceResult(stem, "busy")
         try:
-            if not opts.overwrite and all(p.is_file() for p in finals):  # finished meanwhile
+            fp = input_fingerprint(source, opts, models)
+            if claim is None:
+                if output_state(finals, fp, opts.overwrite) == "done":
+                    return SourceResult(stem, "skipped", paths=finals)
+                from denuc.cohort.claims import try_claim
+
+                claim = try_claim(out, stem, stale_after=opts.stale_after)
+                if claim is None:
+                    return SourceResult(stem, "busy")
+        except BaseException:
+            if claim is not None:
+                claim.release()
+            raise
+        try:
+            if output_state(finals, fp, opts.overwrite) == "done":  # finished meanwhile
                 return SourceResult(stem, "skipped", paths=finals)
-            return _run_files(runner, source, out, kind, opts, timer, t_start, models, colors, claim, keep)
+            _remove_dead_temps(out, stem, kind)
+            return _run_files(runner, source, out, kind, opts, timer, t_start, models, colors, claim, keep, fp,
+                              finals)
         finally:
             claim.release()
+
+
+def _remove_dead_temps(out: Path, stem: str, kind: str) -> None:
+    """Temporary files of ``stem``'s outputs and journal left by killed processes (the caller
+    holds the input's claim)."""
+    from denuc.core.files import remove_dead_temps
+    from denuc.sinks import ALWAYS, SINKS
+
+    names = [f"{stem}{cls.suffix_for(k)}" for cls in (*SINKS.values(), *ALWAYS) for k in ("slide", "image")]
+    remove_dead_temps(out, names)
+    part = out / f".{stem}.partial"
+    if part.is_dir():
+        remove_dead_temps(part)
 
 
 def _run_memory(runner: TileStream, source: Any, opts: RunOptions, timer: StageTimer, t_start: float,
@@ -315,7 +368,7 @@ def _run_memory(runner: TileStream, source: Any, opts: RunOptions, timer: StageT
 
 def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunOptions, timer: StageTimer,
                t_start: float, models: dict[str, Any] | None, colors: dict[str, tuple[int, int, int]] | None,
-               claim: Any, keep: bool) -> SourceResult:
+               claim: Any, keep: bool, fingerprint: dict[str, Any], finals: list[Path]) -> SourceResult:
     import hashlib
     import json
 
@@ -328,7 +381,8 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
     cmap = {k: tuple(int(v) for v in c) for k, c in resolve_colors(names, colors).items()}
     key_src = json.dumps({"plan": prep.plan.key(), "models": models or {}, "chunk_tiles": opts.chunk_tiles,
                           "mpp": source.mpp, "classes": list(names)}, sort_keys=True, default=str)
-    journal = Journal(out, source.name, hashlib.sha256(key_src.encode()).hexdigest()[:32])
+    journal = Journal(out, source.name, hashlib.sha256(key_src.encode()).hexdigest()[:32], fingerprint=fingerprint,
+                      overwrite=opts.overwrite)
     finished = journal.done()
     mpp0 = float(source.mpp)
     info = OutputInfo(
@@ -342,6 +396,7 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
     ctx = RunContext(stain=prep.stain, rois=prep.rois, timer=timer)
     bar = _progress(len(prep.plan.selected), source.name, opts.progress)
     kept: list[Nuclei] = []
+    paths: list[Path] = []
     n = 0
     try:
         skip = {k for k in finished if k < len(prep.chunks) and journal.readable(k)}
@@ -360,11 +415,11 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
             bar.set_postfix(nuclei=n)
         bar.close()
         summary = {**prep.facts(runner), **ctx.stats, "models": models or {}, "versions": _versions(),
-                   "resumed_tiles": resumed_tiles, "formats": list(opts.formats),
+                   "resumed_tiles": resumed_tiles, "formats": list(opts.formats), "fingerprint": fingerprint,
                    "timings_ms": timer.as_dict(), "wall_s": round(time.perf_counter() - t_start, 3)}
-        paths = []
-        with timer("write"):
-            for s in sinks:
+        with timer("write"):  # old outputs go (summary first), then the new ones, the summary last: it marks done
+            _uncommit(finals)
+            for s in sorted(sinks, key=lambda s: s.path.name.endswith(".summary.json")):
                 paths.append(s.close(summary))
         for p in paths:  # what was written, counts included
             if p.name.endswith(".summary.json"):
@@ -373,7 +428,17 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
         bar.close()
         for s in sinks:
             s.abort()
+        _uncommit(paths)  # outputs already in place: a failed input leaves none
         raise
     journal.clear()
     nuclei = _chunk_nuclei(kept, runner, source) if keep else None
     return SourceResult(source.name, "done", nuclei, summary, paths)
+
+
+def _uncommit(paths: Sequence[Path]) -> None:
+    """Remove an input's final outputs, its summary (the commit marker) first."""
+    for p in sorted(paths, key=lambda p: not p.name.endswith(".summary.json")):
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass

@@ -1,9 +1,11 @@
 """Resume journal of one input: finished chunks of tiles, saved atomically as they finish.
 
 Folder ``<out>/.<stem>.partial/``: ``plan.json`` (the key of the plan and models that produced
-the chunks) and ``chunk-<k>.npz`` per finished chunk (:meth:`denuc.core.result.Nuclei.save`).
-A rerun with the same key reuses the finished chunks; any other key starts afresh. The folder is
-removed once the input's outputs are in place.
+the chunks, and the run's fingerprint, :mod:`denuc.stream.fingerprint`) and ``chunk-<k>.npz``
+per finished chunk (:meth:`denuc.core.result.Nuclei.save`). A rerun with the same key reuses the
+finished chunks; a rerun with another fingerprint is refused (:class:`SettingsChanged`, naming
+the changes) unless it overwrites; any other key (same settings, another chunk size) starts
+afresh. The folder is removed once the input's outputs are in place.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from denuc.core.files import atomic_write_text
 from denuc.core.result import Nuclei
@@ -23,18 +26,31 @@ class Journal:
         out_dir: the run's output folder.
         stem: the input's output stem.
         key: hash of everything that decides the chunks' content (plan, models, settings).
+        fingerprint: the run's fingerprint, recorded in ``plan.json``.
+        overwrite: drop finished chunks made with another fingerprint instead of refusing.
+
+    Raises:
+        SettingsChanged: finished chunks with another recorded fingerprint, and not ``overwrite``.
     """
 
-    def __init__(self, out_dir: Path, stem: str, key: str) -> None:
+    def __init__(self, out_dir: Path, stem: str, key: str, fingerprint: dict[str, Any] | None = None,
+                 overwrite: bool = False) -> None:
+        from denuc.stream.fingerprint import check_same
+
         self.dir = Path(out_dir) / f".{stem}.partial"
         self.key = key
+        self.fingerprint = fingerprint
         meta = self.dir / "plan.json"
         old = None
         if meta.is_file():
             try:
-                old = json.loads(meta.read_text()).get("key")
+                recorded = json.loads(meta.read_text())
             except (OSError, ValueError):
-                old = None
+                recorded = {}
+            old = recorded.get("key")
+            old_fp = recorded.get("fingerprint")
+            if fingerprint is not None and old_fp is not None and not overwrite and self.done():
+                check_same(old_fp, fingerprint, f"the finished chunks of {stem} in {self.dir}")
         if old != key and self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
         self.resumed = old == key
@@ -57,7 +73,7 @@ class Journal:
     def save(self, k: int, nuclei: Nuclei) -> None:
         if not (self.dir / "plan.json").is_file():
             self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.dir / "plan.json", json.dumps({"key": self.key}))
+            atomic_write_text(self.dir / "plan.json", json.dumps({"key": self.key, "fingerprint": self.fingerprint}))
         nuclei.save(self._path(k))
 
     def readable(self, k: int) -> bool:

@@ -1,0 +1,335 @@
+"""The cohort runner: many inputs into one output folder, the same from the CLI and from Python.
+
+``denuc predict``, ``denuc detect``, :meth:`denuc.pipeline.DeNuC.predict_many` and
+:meth:`denuc.detect.api.Detector.detect_many` all call :func:`run_cohort`, which
+
+1. expands the inputs (files, folders, globs, a list file: :func:`denuc.cohort.inputs.expand_inputs`);
+2. matches each input to its ROI and tissue-mask file when ``roi`` / ``tissue_mask`` is a
+   folder (:func:`match_by_stem`); an input without its file is **reported as failed and not
+   processed** (never silently processed whole);
+3. decides per input, from its ``<stem>.summary.json`` (written last: the commit marker) and
+   its fingerprint (:mod:`denuc.stream.fingerprint`): done (skipped), made with other settings
+   (refused, naming the changes, unless ``overwrite``), or to do;
+4. shares the inputs to do with other processes through claims in the output folder
+   (:func:`denuc.cohort.claims.claimed_inputs`; static ``shard`` first), runs each through
+   :func:`denuc.stream.job.run_source` (an input's failure is its own: the others go on);
+5. writes ``summary.csv`` over every finished input in the folder (when there is more than one).
+
+The models are built once, by ``build()``, when an input first needs them (to run it, or to
+compute the fingerprint of outputs already there).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from denuc.cohort.inputs import input_stem
+from denuc.errors import InputError
+
+#: ``() -> (TileStream, models description, class colours or None)``.
+Build = Callable[[], tuple[Any, dict[str, Any], Any]]
+
+#: ROI file suffixes looked for in a ``roi`` folder, in this order.
+ROI_SUFFIXES = (".geojson", ".json")
+#: Mask image suffixes looked for in a ``tissue_mask`` folder, in this order.
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
+
+@dataclass
+class InputResult:
+    """What the run did with one input.
+
+    Attributes:
+        path: the input file (or DICOM folder).
+        stem: its output stem (outputs are ``<out>/<stem>.*``).
+        status: ``done`` (written now), ``skipped`` (finished before, same fingerprint),
+            ``busy`` (another live process holds it), ``failed`` (error, or refused: no ROI /
+            mask file in the folder, or outputs made with other settings).
+        summary: the input's summary (``<stem>.summary.json``) when done.
+        paths: the output files written.
+        error: one line saying why it failed (names the input), else None.
+        seconds: wall time this process spent on it.
+    """
+
+    path: Path
+    stem: str
+    status: str
+    summary: dict[str, Any] = field(default_factory=dict)
+    paths: list[Path] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class CohortResult:
+    """Every input's :class:`InputResult` (in input order) and the output folder."""
+
+    out: Path
+    results: list[InputResult]
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def ok(self) -> bool:
+        """No input failed."""
+        return self.count("failed") == 0
+
+    def message(self) -> str:
+        """The run's last line, saying what is true, e.g. ``1 of 2 input(s) failed; 1 written to OUT``."""
+        n, failed, done, busy = len(self.results), self.count("failed"), self.count("done"), self.count("busy")
+        if failed:
+            return f"{failed} of {n} input(s) failed; " + (f"{done} written to {self.out}" if done
+                                                           else "nothing was written")
+        text = f"{done} of {n} input(s) written to {self.out}"
+        if self.count("skipped"):
+            text += f", {self.count('skipped')} already done"
+        if busy:
+            text += f"; {busy} were being processed by another process: rerun to finish any it left"
+        return text
+
+
+def error_line(path: Path, e: BaseException) -> str:
+    """``PATH: message`` for a failed input: the path named once (DeNuC's messages usually
+    start with it), an unexpected exception's type named, on one line."""
+    from denuc.data.image import describe_exception
+    from denuc.errors import DenucError
+
+    msg = str(e) if isinstance(e, DenucError) else describe_exception(e)
+    msg = " ".join(msg.split())
+    if not msg.startswith(f"{path}:") and not msg.startswith(f"{path} "):
+        msg = f"{path}: {msg}"
+    return msg
+
+
+def match_by_stem(folder: Path, files: Sequence[Path], suffixes: Sequence[str], what: str) -> dict[Path, Path | None]:
+    """Each input's file in ``folder``: ``<stem><suffix>`` or ``<file name><suffix>`` (QuPath
+    names exports after the image, e.g. ``slide1.svs.geojson``), any case of the suffix.
+
+    Returns:
+        input -> its file, or None when the folder has none.
+
+    Raises:
+        InputError: an input matches more than one file (naming them).
+    """
+    entries: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            low = p.name.lower()
+            for suf in suffixes:
+                if low.endswith(suf):
+                    entries.setdefault(p.name[: -len(suf)], []).append(p)
+                    break
+    out: dict[Path, Path | None] = {}
+    for f in files:
+        found = [*entries.get(input_stem(f), []), *(entries.get(f.name, []) if f.name != input_stem(f) else [])]
+        if len(found) > 1:
+            raise InputError(f"{f}: several {what} files in {folder} match it ({', '.join(p.name for p in found)}); "
+                             "keep one")
+        out[f] = found[0] if found else None
+    return out
+
+
+def _per_input(opts: Any, files: Sequence[Path]) -> tuple[dict[Path, Any], dict[Path, str]]:
+    """Per-input options (ROI and mask files matched when given as folders) and the inputs
+    refused for lacking theirs."""
+    matched: dict[str, dict[Path, Path | None]] = {}
+    for name, sufs, what in (("roi", ROI_SUFFIXES, "ROI"), ("tissue_mask", MASK_SUFFIXES, "tissue mask")):
+        v = getattr(opts, name)
+        if v is None:
+            continue
+        p = Path(v)
+        if p.is_dir():
+            matched[name] = match_by_stem(p, files, sufs, what)
+        elif not p.is_file():
+            raise InputError(f"--{name.replace('_', '-')} {v}: no such file or folder")
+    per: dict[Path, Any] = {}
+    missing: dict[Path, str] = {}
+    for f in files:
+        changes: dict[str, Any] = {}
+        for name, m in matched.items():
+            if m[f] is None:
+                flag, folder = name.replace("_", "-"), getattr(opts, name)
+                what = "ROI" if name == "roi" else "tissue mask"
+                missing[f] = (f"{f}: no {what} file for it in {folder} (looked for {input_stem(f)}.* and {f.name}.*); "
+                              f"not processed: add one, or run it without --{flag}")
+            else:
+                changes[name] = m[f]
+        per[f] = replace(opts, **changes) if changes else opts
+    return per, missing
+
+
+def run_cohort(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], build: Build, *,
+               opts: Any = None, inputs_file: str | os.PathLike[str] | None = None, mpp: float | None = None,
+               mpp_default: float | None = None, shard: tuple[int, int] | None = None, shard_only: bool = False,
+               on_result: Callable[[InputResult], None] | None = None,
+               on_note: Callable[[str], None] | None = None) -> CohortResult:
+    """Run every input into ``out`` (see the module docstring).
+
+    Args:
+        inputs: files, folders, glob patterns (or one of them); ``inputs_file``: a list file of more.
+        out: the output folder (created if missing).
+        build: ``() -> (TileStream, models description, colours)``, called at most once.
+        opts: :class:`denuc.stream.job.RunOptions`; its ``roi`` and ``tissue_mask`` may be folders
+            (one file per input, matched by stem).
+        mpp: level-0 µm per pixel of every input (overrides the files' own).
+        mpp_default: level-0 µm per pixel of the inputs that carry none (the others keep theirs).
+        shard: ``(I, N)``: this process is worker I of N (default: torchrun / srun's rank and
+            world size, else the only one); ``shard_only``: only shard I's inputs.
+        on_result: called with each input's result as it is known (for printing).
+        on_note: called with lines worth telling the user (skipped inputs, missing ROI files).
+
+    Returns:
+        :class:`CohortResult`; an input's failure is in its result, not raised.
+
+    Raises:
+        InputError / ResolutionError: bad arguments (no input, bad mpp, bad shard, a missing
+        ROI or mask path, an unwritable folder), before any input runs; a model that cannot be
+        built.
+    """
+    from denuc.cohort.claims import claimed_inputs
+    from denuc.cohort.inputs import expand_inputs, parse_shard, world
+    from denuc.core.files import check_out_dir
+    from denuc.core.mpp import check_mpp
+    from denuc.sinks import output_paths
+    from denuc.source import is_slide_path
+    from denuc.stream.fingerprint import SettingsChanged, output_state
+    from denuc.data.image import IMAGE_SUFFIXES
+    from denuc.source import SLIDE_SUFFIXES
+    from denuc.stream.job import RunOptions, input_fingerprint, open_input, run_source
+
+    if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of characters
+        inputs = [inputs]
+    opts = opts if opts is not None else RunOptions(progress=False)
+    if mpp is not None:
+        mpp = check_mpp(mpp, "--mpp")
+    if mpp_default is not None:
+        mpp_default = check_mpp(mpp_default, "--mpp-default")
+    if not inputs and inputs_file is None:
+        raise InputError("no input: give image or slide files, folders, globs or --inputs LIST")
+    files = expand_inputs([os.fspath(x) for x in inputs], inputs_file,
+                          suffixes=tuple(dict.fromkeys([*IMAGE_SUFFIXES, *SLIDE_SUFFIXES])))
+    if shard is not None:
+        parse_shard(f"{shard[0]}/{shard[1]}")  # checks 0 <= I < N
+    rank, size = world() if shard is None else shard
+    if shard_only:
+        if shard is None:
+            raise InputError("--shard-only needs --shard I/N")
+        files, rank, size = files[rank::size], 0, 1
+    per, missing = _per_input(opts, files)
+    out_dir = check_out_dir(out)
+    note = on_note or (lambda _line: None)
+    results: dict[Path, InputResult] = {}
+
+    def report(r: InputResult) -> None:
+        results[r.path] = r
+        if on_result is not None:
+            on_result(r)
+
+    engine: list[Any] = []
+
+    def get_engine() -> tuple[Any, dict[str, Any], Any]:
+        if not engine:  # models load once, when some input needs them; their errors stop the run
+            engine.extend(build())
+        return engine[0], engine[1], engine[2]
+
+    def finals(f: Path) -> list[Path]:
+        o = per[f]
+        return output_paths(input_stem(f), out_dir, "slide" if is_slide_path(f) else "image", o.formats, o.overlay)
+
+    fps: dict[Path, dict[str, Any] | None] = {}
+
+    def fingerprint(f: Path) -> dict[str, Any] | None:
+        if f not in fps:
+            models = get_engine()[1]  # a model that cannot be built stops the run
+            try:
+                with open_input(f, mpp=mpp, mpp_default=mpp_default, name=input_stem(f)) as src:
+                    fps[f] = input_fingerprint(src, per[f], models)
+            except Exception:  # an unreadable input: running it reports the error, with its name
+                fps[f] = None
+        return fps[f]
+
+    def state(f: Path) -> str:
+        """``done``, ``todo`` or ``changed`` (SettingsChanged is raised for the message)."""
+        fl = finals(f)
+        if per[f].overwrite or not any(p.name.endswith(".summary.json") and p.is_file() for p in fl):
+            return "todo"
+        fp = fingerprint(f)
+        if fp is None:
+            return "todo"
+        return "done" if output_state(fl, fp, False) == "done" else "todo"
+
+    def is_done(f: Path) -> bool:
+        try:
+            return state(f) == "done"
+        except SettingsChanged:
+            return True  # not to be run: reported in the first pass
+
+    todo: list[Path] = []
+    skipped = 0
+    for f in files:
+        if f in missing:
+            report(InputResult(f, input_stem(f), "failed", error=missing[f]))
+            continue
+        try:
+            s = state(f)
+        except SettingsChanged as e:
+            report(InputResult(f, input_stem(f), "failed", error=error_line(f, e)))
+            continue
+        if s == "done":
+            skipped += 1
+            report(InputResult(f, input_stem(f), "skipped", paths=finals(f)))
+        else:
+            todo.append(f)
+    if skipped:
+        note(f"skipping {skipped} input(s) already done in {out_dir} with the same settings "
+             "(use --overwrite to redo)")
+    if missing:
+        note(f"{len(missing)} input(s) have no ROI / tissue mask file and are not processed: "
+             + ", ".join(f.name for f in missing))
+    for f, claim in claimed_inputs(todo, out_dir, is_done, rank, size, stale_after=opts.stale_after):
+        t0 = time.perf_counter()
+        runner, models, colors = get_engine()
+        try:  # any failure is this input's: report it and go on (Ctrl-C still stops the run)
+            res = run_source(runner, f, mpp=mpp, mpp_default=mpp_default, name=input_stem(f), out_dir=out_dir,
+                             opts=per[f], models=models, colors=colors, claim=claim)
+        except Exception as e:
+            report(InputResult(f, input_stem(f), "failed", error=error_line(f, e), seconds=time.perf_counter() - t0))
+            del e  # frees a MemoryError's traceback now
+            continue
+        status = {"done": "done", "skipped": "skipped", "busy": "busy"}[res.status]
+        report(InputResult(f, res.name, status, res.summary, res.paths, seconds=time.perf_counter() - t0))
+    for f in todo:  # held by another live process, or finished by one meanwhile
+        if f not in results:
+            report(InputResult(f, input_stem(f), "skipped" if is_done(f) else "busy"))
+    _sweep_claims(out_dir, files, is_done, opts.stale_after)
+    refresh_summary_table(out_dir)
+    return CohortResult(out_dir, [results[f] for f in files])
+
+
+def _sweep_claims(out: Path, files: list[Path], is_done: Callable[[Path], bool], stale_after: float) -> None:
+    """Remove claims left on finished inputs by processes that died after writing them (a live
+    owner's claim stays)."""
+    from denuc.cohort.claims import claim_path, try_claim
+
+    for f in files:
+        if claim_path(out, input_stem(f)).exists() and is_done(f):
+            c = try_claim(out, input_stem(f), stale_after=stale_after)
+            if c is not None:
+                c.release()
+
+
+def refresh_summary_table(out: str | os.PathLike[str]) -> Path | None:
+    """Rewrite ``out/summary.csv`` over every finished input's summary in ``out`` (when there is
+    more than one); returns its path, or None when there is at most one summary."""
+    from denuc.cohort.summary import SUMMARY_SUFFIX, write_summary_table
+
+    out = Path(out)
+    if len([p for p in out.glob(f"*{SUMMARY_SUFFIX}") if not p.name.startswith(".")]) > 1:
+        return write_summary_table(out)
+    return None
