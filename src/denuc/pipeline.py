@@ -268,7 +268,7 @@ class DeNuC:
         timer = StageTimer(self.device)
         with open_source(path, mpp=mpp) as source:
             prep = _Prepared(runner, source, opts, timer)
-            ctx = RunContext(stain=prep.stain, rois=prep.rois, timer=timer)
+            ctx = RunContext(stain=prep.stain, rois=prep.rois, timer=timer, area=prep.area)
             for _, nuc in iter_chunks(runner, prep, ctx):
                 yield nuc
 
