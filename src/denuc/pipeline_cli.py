@@ -34,15 +34,17 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
                         "without resolution tags); slides and TIFFs carry it in their metadata, which --mpp "
                         "overrides (default: from the file; an input without it fails with a message saying so)")
     p.add_argument("--format", default="csv", metavar="FMT[,FMT...]",
-                   help="output formats, comma-separated: csv (x,y,x_um,y_um,class,score,det_score,prob_*,roi; what "
+                   help="output formats, comma-separated: csv (x,y,x_um,y_um,class,score,det_score,prob_*, and roi with "
+                        "--roi; what "
                         "`denuc evaluate` reads), geojson (QuPath detections; .geojson.gz for slides), parquet "
                         "(needs pyarrow: pip install 'denuc[parquet]') (default: %(default)s)")
     p.add_argument("--tissue", default="auto", choices=("auto", "none"),
-                   help="auto: find tissue on a thumbnail of each slide and process only tiles that touch it (plain "
-                        "images are processed whole); none: process every tile (default: %(default)s)")
+                   help="auto: find tissue on a thumbnail of each input (slide or image) and report only nuclei "
+                        "whose centre lies in it; densities are per mm² of that tissue; none: report every nucleus "
+                        "over the whole image (default: %(default)s)")
     p.add_argument("--tissue-mask", default=None, metavar="FILE",
-                   help="binary mask image of the slide (nonzero = tissue, any size with the slide's aspect ratio); "
-                        "replaces --tissue (default: none)")
+                   help="binary mask image of the slide (nonzero = tissue, any size with the slide's aspect ratio): only "
+                        "nuclei inside it are reported, densities are per mm² of it; replaces --tissue (default: none)")
     p.add_argument("--roi", default=None, metavar="FILE.geojson",
                    help="QuPath GeoJSON annotations (polygons, holes honoured, level-0 px): only nuclei inside them are "
                         "reported, each with its region's name; the summary counts per region (default: none)")
