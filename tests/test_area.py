@@ -168,3 +168,34 @@ def test_same_pixels_in_any_container_give_the_same_points_tissue_and_stain(ckpt
     for e in est[1:]:
         np.testing.assert_allclose(e.stains, est[0].stains)
         np.testing.assert_allclose(e.max_conc, est[0].max_conc)
+
+
+def test_summary_records_the_runtime_that_ran_and_the_fallback_warning_is_one_line(ckpt: Path, slide: Path,
+                                                                                   tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # the ONNX cache under it cannot be created: the export fails
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "DENUC_CACHE": str(blocker),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("DENUC_RUNTIME", None)
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "-m", "denuc", "detect", str(slide), "--out", str(out), "--detector", str(ckpt),
+                        "--device", "cpu", "--runtime", "auto", "--no-overlay", "--tile-px", "512", "--profile"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "s.summary.json").read_text())
+    assert s["runtime"] == {"detector": "torch"} and s["models"]["detector"]["runtime"] == "torch"
+    warn = [line for line in r.stderr.splitlines() if "ONNX Runtime failed" in line]
+    assert len(warn) == 1 and warn[0].startswith("denuc detect: warning: detector: ONNX Runtime failed")
+    assert "warnings.warn" not in r.stderr and ".py:" not in r.stderr  # no source lines
+    # --profile: the main thread's shares and "other" add up to the wall, which is the summary's wall_s
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line[:1].isalpha()}
+    assert float(rows["wall"][1]) == pytest.approx(s["wall_s"] * 1e3, abs=0.1)
+    main = [k for k in ("plan", "tissue", "wait", "detect", "encode", "query", "classify", "write", "other")
+            if k in rows]
+    assert sum(float(rows[k][2].rstrip("%")) for k in main) == pytest.approx(100.0, abs=0.5)
+    assert sum(v for k, v in s["timings_ms"].items() if k != "read") <= s["wall_s"] * 1e3

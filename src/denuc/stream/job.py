@@ -110,6 +110,29 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def runtimes_used(runner: TileStream) -> dict[str, str]:
+    """What actually ran each network (``torch`` or ``onnx``), read after the run: an ``auto``
+    runner that fell back to PyTorch says ``torch`` from then on."""
+    out: dict[str, str] = {}
+    r = getattr(runner.detector, "runner", None)
+    if r is not None:
+        out["detector"] = str(r.runtime)
+    c = runner.classifier
+    if c is not None and getattr(c.featurizer, "runner", None) is not None:
+        out["encoder"] = str(c.featurizer.runner.runtime)
+    return out
+
+
+def _models_as_run(models: dict[str, Any] | None, used: dict[str, str]) -> dict[str, Any]:
+    """``models`` with the runtimes that actually ran (the description is taken before the run)."""
+    m = dict(models or {})
+    if isinstance(m.get("detector"), dict) and "detector" in used and "runtime" in m["detector"]:
+        m["detector"] = {**m["detector"], "runtime": used["detector"]}
+    if "encoder_runtime" in m and "encoder" in used:
+        m["encoder_runtime"] = used["encoder"]
+    return m
+
+
 def _stain_estimate(source: Any, runner: TileStream, plan: Any, tissue: Any) -> Any:
     """One Macenko estimate per source, by one rule for every container (slide, pyramidal or
     flat TIFF, plain image, array), so the same pixels give the same estimate: a source of at
@@ -324,8 +347,10 @@ def _run_memory(runner: TileStream, source: Any, opts: RunOptions, timer: StageT
     from denuc.sinks.summary import density
 
     a = prep.area.analysed_area_um2
+    used = runtimes_used(runner)
     summary = {**prep.facts(runner), **ctx.stats, "kind": _kind(source), "mpp": float(source.mpp),
-               "size": list(source.dimensions), "nuclei": len(nuclei), "counts": counts, "models": models or {},
+               "size": list(source.dimensions), "nuclei": len(nuclei), "counts": counts,
+               "models": _models_as_run(models, used), "runtime": used,
                "tissue_area_mm2": prep.area.tissue_area_um2 / 1e6, "analysed_area_mm2": a / 1e6,
                "density_per_mm2": density(len(nuclei), a),
                "class_density_per_mm2": {c: density(n, a) for c, n in counts.items()},
@@ -380,13 +405,19 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
             bar.update(len(prep.chunks[k]))
             bar.set_postfix(nuclei=n)
         bar.close()
-        summary = {**prep.facts(runner), **ctx.stats, "models": models or {}, "versions": _versions(),
-                   "resumed_tiles": resumed_tiles, "formats": list(opts.formats),
-                   "timings_ms": timer.as_dict(), "wall_s": round(time.perf_counter() - t_start, 3)}
+        used = runtimes_used(runner)
         paths = []
+        last = [s for s in sinks if s.suffix == ".summary.json"]  # closed last: it records the times
         with timer("write"):
             for s in sinks:
-                paths.append(s.close(summary))
+                if s not in last:
+                    paths.append(s.close({}))
+        summary = {**prep.facts(runner), **ctx.stats, "models": _models_as_run(models, used), "runtime": used,
+                   "versions": _versions(),
+                   "resumed_tiles": resumed_tiles, "formats": list(opts.formats),
+                   "timings_ms": timer.as_dict(), "wall_s": round(time.perf_counter() - t_start, 3)}
+        for s in last:
+            paths.append(s.close(summary))
         for p in paths:  # what was written, counts included
             if p.name.endswith(".summary.json"):
                 summary = json.loads(p.read_text())
