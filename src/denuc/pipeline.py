@@ -152,7 +152,9 @@ class DeNuC:
         Args:
             model: a model folder written by ``denuc finetune`` (``model.yaml`` + detector + head);
                 its detector, head, encoder and weights are used where the other arguments are None.
-            detector: detector checkpoint, a detector object, or None (the shipped detector).
+                A folder given as the first argument (``DeNuC.load("mymodel/")``) is taken as this.
+            detector: detector checkpoint, a detector object, a model folder (see ``model``), or
+                None (the shipped detector).
             encoder: encoder name or built :class:`Encoder` (None = the head's encoder).
             head: head checkpoint (None = the shipped BRCA-M2C head).
             device: ``cpu``/``cuda``/``mps`` (default: cuda, then mps, then cpu).
@@ -167,6 +169,8 @@ class DeNuC:
         """
         from denuc.train.detector import pick_device
 
+        if model is None and isinstance(detector, (str, os.PathLike)) and Path(detector).is_dir():
+            model, detector = detector, None  # DeNuC.load("mymodel/"): a model folder given first
         device = pick_device(str(device) if device is not None else None)  # ModelError for unknown/unavailable
         det_threshold = None
         if model is not None:

@@ -33,9 +33,10 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
                    help="µm per pixel of level 0 of every input. Needed for plain images (PNG, JPEG, BMP and TIFFs "
                         "without resolution tags); slides and TIFFs carry it in their metadata, which --mpp "
                         "overrides (default: from the file; an input without it fails with a message saying so)")
+    columns = ("x,y,x_um,y_um,class (always nucleus),score,det_score" if command == "detect"
+               else "x,y,x_um,y_um,class,score,det_score,prob_<class>...")
     p.add_argument("--format", default="csv", metavar="FMT[,FMT...]",
-                   help="output formats, comma-separated: csv (x,y,x_um,y_um,class,score,det_score,prob_*, and roi with "
-                        "--roi; what "
+                   help=f"output formats, comma-separated: csv ({columns}, and roi with --roi; what "
                         "`denuc evaluate` reads), geojson (QuPath detections; .geojson.gz for slides), parquet "
                         "(needs pyarrow: pip install 'denuc[parquet]') (default: %(default)s)")
     p.add_argument("--tissue", default="auto", choices=("auto", "none"),
