@@ -59,3 +59,15 @@ def test_summary_json_is_valid_for_areas(tmp_path: Path) -> None:
     assert doc["tissue"]["area_mm2"] == pytest.approx(36 * 100 * 0.25 / 1e6)
     assert doc["analysed"]["area_mm2"] == doc["tissue"]["area_mm2"]
     assert doc["tissue"]["how"] == "auto mask on a 5 µm/px thumbnail (10 x 10 px)"
+
+
+def test_roi_outlines_include_holes(tmp_path: Path) -> None:
+    from denuc.source import load_rois
+
+    outer = [[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]
+    hole = [[40, 40], [60, 40], [60, 60], [40, 60], [40, 40]]
+    p = tmp_path / "r.geojson"
+    p.write_text(json.dumps({"type": "Feature", "properties": {"name": "a"},
+                             "geometry": {"type": "Polygon", "coordinates": [outer, hole]}}))
+    rings = load_rois(p).outlines()
+    assert len(rings) == 2 and {tuple(r.min(0)) for r in rings} == {(0.0, 0.0), (40.0, 40.0)}

@@ -51,8 +51,8 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
                         "reported, each with its region's name; the summary counts per region (default: none)")
     p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist (default: skip)")
     p.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
-                   help="write <stem>.overlay.png, a thumbnail with tissue outline and class-coloured nuclei "
-                        "(default: on)")
+                   help="write <stem>.overlay.png, a thumbnail with the tissue and ROI outlines (holes too), each "
+                        "nucleus ringed in its class colour, and a legend with the count per class (default: on)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar per input (default: on when stderr is a terminal)")
     p.add_argument("--profile", action="store_true",
