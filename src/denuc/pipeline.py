@@ -311,6 +311,9 @@ class DeNuC:
                 files None means the file's metadata).
             name: stored in the result (default: the file's stem, or empty for an array).
 
+        Every nucleus of the image is returned (no tissue mask: ``tissue="none"``); for the
+        tissue and ROI rules of ``denuc predict`` use :meth:`predict_slide`.
+
         Returns:
             :class:`Nuclei` with ``xy`` (x, y) in pixels of the input image, class ids/names,
             scores (detection x class probability), ``det_scores``, probs and
@@ -326,7 +329,7 @@ class DeNuC:
             check_mpp(mpp, name or "image")
         if not isinstance(image, (str, os.PathLike)):
             image = as_rgb_image(image, name or "image")
-        res = run_source(self.stream(), image, mpp=mpp, name=name, opts=RunOptions(progress=False),
+        res = run_source(self.stream(), image, mpp=mpp, name=name, opts=RunOptions(progress=False, tissue="none"),
                          models=None)
         out = res.nuclei
         assert out is not None
