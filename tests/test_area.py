@@ -135,7 +135,8 @@ def test_roi_with_a_hole_densities_are_counts_over_roi_areas(ckpt: Path, slide: 
     assert "holes" in s["areas"]["rois"]["a"]["how"] and "tissue" in s["areas"]["analysed"]["how"]
 
 
-def test_same_pixels_in_any_container_give_the_same_points_tissue_and_stain(ckpt: Path, tmp_path: Path) -> None:
+def test_same_pixels_in_any_container_give_the_same_points_tissue_and_stain(ckpt: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     img = tissue_image(seed=1)
     ome = write_pyramidal_tiff(tmp_path / "ome.ome.tif", img, MPP, tile=128, downsamples=(1, 2),
                                compression="none", flavor="ome")
@@ -157,17 +158,28 @@ def test_same_pixels_in_any_container_give_the_same_points_tissue_and_stain(ckpt
     from denuc.stream.job import _stain_estimate
     from denuc.tiles.plan import make_plan
 
-    est = []
-    for path in (ome, flat, png):
-        with open_source(path, mpp=MPP) as src:
-            plan = make_plan(tuple(src.level_dimensions), tuple(src.level_downsamples), float(src.mpp), det_mpp=0.5,
-                             det_window=256, det_stride=192, det_margin=32, tile_px=256, enc_mpp=1.0, enc_window=224,
-                             enc_stride=224, max_work_pixels=2**28, name="x")
-            runner = SimpleNamespace(classifier=SimpleNamespace(stain_norm="macenko"))
-            est.append(_stain_estimate(src, runner, plan, None))
+    import denuc.stream.job as job
+
+    def estimates() -> list:  # type: ignore[type-arg]
+        est = []
+        for path in (ome, flat, png):
+            with open_source(path, mpp=MPP) as src:
+                plan = make_plan(tuple(src.level_dimensions), tuple(src.level_downsamples), float(src.mpp),
+                                 det_mpp=0.5, det_window=256, det_stride=192, det_margin=32, tile_px=128, enc_mpp=1.0,
+                                 enc_window=224, enc_stride=224, max_work_pixels=2**28, name="x")
+                runner = SimpleNamespace(classifier=SimpleNamespace(stain_norm="macenko"))
+                est.append(_stain_estimate(src, runner, plan, None))
+        return est
+
+    est = estimates()  # small: the whole of level 0, the same pixels in every container
     for e in est[1:]:
         np.testing.assert_allclose(e.stains, est[0].stains)
         np.testing.assert_allclose(e.max_conc, est[0].max_conc)
+    monkeypatch.setattr(job, "STAIN_WHOLE_PIXELS", 1000)  # big: crops at the encoder's mpp, from level 1 or 0
+    est = estimates()
+    for e in est[1:]:
+        np.testing.assert_allclose(e.stains, est[0].stains, atol=2e-3)
+        np.testing.assert_allclose(e.max_conc, est[0].max_conc, rtol=2e-3)
 
 
 def test_summary_records_the_runtime_that_ran_and_the_fallback_warning_is_one_line(ckpt: Path, slide: Path,

@@ -204,7 +204,12 @@ class _Prepared:
             if self.rois is not None:
                 keep &= self.rois.intersects_boxes(boxes)
             plan.selected = np.flatnonzero(keep).astype(int).tolist()
-            plan.info = {"tissue": self.tissue.method, "roi": None if opts.roi is None else str(opts.roi)}
+            import hashlib
+
+            mask_sha = hashlib.sha256(np.packbits(self.tissue.mask).tobytes()
+                                      + repr((self.tissue.mask.shape, self.tissue.downsample)).encode()).hexdigest()
+            plan.info = {"tissue": self.tissue.method, "tissue_mask_sha256": mask_sha,  # nuclei are kept by the mask
+                         "roi": None if opts.roi is None else str(opts.roi)}
         self.plan = plan
         self.tiles = {"total": plan.count, "touching_tissue": n_tissue, "selected": len(plan.selected),
                       "skipped_tissue": plan.count - n_tissue,
