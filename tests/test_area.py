@@ -209,5 +209,5 @@ def test_summary_records_the_runtime_that_ran_and_the_fallback_warning_is_one_li
     assert float(rows["wall"][1]) == pytest.approx(s["wall_s"] * 1e3, abs=0.1)
     main = [k for k in ("plan", "tissue", "wait", "detect", "encode", "query", "classify", "write", "other")
             if k in rows]
-    assert sum(float(rows[k][2].rstrip("%")) for k in main) == pytest.approx(100.0, abs=0.5)
+    assert sum(float(rows[k][2].rstrip("%")) for k in main) == pytest.approx(100.0, abs=1.0)
     assert sum(v for k, v in s["timings_ms"].items() if k != "read") <= s["wall_s"] * 1e3
