@@ -40,7 +40,7 @@ from denuc.stream.timing import StageTimer
 #: most pixels a stain estimate reads (bounds its memory: float OD of 4 Mpx)
 STAIN_PIXELS = 2**22
 #: sources up to this many level-0 px get their stain estimate from the whole of level 0
-STAIN_WHOLE_PIXELS = 2**26
+STAIN_WHOLE_PIXELS = 2**24
 
 #: tissue options: ``auto`` (files, slide or image: the thumbnail rule of :mod:`denuc.source.tissue`;
 #: in-memory arrays: processed whole), ``none`` (everything, over the whole image).
