@@ -211,3 +211,21 @@ def test_summary_records_the_runtime_that_ran_and_the_fallback_warning_is_one_li
             if k in rows]
     assert sum(float(rows[k][2].rstrip("%")) for k in main) == pytest.approx(100.0, abs=1.0)
     assert sum(v for k, v in s["timings_ms"].items() if k != "read") <= s["wall_s"] * 1e3
+
+
+def test_in_memory_run_has_the_same_areas_and_densities(ckpt: Path, slide: Path, tmp_path: Path) -> None:
+    from denuc.detect.api import Detector
+    from denuc.stream.job import RunOptions, run_source
+    from denuc.stream.runner import TileStream
+
+    roi = _roi_file(tmp_path / "roi.geojson")
+    _, s_file = detect(ckpt, slide, tmp_path / "o", "--roi", str(roi))
+    det = Detector.load(ckpt, device="cpu", runtime="torch")
+    res = run_source(TileStream(det, None, tile_px=512), slide, opts=RunOptions(roi=roi, progress=False))
+    s = res.summary
+    assert res.nuclei is not None and len(res.nuclei) == s_file["nuclei"] == s["nuclei"]
+    for k in ("tissue_area_mm2", "analysed_area_mm2", "density_per_mm2"):
+        assert s[k] == pytest.approx(s_file[k])
+    for name in ("a", "b"):
+        for k in ("area_mm2", "nuclei", "density_per_mm2"):
+            assert s["rois"][name][k] == pytest.approx(s_file["rois"][name][k])

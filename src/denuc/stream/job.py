@@ -360,6 +360,16 @@ def _run_memory(runner: TileStream, source: Any, opts: RunOptions, timer: StageT
                "density_per_mm2": density(len(nuclei), a),
                "class_density_per_mm2": {c: density(n, a) for c, n in counts.items()},
                "timings_ms": timer.as_dict(), "wall_s": round(time.perf_counter() - t_start, 3)}
+    if prep.area.roi_areas_um2 is not None:  # per region, as <stem>.summary.json has them
+        roi = nuclei.roi if nuclei.roi is not None else np.full(len(nuclei), "", dtype=object)
+        rois = {}
+        for name, ra in prep.area.roi_areas_um2.items():
+            ids = nuclei.class_ids[roi == name] if nuclei.class_ids is not None else np.zeros(0, np.int64)
+            rc = {c: int((ids == k).sum()) for k, c in enumerate(nuclei.class_names)}
+            rois[name] = {"area_mm2": ra / 1e6, "nuclei": int((roi == name).sum()), "counts": rc,
+                          "density_per_mm2": density(int((roi == name).sum()), ra),
+                          "class_density_per_mm2": {c: density(k, ra) for c, k in rc.items()}}
+        summary["rois"] = rois
     nuclei.meta["summary"] = summary
     return SourceResult(source.name, "done", nuclei, summary)
 
