@@ -197,7 +197,7 @@ def test_csv_matches_nuclei_to_csv_text(tmp_path: Path) -> None:
     """Same numbers as Nuclei.to_csv writes, column for column."""
     parts = chunks(4)
     [p] = run([CsvSink(info(tmp_path))], parts)
-    ours = pd.read_csv(p, dtype=str, keep_default_na=False).drop(columns=["x_um", "y_um"])
+    ours = pd.read_csv(p, dtype=str, keep_default_na=False)  # x_um, y_um included: to_csv writes them too
     ref_path = expected(parts).to_csv(tmp_path / "ref" / "ref.csv")
     ref = pd.read_csv(ref_path, dtype=str, keep_default_na=False)
     pd.testing.assert_frame_equal(ours, ref)
