@@ -422,7 +422,8 @@ class Nuclei:
 def _mpp_from_um(df: Any, p: Path) -> float | None:
     """The µm per pixel of a CSV with ``x, y, x_um, y_um`` columns (what ``denuc predict`` and
     :meth:`Nuclei.to_csv` write): ``x_um / x`` of the point farthest from the origin, checked
-    against every row (None without those columns, rows, or a nonzero coordinate)."""
+    against every row (None without those columns, rows, a nonzero coordinate, or when the
+    rows disagree)."""
     cols = ("x", "y", "x_um", "y_um")
     if not all(c in df.columns for c in cols) or not len(df):
         return None
@@ -436,5 +437,5 @@ def _mpp_from_um(df: Any, p: Path) -> float | None:
         return None
     mpp = float(f"{a[k, 2 + j] / a[k, j]:.10g}")  # the recorded value, not its division's last bit
     if not mpp > 0 or not np.allclose(a[:, :2] * mpp, a[:, 2:], rtol=1e-9, atol=1e-9 * max(1.0, mpp)):
-        raise InputError(f"{p}: x_um, y_um are not x, y times one µm per pixel")
+        return None  # µm columns of another origin or scale: no mpp from them
     return mpp
