@@ -182,6 +182,7 @@ def test_same_pixels_in_any_container_give_the_same_points_tissue_and_stain(ckpt
         np.testing.assert_allclose(e.max_conc, est[0].max_conc, rtol=2e-3)
 
 
+@pytest.mark.slow  # a subprocess: the warning's formatting is the CLI's, outside pytest's capture
 def test_summary_records_the_runtime_that_ran_and_the_fallback_warning_is_one_line(ckpt: Path, slide: Path,
                                                                                    tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
