@@ -43,7 +43,8 @@ def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def everything(ckpt: Path, slide: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Nuclei, dict]:  # type: ignore[type-arg]
+def everything(ckpt: Path, slide: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> tuple[Nuclei, dict]:  # type: ignore[type-arg]
     """Every nucleus of the slide (``--tissue none``)."""
     return detect(ckpt, slide, tmp_path_factory.mktemp("all"), "--tissue", "none")
 
@@ -58,7 +59,8 @@ def detect(ckpt: Path, src: Path, out: Path, *extra: str) -> tuple[Nuclei, dict]
 
 
 def test_auto_tissue_reports_only_nuclei_in_tissue_and_divides_by_its_area(ckpt: Path, slide: Path, tmp_path: Path,
-                                                                           everything: tuple) -> None:  # type: ignore[type-arg]
+                                                                           everything: tuple  # type: ignore[type-arg]
+                                                                           ) -> None:
     everything, s_all = everything
     assert (everything.xy[:, 0] > TISSUE_X + 16).sum() > 10  # the detector does fire on glass
     assert s_all["analysed_area_mm2"] == pytest.approx(W * H * MPP**2 / 1e6)
@@ -100,7 +102,8 @@ def _roi_file(path: Path) -> Path:
     outer = [[24, 24], [216, 24], [216, 280], [24, 280], [24, 24]]
     hole = [[72, 72], [168, 72], [168, 168], [72, 168], [72, 72]]
     second = [[180, 190], [360, 190], [360, 300], [180, 300], [180, 190]]  # overlaps the first and the glass
-    feats = [{"type": "Feature", "properties": {"name": "a"}, "geometry": {"type": "Polygon", "coordinates": [outer, hole]}},
+    feats = [{"type": "Feature", "properties": {"name": "a"},
+              "geometry": {"type": "Polygon", "coordinates": [outer, hole]}},
              {"type": "Feature", "properties": {"name": "b"}, "geometry": {"type": "Polygon", "coordinates": [second]}}]
     path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
     return path

@@ -44,8 +44,9 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
                         "whose centre lies in it; densities are per mm² of that tissue; none: report every nucleus "
                         "over the whole image (default: %(default)s)")
     p.add_argument("--tissue-mask", default=None, metavar="FILE",
-                   help="binary mask image of the slide (nonzero = tissue, any size with the slide's aspect ratio): only "
-                        "nuclei inside it are reported, densities are per mm² of it; replaces --tissue (default: none)")
+                   help="binary mask image of the slide (nonzero = tissue, any size with the slide's aspect "
+                        "ratio): only nuclei inside it are reported, densities are per mm² of it; replaces "
+                        "--tissue (default: none)")
     p.add_argument("--roi", default=None, metavar="FILE.geojson",
                    help="QuPath GeoJSON annotations (polygons, holes honoured, level-0 px): only nuclei inside them are "
                         "reported, each with its region's name; the summary counts per region (default: none)")
