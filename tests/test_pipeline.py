@@ -184,7 +184,8 @@ def test_no_detections_gives_empty_result_with_prob_columns(trained, tmp_path: P
     assert len(out) == 0 and out.probs is not None and out.probs.shape == (0, 2)
     assert out.meta["windows_encoded"] == 0  # no point, no encoder pass
     out.to_csv(tmp_path / "e.csv")
-    assert (tmp_path / "e.csv").read_text().splitlines()[0] == "x,y,class,score,det_score,prob_dark,prob_light"
+    header = (tmp_path / "e.csv").read_text().splitlines()[0]
+    assert header == "x,y,x_um,y_um,class,score,det_score,prob_dark,prob_light"
 
 
 def test_stain_normalising_head_carries_its_normaliser_to_prediction(tmp_path: Path) -> None:

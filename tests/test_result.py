@@ -175,9 +175,10 @@ def test_csv_round_trip_is_lossless(tmp_path: Path) -> None:
     n = _full(9)
     n.xy[0] = [123456.789012345, 0.1 + 0.2]  # many significant digits (slide-sized coordinates)
     p = n.to_csv(tmp_path / "sub" / "pts.csv")
-    assert p.read_text().splitlines()[0] == "x,y,class,score,prob_lymphocyte,prob_tumor,prob_stromal"
+    assert p.read_text().splitlines()[0] == "x,y,x_um,y_um,class,score,prob_lymphocyte,prob_tumor,prob_stromal"
     back = Nuclei.read_csv(p, CLASSES, mpp=0.5)
     _assert_same(back, n)
+    assert Nuclei.read_csv(p, CLASSES).mpp == 0.5  # mpp comes back from x_um / x
     assert back.mpp == 0.5 and back.name == "pts"
     assert not list((tmp_path / "sub").glob("*.tmp"))  # atomic write leaves no temp file
 

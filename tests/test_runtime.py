@@ -99,7 +99,7 @@ def test_torch_runner_runs_the_method() -> None:
     assert make_runner(model, "torch", method="raw").runtime == "torch"
 
 
-def test_auto_falls_back_to_torch_with_a_warning(no_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_falls_back_to_torch_with_a_warning(no_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import denuc.runtime.base as base
     import denuc.runtime.onnx as ro
 
@@ -109,7 +109,7 @@ def test_auto_falls_back_to_torch_with_a_warning(no_env: None, monkeypatch: pyte
     monkeypatch.setattr(base, "onnx_available", lambda: True)
     monkeypatch.setattr(ro, "module_key", lambda *a, **k: "0" * 64)
     monkeypatch.setattr(ro, "export_onnx", broken)
-    monkeypatch.setattr(ro, "cache_dir", lambda: Path("/nonexistent-denuc-cache"))
+    monkeypatch.setattr(ro, "cache_dir", lambda: tmp_path / "cache")
     model = _tiny_model()
     run = make_runner(model, "auto", method="raw", name="detector")
     assert run.runtime == "onnx"

@@ -197,7 +197,7 @@ def test_csv_matches_nuclei_to_csv_text(tmp_path: Path) -> None:
     """Same numbers as Nuclei.to_csv writes, column for column."""
     parts = chunks(4)
     [p] = run([CsvSink(info(tmp_path))], parts)
-    ours = pd.read_csv(p, dtype=str, keep_default_na=False).drop(columns=["x_um", "y_um"])
+    ours = pd.read_csv(p, dtype=str, keep_default_na=False)  # x_um, y_um included: to_csv writes them too
     ref_path = expected(parts).to_csv(tmp_path / "ref" / "ref.csv")
     ref = pd.read_csv(ref_path, dtype=str, keep_default_na=False)
     pd.testing.assert_frame_equal(ours, ref)
@@ -380,28 +380,38 @@ def test_summary_keeps_its_facts_over_clashing_run_keys(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ overlay
-def test_overlay_draws_dots_in_class_colours_over_the_thumbnail(tmp_path: Path) -> None:
+def test_overlay_rings_nuclei_in_class_colours_outlines_the_area_and_counts_in_a_legend(tmp_path: Path) -> None:
     mask = np.zeros((30, 40), bool)
     mask[5:25, 5:35] = True  # tissue at 100 level-0 px per mask px
     ring = np.array([[1000.0, 1000.0], [2000.0, 1000.0], [2000.0, 2000.0], [1000.0, 2000.0]])
-    i = info(tmp_path, tissue_mask=mask, tissue_downsample=100.0, roi_outlines=[ring])
+    hole = np.array([[1300.0, 1300.0], [1700.0, 1300.0], [1700.0, 1700.0], [1300.0, 1700.0]])
+    i = info(tmp_path, tissue_mask=mask, tissue_downsample=100.0, roi_outlines=[ring, hole])
     n = Nuclei([[1504.0, 1209.0], [2555.5, 1780.0], [3000.0, 2500.0]], [0.9, 0.8, 0.7], [1, 2, -1], CLS)
-    [p] = run([OverlaySink(i)], [Nuclei.empty(CLS), n])
-    img = np.asarray(Image.open(p).convert("RGB"))
-    assert img.shape == (300, 400, 3)  # the thumbnail's size
-    assert tuple(img[120, 150]) == COLORS["tumor"] and tuple(img[121, 151]) == COLORS["tumor"]  # 3x3 dot
-    assert tuple(img[178, 255]) == COLORS["stromal"]
-    assert tuple(img[250, 300]) == (64, 64, 64)  # unclassified
+    sink = OverlaySink(i)
+    assert sink.radius == 3  # 2.5 µm per canvas px: a 4 µm nucleus plus a px
+    [p] = run([sink], [Nuclei.empty(CLS), n])
+    full = np.asarray(Image.open(p).convert("RGB"))
+    assert full.shape[0] > 300 and full.shape[1] == 400  # the legend strip below the picture
+    img = full[:300]  # the picture keeps the thumbnail's size and geometry
+    assert tuple(img[120, 153]) == COLORS["tumor"] and tuple(img[117, 150]) == COLORS["tumor"]  # ring of radius 3
+    assert tuple(img[120, 150]) == (230, 230, 230) and tuple(img[121, 151]) == (230, 230, 230)  # nucleus left visible
+    assert tuple(img[178, 258]) == COLORS["stromal"]
+    assert tuple(img[250, 303]) == (64, 64, 64)  # unclassified
     assert tuple(img[50, 200]) == (0, 0, 0) and tuple(img[150, 50]) == (0, 0, 0)  # tissue outline
     assert tuple(img[150, 100]) == (255, 255, 0) and tuple(img[200, 150]) == (255, 255, 0)  # ROI ring
+    assert tuple(img[150, 130]) == (255, 255, 0)  # and its hole
     assert tuple(img[10, 10]) == (230, 230, 230) and tuple(img[230, 320]) == (230, 230, 230)  # untouched
+    assert [t for t, _, _ in sink.legend_entries()] == ["lymphocyte: 0", "tumor: 1", "stromal: 1", "unclassified: 1",
+                                                        "tissue outline", "regions of interest (and holes)"]
+    legend = full[300:].reshape(-1, 3)
+    assert (legend == COLORS["tumor"]).all(axis=1).any() and (legend == (255, 255, 0)).all(axis=1).any()
 
 
 def test_overlay_without_thumbnail_and_thumbnail_of(tmp_path: Path) -> None:
     i = OutputInfo("big", tmp_path, "slide", CLS, {}, 0.25, (10000, 5000))
     [p] = run([OverlaySink(i)], [Nuclei([[9999.0, 4999.0]], class_ids=[0], class_names=CLS)])
-    img = np.asarray(Image.open(p))
-    assert img.shape == (1024, 2048, 3) and tuple(img[1023, 2047]) == (0, 160, 0)
+    img = np.asarray(Image.open(p))[:1024]
+    assert img.shape == (1024, 2048, 3) and tuple(img[1023, 2043]) == (0, 160, 0)  # ring (radius 4) at the corner
     thumb, ds = thumbnail_of(np.zeros((3000, 1000, 3), np.uint8))
     assert thumb.shape == (2048, 683, 3) and ds == pytest.approx(3000 / 2048)
     small = np.ones((10, 20, 3), np.uint8)

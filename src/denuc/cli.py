@@ -49,6 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    import warnings
+
+    def one_line(message: Warning | str, category: type[Warning], *rest: object, **kw: object) -> str:
+        return f"denuc {args.command}: warning: {' '.join(str(message).split())}\n"
+
+    saved = warnings.formatwarning
+    warnings.formatwarning = one_line  # type: ignore[assignment]  # no source lines, one line per warning
     try:
         return int(args._main(args) or 0)
     except DenucError as e:
@@ -57,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = saved
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -154,7 +154,9 @@ class DeNuC:
         Args:
             model: a model folder written by ``denuc finetune`` (``model.yaml`` + detector + head);
                 its detector, head, encoder and weights are used where the other arguments are None.
-            detector: detector checkpoint, a detector object, or None (the shipped detector).
+                A folder given as the first argument (``DeNuC.load("mymodel/")``) is taken as this.
+            detector: detector checkpoint, a detector object, a model folder (see ``model``), or
+                None (the shipped detector).
             encoder: encoder name or built :class:`Encoder` (None = the head's encoder).
             head: head checkpoint (None = the shipped BRCA-M2C head).
             device: ``cpu``/``cuda``/``mps`` (default: cuda, then mps, then cpu).
@@ -171,6 +173,8 @@ class DeNuC:
         """
         from denuc.core.device import pick_device
 
+        if model is None and isinstance(detector, (str, os.PathLike)) and Path(detector).is_dir():
+            model, detector = detector, None  # DeNuC.load("mymodel/"): a model folder given first
         device = pick_device(str(device) if device is not None else None)  # ModelError for unknown/unavailable
         det_threshold = threshold
         if model is not None:
@@ -305,7 +309,7 @@ class DeNuC:
         timer = StageTimer(self.device)
         with open_source(path, mpp=mpp) as source:
             prep = _Prepared(runner, source, opts, timer)
-            ctx = RunContext(stain=prep.stain, rois=prep.rois, timer=timer)
+            ctx = RunContext(stain=prep.stain, rois=prep.rois, timer=timer, area=prep.area)
             for _, nuc in iter_chunks(runner, prep, ctx):
                 yield nuc
 
@@ -344,6 +348,9 @@ class DeNuC:
                 files None means the file's metadata).
             name: stored in the result (default: the file's stem, or empty for an array).
 
+        Every nucleus of the image is returned (no tissue mask: ``tissue="none"``); for the
+        tissue and ROI rules of ``denuc predict`` use :meth:`predict_slide`.
+
         Returns:
             :class:`Nuclei` with ``xy`` (x, y) in pixels of the input image, class ids/names,
             scores (detection x class probability), ``det_scores``, probs and
@@ -359,7 +366,7 @@ class DeNuC:
             check_mpp(mpp, name or "image")
         if not isinstance(image, (str, os.PathLike)):
             image = as_rgb_image(image, name or "image")
-        res = run_source(self.stream(), image, mpp=mpp, name=name, opts=RunOptions(progress=False),
+        res = run_source(self.stream(), image, mpp=mpp, name=name, opts=RunOptions(progress=False, tissue="none"),
                          models=None)
         out = res.nuclei
         assert out is not None

@@ -24,7 +24,7 @@ HELP = ("detect and classify nuclei in images and whole slides (files or folders
         ".parquet, <stem>.summary.json and <stem>.overlay.png per input")
 
 
-def add_common_options(p: argparse.ArgumentParser) -> None:
+def add_common_options(p: argparse.ArgumentParser, command: str = "predict") -> None:
     """Options shared by ``denuc predict`` and ``denuc detect`` (inputs, outputs, slides, runtime)."""
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="image or slide files, folders of them, or quoted glob patterns ('slides/*.svs')")
@@ -39,17 +39,21 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
                    help="µm per pixel of level 0 for the inputs that carry none (plain images), while slides keep "
                         "their own: one run for a folder mixing slides and PNGs. --mpp wins over it "
                         "(default: none)")
+    columns = ("x,y,x_um,y_um,class (always nucleus),score,det_score" if command == "detect"
+               else "x,y,x_um,y_um,class,score,det_score,prob_<class>...")
     p.add_argument("--format", default="csv", metavar="FMT[,FMT...]",
-                   help="output formats, comma-separated: csv (x,y,x_um,y_um,class,score,det_score,prob_*,roi; what "
+                   help=f"output formats, comma-separated: csv ({columns}, and roi with --roi; what "
                         "`denuc evaluate` reads), geojson (QuPath detections; .geojson.gz for slides), parquet "
                         "(needs pyarrow: pip install 'denuc[parquet]') (default: %(default)s)")
     p.add_argument("--tissue", default="auto", choices=("auto", "none"),
-                   help="auto: find tissue on a thumbnail of each slide and process only tiles that touch it (plain "
-                        "images are processed whole); none: process every tile (default: %(default)s)")
+                   help="auto: find tissue on a thumbnail of each input (slide or image) and report only nuclei "
+                        "whose centre lies in it; densities are per mm² of that tissue; none: report every nucleus "
+                        "over the whole image (default: %(default)s)")
     p.add_argument("--tissue-mask", default=None, metavar="FILE|DIR",
-                   help="binary mask image of the slide (nonzero = tissue, any size with the slide's aspect ratio); "
-                        "replaces --tissue. A folder gives each input its own mask, <stem>.png/.tif/.jpg (or "
-                        "<file name>.png ...); an input without one is reported and not processed (default: none)")
+                   help="binary mask image of the slide (nonzero = tissue, any size with the slide's aspect "
+                        "ratio): only nuclei inside it are reported, densities are per mm² of it; replaces "
+                        "--tissue. A folder gives each input its own mask, <stem>.png/.tif/.jpg (or <file "
+                        "name>.png ...); an input without one is reported and not processed (default: none)")
     p.add_argument("--roi", default=None, metavar="FILE.geojson|DIR",
                    help="QuPath GeoJSON annotations (polygons, holes honoured, level-0 px): only nuclei inside them are "
                         "reported, each with its region's name; the summary counts per region. A folder gives each "
@@ -59,8 +63,8 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
                    help="redo inputs whose outputs exist, also those made with other settings (default: skip "
                         "inputs done with the same settings, refuse those done with others, naming what changed)")
     p.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
-                   help="write <stem>.overlay.png, a thumbnail with tissue outline and class-coloured nuclei "
-                        "(default: on)")
+                   help="write <stem>.overlay.png, a thumbnail with the tissue and ROI outlines (holes too), each "
+                        "nucleus ringed in its class colour, and a legend with the count per class (default: on)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar per input (default: on when stderr is a terminal)")
     p.add_argument("--profile", action="store_true",
@@ -148,7 +152,7 @@ def _print_result(command: str, r: Any, profile: bool) -> None:
     n = s.get("nuclei")
     tiles = s.get("tiles", {})
     print(f"{r.path.name}: {'' if n is None else f'{n} nuclei '}{counts if counts else ''} in "
-          f"{r.seconds:.2f} s ({tiles.get('selected', '?')} of {tiles.get('total', '?')} tiles) -> "
+          f"{s.get('wall_s', r.seconds):.2f} s ({tiles.get('selected', '?')} of {tiles.get('total', '?')} tiles) -> "
           f"{', '.join(p.name for p in r.paths)}")
     stages = s.get("timings_ms", {})
     if stages:

@@ -293,8 +293,8 @@ def run_cohort(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
         note(f"{len(missing)} input(s) have no ROI / tissue mask file and are not processed: "
              + ", ".join(f.name for f in missing))
     for f, claim in claimed_inputs(todo, out_dir, is_done, rank, size, stale_after=opts.stale_after):
+        runner, models, colors = get_engine()  # loaded once, before the first input's clock starts
         t0 = time.perf_counter()
-        runner, models, colors = get_engine()
         try:  # any failure is this input's: report it and go on (Ctrl-C still stops the run)
             res = run_source(runner, f, mpp=mpp, mpp_default=mpp_default, name=input_stem(f), out_dir=out_dir,
                              opts=per[f], models=models, colors=colors, claim=claim)

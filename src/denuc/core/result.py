@@ -346,14 +346,20 @@ class Nuclei:
 
     # --------------------------------------------------------- persistence
     def to_csv(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``x,y,class[,score][,prob_*]`` CSV atomically (temp file + rename).
+        """Write ``x,y[,x_um,y_um],class[,score][,prob_*][,roi]`` CSV atomically (temp file +
+        rename), the columns ``denuc predict`` writes: ``x_um, y_um`` = ``x * mpp, y * mpp``
+        when ``mpp`` is known.
 
         Numbers are written losslessly (shortest repr that reads back to the same float64
-        coordinates / float32 scores), so CSV round trips are exact.
+        coordinates / float32 scores), so CSV round trips are exact (``mpp`` included, read back
+        from ``x_um / x``).
         """
         df = self.to_pandas()
+        if self.mpp is not None and "x_um" not in df.columns:
+            df.insert(2, "x_um", self.xy[:, 0] * float(self.mpp))
+            df.insert(3, "y_um", self.xy[:, 1] * float(self.mpp))
         if "class" not in df.columns:
-            df.insert(2, "class", [""] * len(df))
+            df.insert(4 if "x_um" in df.columns else 2, "class", [""] * len(df))
         return atomic_write_text(Path(path), df.to_csv(index=False))
 
     @classmethod
@@ -379,6 +385,8 @@ class Nuclei:
         except Exception as e:  # pandas raises several parser error types
             raise InputError(f"{p}: not a valid CSV ({e})") from None
         df.columns = [str(c).strip() for c in df.columns]
+        if mpp is None:
+            mpp = _mpp_from_um(df, p)
         return cls.from_pandas(df, class_names, mpp=mpp, name=p.stem, source=str(p))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -410,3 +418,24 @@ class Nuclei:
         return (f"Nuclei(n={len(self)}, classes={list(self.class_names)}, mpp={self.mpp}, "
                 f"scores={'yes' if self.scores is not None else 'no'}, name={self.name!r})")
 
+
+def _mpp_from_um(df: Any, p: Path) -> float | None:
+    """The µm per pixel of a CSV with ``x, y, x_um, y_um`` columns (what ``denuc predict`` and
+    :meth:`Nuclei.to_csv` write): ``x_um / x`` of the point farthest from the origin, checked
+    against every row (None without those columns, rows, a nonzero coordinate, or when the
+    rows disagree)."""
+    cols = ("x", "y", "x_um", "y_um")
+    if not all(c in df.columns for c in cols) or not len(df):
+        return None
+    try:
+        a = df[list(cols)].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    k = int(np.argmax(np.abs(a[:, :2]).max(axis=1)))
+    j = 0 if abs(a[k, 0]) >= abs(a[k, 1]) else 1
+    if not np.isfinite(a).all() or a[k, j] == 0:
+        return None
+    mpp = float(f"{a[k, 2 + j] / a[k, j]:.10g}")  # the recorded value, not its division's last bit
+    if not mpp > 0 or not np.allclose(a[:, :2] * mpp, a[:, 2:], rtol=1e-9, atol=1e-9 * max(1.0, mpp)):
+        return None  # µm columns of another origin or scale: no mpp from them
+    return mpp

@@ -17,7 +17,7 @@ HELP = ("detect nuclei (points) in images and whole slides -> <stem>.csv / .geoj
 def configure(parser: argparse.ArgumentParser) -> None:
     from denuc.pipeline_cli import add_common_options
 
-    add_common_options(parser)
+    add_common_options(parser, "detect")
 
 
 def main(args: argparse.Namespace) -> int:

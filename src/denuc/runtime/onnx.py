@@ -10,8 +10,12 @@ does not reproduce the module is never cached.
 Cache: ``$DENUC_CACHE/onnx`` (default ``~/.cache/denuc/onnx``), one file per key: the sha256 of
 the weights (every tensor's name, dtype, shape and bytes), the module tree (``repr``), the top
 module's settings, the source files of its classes, the method, the input shape and the
-torch/onnx/opset versions. Files are written atomically (temporary name, then rename), so
-concurrent processes may share the cache. A module whose weights change in place after the
+torch/onnx/opset versions. Files are written atomically (temporary name, then rename), and an
+export holds a lock file (``<file>.lock``, :mod:`filelock`) so that processes and threads
+starting together export each file once and the others wait for it; the export says so in one
+line on stderr. After each export the cache is pruned to the :data:`CACHE_MAX_FILES` most
+recently used files within :data:`CACHE_MAX_BYTES` (a file's modification time is refreshed
+whenever it is used). A module whose weights change in place after the
 first call (e.g. loading a state dict) is re-exported on its next call (tensors replaced by
 new objects, rather than written in place, are not noticed: build a new runner then).
 
@@ -31,6 +35,7 @@ import io
 import json
 import os
 import re
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -60,6 +65,14 @@ SPIN = False
 #: windows per thread scale better than threads inside each small convolution (2.0x vs 1.7x on
 #: two idle cores for the detector).
 SPLIT_BATCH = True
+
+
+#: the ONNX cache keeps at most this many files and bytes (least recently used go first); the
+#: environment variables ``DENUC_ONNX_CACHE_FILES`` / ``DENUC_ONNX_CACHE_MB`` override them.
+CACHE_MAX_FILES = 24
+CACHE_MAX_BYTES = 2 * 1024**3
+#: seconds a process waits for another's export of the same file before giving up.
+LOCK_TIMEOUT_S = 1800.0
 
 
 def cache_dir() -> Path:
@@ -219,6 +232,63 @@ def export_onnx(module: nn.Module, method: str, shape: tuple[int, ...], path: st
             m.training = t
 
 
+@contextlib.contextmanager
+def export_lock(path: Path) -> Any:
+    """Hold ``<path>.lock`` (an OS file lock: released when its holder exits, even by ``kill -9``,
+    so a lock never goes stale). Raises :class:`ModelError` when the cache folder cannot be
+    created or the lock not taken within :data:`LOCK_TIMEOUT_S`."""
+    from filelock import FileLock, Timeout
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
+        lock.acquire()
+    except Timeout:
+        raise ModelError(f"{path}: another process has been exporting it for {LOCK_TIMEOUT_S:.0f} s") from None
+    except OSError as e:
+        raise ModelError(f"ONNX cache {path.parent} is not writable ({e.strerror or e})") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _touch(path: Path) -> None:
+    """Mark a cached file as just used (its modification time orders :func:`prune_cache`)."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def prune_cache(folder: Path, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used ``.onnx`` files of ``folder`` beyond :data:`CACHE_MAX_FILES`
+    files or :data:`CACHE_MAX_BYTES` bytes (``keep`` is never deleted), and lock files whose
+    ``.onnx`` is gone and that nobody holds. Returns the files deleted."""
+    from filelock import FileLock, Timeout
+
+    max_files = int(os.environ.get("DENUC_ONNX_CACHE_FILES") or CACHE_MAX_FILES)
+    max_bytes = int(float(os.environ.get("DENUC_ONNX_CACHE_MB") or CACHE_MAX_BYTES / 1024**2) * 1024**2)
+    files = []
+    for p in folder.glob("*.onnx"):
+        with contextlib.suppress(OSError):
+            st = p.stat()
+            files.append((st.st_mtime, st.st_size, p))
+    files.sort(key=lambda t: (t[2] != keep, -t[0]))  # ``keep`` first, then newest first
+    gone, total = [], 0
+    for k, (_, size, p) in enumerate(files):
+        total += size
+        if p != keep and (k >= max_files or total > max_bytes):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                gone.append(p)
+    for lk in folder.glob("*.onnx.lock"):
+        if not lk.with_suffix("").exists():
+            lock = FileLock(str(lk), timeout=0)
+            with contextlib.suppress(Timeout, OSError):
+                with lock:
+                    lk.unlink()
+    return gone
+
+
 def _session(path: str, threads: int) -> Any:
     import onnxruntime as ort
 
@@ -256,12 +326,22 @@ class OnnxRunner:
         self._pool_size = 0
 
     def file_for(self, shape: tuple[int, ...]) -> Path:
-        """The cached ONNX file of input shape ``shape`` = ``(C, H, W)``, exported if missing."""
+        """The cached ONNX file of input shape ``shape`` = ``(C, H, W)``, exported if missing
+        (under the file's lock: one export per cache whatever runs at once)."""
         key = module_key(self.module, self.method, shape)
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name)
         path = cache_dir() / f"{stem}-{'x'.join(map(str, shape))}-{key[:24]}.onnx"
-        if not path.is_file():
+        if path.is_file():
+            _touch(path)
+            return path
+        with export_lock(path):
+            if path.is_file():  # another process or thread exported it while we waited
+                _touch(path)
+                return path
+            print(f"denuc: exporting the {self.name} for {'x'.join(map(str, shape))} inputs to ONNX Runtime "
+                  f"(once per model and input size; cached in {path.parent})", file=sys.stderr, flush=True)
             export_onnx(self.module, self.method, shape, path)
+        prune_cache(path.parent, keep=path)
         return path
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -52,7 +52,10 @@ class OutputInfo:
         tissue_mask: ``(h', w')`` bool tissue mask of the whole input at any resolution, or None.
         tissue_downsample: level-0 pixels per mask pixel.
         tissue_area_um2: tissue area in µm² (0 = no tissue found), or None when unknown.
-        roi_areas_um2: ROI name -> area in µm² when regions of interest were given, else None.
+        analysed_area_um2: area in µm² where nuclei were reported (tissue ∩ ROIs), or None
+            (then the tissue area).
+        roi_areas_um2: ROI name -> area in µm² (the region ∩ tissue) when regions of interest
+            were given, else None.
         roi_outlines: level-0 ``(K, 2)`` (x, y) rings to draw on the overlay, or None.
     """
 
@@ -68,6 +71,7 @@ class OutputInfo:
     tissue_mask: np.ndarray | None = None
     tissue_downsample: float = 1.0
     tissue_area_um2: float | None = None
+    analysed_area_um2: float | None = None
     roi_areas_um2: dict[str, float] | None = None
     roi_outlines: list[np.ndarray] | None = None
 

@@ -1,12 +1,17 @@
-"""``<stem>.overlay.png``: the input's thumbnail with every nucleus as a dot in its class colour.
+"""``<stem>.overlay.png``: the input's thumbnail with every nucleus ringed in its class colour,
+the analysed area outlined, and a legend with the count of each class.
 
 The canvas is ``OutputInfo.thumbnail`` (``thumb_downsample`` level-0 px per canvas px; the
 pipeline gives a slide's thumbnail, or an image itself downscaled to at most
 :data:`MAX_SIDE` px, see :func:`thumbnail_of`), or a white canvas of that size when there is
-none. The tissue mask's boundary is drawn when a mask is given, nuclei are drawn as they
-come (a nucleus at level-0 (x, y) lands on canvas pixel (floor(x / ds), floor(y / ds));
-where several share a pixel the last one drawn wins), ROI outlines are drawn on top at the
-end, and the PNG is written atomically. Memory: the canvas, whatever the number of nuclei.
+none. The tissue mask's boundary is drawn (black) when a mask is given; each nucleus is drawn
+as it comes as a ring around canvas pixel (floor(x / ds), floor(y / ds)) of its level-0
+(x, y), leaving the pixels inside (the nucleus) as they were, with a radius of about a
+nucleus (:func:`ring_radius`); where rings overlap the last drawn wins. At the end the ROI
+outlines, holes included, are drawn on top (yellow), and a legend strip is added below the
+picture (the picture keeps its size and geometry above it): each class's ring colour and
+count, unclassified nuclei, the tissue outline and the ROIs. The PNG is written atomically.
+Memory: the canvas and one counter per class, whatever the number of nuclei.
 """
 
 from __future__ import annotations
@@ -27,6 +32,24 @@ MAX_SIDE = 2048
 TISSUE_OUTLINE: RGB = (0, 0, 0)
 ROI_OUTLINE: RGB = (255, 255, 0)
 UNCLASSIFIED: RGB = (64, 64, 64)
+#: a nucleus's radius in µm, which the rings go around (the ring's radius in canvas px is this
+#: plus one px, kept within [RING_MIN, RING_MAX] px)
+NUCLEUS_UM = 4.0
+RING_MIN, RING_MAX = 2, 8
+
+
+def ring_radius(downsample: float, mpp: float) -> int:
+    """Ring radius in canvas px for a canvas of ``downsample`` level-0 px per px at ``mpp``."""
+    r = NUCLEUS_UM / (downsample * mpp)
+    return int(min(RING_MAX, max(RING_MIN, round(r) + 1)))
+
+
+def ring_offsets(r: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(dy, dx)`` of the pixels one px wide at distance ``r`` from a centre pixel."""
+    dy, dx = np.mgrid[-r - 1:r + 2, -r - 1:r + 2]
+    d = np.hypot(dx, dy)
+    on = (d >= r - 0.5) & (d < r + 0.5)
+    return dy[on], dx[on]
 
 
 def thumbnail_of(image: np.ndarray, max_side: int = MAX_SIDE) -> tuple[np.ndarray, float]:
@@ -67,8 +90,10 @@ class OverlaySink(Sink):
             self.downsample = max(1.0, max(w, h) / MAX_SIDE)
             shape = (max(1, math.ceil(h / self.downsample)), max(1, math.ceil(w / self.downsample)), 3)
             self.canvas = np.full(shape, 255, dtype=np.uint8)
-        #: dot half-width in canvas px: 5x5 dots when a canvas px is about a level-0 px, else 3x3
-        self.radius = 2 if self.downsample < 2 else 1
+        #: ring radius in canvas px (about a nucleus's radius plus a px)
+        self.radius = ring_radius(self.downsample, info.mpp)
+        self._ring = ring_offsets(self.radius)
+        self._counts = np.zeros(len(info.class_names) + 1, dtype=np.int64)  # last: unclassified
         self._lut = np.array([*(info.colors[c] for c in info.class_names), UNCLASSIFIED], dtype=np.uint8)
         if info.tissue_mask is not None:
             self._draw_tissue(info.tissue_mask, info.tissue_downsample)
@@ -89,13 +114,13 @@ class OverlaySink(Sink):
         cols = np.floor(chunk.xy[:, 0] / self.downsample).astype(np.int64)
         rows = np.floor(chunk.xy[:, 1] / self.downsample).astype(np.int64)
         ids = class_ids_of(chunk)
-        rgb = self._lut[np.where(ids < 0, len(self._lut) - 1, ids)]
-        r = self.radius
-        for dy in range(-r, r + 1):
-            for dx in range(-r, r + 1):
-                rr, cc = rows + dy, cols + dx
-                ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
-                self.canvas[rr[ok], cc[ok]] = rgb[ok]
+        k = np.where(ids < 0, len(self._lut) - 1, ids)
+        self._counts += np.bincount(k, minlength=len(self._counts))
+        rgb = self._lut[k]
+        for dy, dx in zip(*self._ring, strict=True):
+            rr, cc = rows + dy, cols + dx
+            ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+            self.canvas[rr[ok], cc[ok]] = rgb[ok]
 
     def _finish(self, summary: dict[str, Any]) -> None:
         from PIL import Image, ImageDraw
@@ -111,7 +136,53 @@ class OverlaySink(Sink):
                                      f"K >= 2; got shape {pts.shape}")
                 xy = [(float(x), float(y)) for x, y in pts / self.downsample]
                 draw.line([*xy, xy[0]], fill=ROI_OUTLINE, width=width, joint="curve")
+        img = self._with_legend(img)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         assert self._fh is not None
         self._fh.write(buf.getbuffer())
+
+    def legend_entries(self) -> list[tuple[str, RGB, str]]:
+        """``(label, colour, mark)`` rows of the legend; mark ``ring`` or ``line``."""
+        i = self.info
+        rows = [(f"{c}: {int(n):,}", tuple(int(v) for v in self._lut[k]), "ring")
+                for k, (c, n) in enumerate(zip(i.class_names, self._counts[:-1], strict=True))]
+        if self._counts[-1]:
+            rows.append((f"unclassified: {int(self._counts[-1]):,}", UNCLASSIFIED, "ring"))
+        if i.tissue_mask is not None:
+            rows.append(("tissue outline", TISSUE_OUTLINE, "line"))
+        if i.roi_outlines:
+            rows.append(("regions of interest (and holes)", ROI_OUTLINE, "line"))
+        return rows  # type: ignore[return-value]
+
+    def _with_legend(self, img: Any) -> Any:
+        """``img`` with a white legend strip below it (wider than ``img`` only when the text needs)."""
+        from PIL import Image, ImageDraw, ImageFont
+
+        rows = self.legend_entries()
+        w, h = img.size
+        size = int(min(28, max(11, round(max(w, h) / 70))))
+        try:
+            font = ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1: one bitmap size
+            font = ImageFont.load_default()
+        probe = ImageDraw.Draw(img)
+        line = size + size // 2
+        pad = size // 2
+        mark = 2 * size
+        text_w = max((probe.textlength(t, font=font) for t, _, _ in rows), default=0)
+        out_w = max(w, int(pad * 3 + mark + text_w) + 1)
+        out = Image.new("RGB", (out_w, h + pad * 2 + line * len(rows)), (255, 255, 255))
+        out.paste(img, (0, 0))
+        draw = ImageDraw.Draw(out)
+        for k, (text, colour, kind) in enumerate(rows):
+            y = h + pad + k * line
+            cy = y + line // 2
+            if kind == "ring":
+                r = max(3, size // 3)
+                draw.ellipse([pad + mark // 2 - r, cy - r, pad + mark // 2 + r, cy + r], outline=colour,
+                             width=max(2, r // 3))
+            else:
+                draw.line([pad, cy, pad + mark, cy], fill=colour, width=max(2, size // 6))
+            draw.text((pad * 2 + mark, y + (line - size) // 2), text, fill=(0, 0, 0), font=font)
+        return out

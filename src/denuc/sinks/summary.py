@@ -8,12 +8,13 @@ Written for every input (also without nuclei or tissue), as sorted, indented JSO
      "counts": {"lymphocyte": 201000, ...},  # per class
      "unclassified": 0,                      # nuclei without a class
      "tissue_area_mm2": 112.4,               # null when unknown
+     "analysed_area_mm2": 112.4,             # tissue ∩ ROIs (the tissue area without ROIs)
      "no_tissue": false,                     # true when the tissue area is 0
-     "density_per_mm2": 7227.3,              # nuclei per mm² of tissue; null when unknown or 0
+     "density_per_mm2": 7227.3,              # nuclei per mm² of the analysed area; null when unknown or 0
      "class_density_per_mm2": {"lymphocyte": 1788.3, ...},
-     "rois": {"tumour bed": {"area_mm2": 3.1, "nuclei": 40210, "counts": {...},
+     "rois": {"tumour bed": {"area_mm2": 3.1, "nuclei": 40210, "counts": {...},   # area: ROI ∩ tissue
                              "density_per_mm2": ..., "class_density_per_mm2": {...}}},
-     "outside_rois": 772135,                 # nuclei in no ROI (rois and outside_rois: null without ROIs)
+     "outside_rois": 0,                      # nuclei in no ROI (rois and outside_rois: null without ROIs)
      ...}                                    # then the pipeline's own keys (mpp_source, models, timings...)
 
 The pipeline's ``summary`` (given to :meth:`~denuc.sinks.Sink.close`) is merged in at the top
@@ -59,7 +60,8 @@ def plain_json(value: Any) -> Any:
     return str(value)
 
 
-def _density(n: int, area_um2: float | None) -> float | None:
+def density(n: int, area_um2: float | None) -> float | None:
+    """Nuclei per mm² of ``area_um2`` µm²; None when the area is unknown or 0."""
     if area_um2 is None or area_um2 <= 0:
         return None
     return n / (area_um2 / UM2_PER_MM2)
@@ -96,18 +98,20 @@ class SummarySink(Sink):
     def _block(self, counts: np.ndarray, area_um2: float | None) -> dict[str, Any]:
         total = int(counts.sum())
         per = {c: int(counts[j]) for j, c in enumerate(self.info.class_names)}
-        return {"nuclei": total, "counts": per, "density_per_mm2": _density(total, area_um2),
-                "class_density_per_mm2": {c: _density(n, area_um2) for c, n in per.items()}}
+        return {"nuclei": total, "counts": per, "density_per_mm2": density(total, area_um2),
+                "class_density_per_mm2": {c: density(n, area_um2) for c, n in per.items()}}
 
     def facts(self) -> dict[str, Any]:
         """The counts, densities and input facts written so far (without the pipeline's keys)."""
         i = self.info
         area = i.tissue_area_um2
+        analysed = i.analysed_area_um2 if i.analysed_area_um2 is not None else area
         out: dict[str, Any] = {"stem": i.stem, "kind": i.kind, "mpp": i.mpp, "size": list(i.size),
                                "class_names": list(i.class_names), "unclassified": int(self._counts[-1]),
                                "tissue_area_mm2": None if area is None else area / UM2_PER_MM2,
+                               "analysed_area_mm2": None if analysed is None else analysed / UM2_PER_MM2,
                                "no_tissue": area is not None and area <= 0,
-                               **self._block(self._counts, area), "rois": None, "outside_rois": None}
+                               **self._block(self._counts, analysed), "rois": None, "outside_rois": None}
         if i.roi_areas_um2 is not None:
             names = list(i.roi_areas_um2) + sorted(set(self._roi_counts) - set(i.roi_areas_um2))
             zero = np.zeros(self._k + 1, dtype=np.int64)

@@ -123,6 +123,20 @@ class RegionsOfInterest:
             out[ok[np.unique(box_i)]] = True
         return out
 
+    def outlines(self) -> list[np.ndarray]:
+        """Every ring of every region, holes included: ``(K, 2)`` level-0 ``(x, y)`` arrays (for
+        drawing; exterior rings first within each polygon, then its holes)."""
+        import shapely
+
+        out: list[np.ndarray] = []
+        for g in self.geoms:
+            for poly in shapely.get_parts(g):
+                if poly.geom_type != "Polygon" or poly.is_empty:
+                    continue
+                out.append(np.asarray(poly.exterior.coords, dtype=np.float64)[:, :2])
+                out.extend(np.asarray(r.coords, dtype=np.float64)[:, :2] for r in poly.interiors)
+        return out
+
     def area_um2(self, mpp: float) -> dict[str, float]:
         """Area per name in µm², summed over regions of that name. Each region counts only the
         part no earlier region covers (the same first-wins rule as :meth:`contains`), so

@@ -50,7 +50,35 @@ class _TiffInfo:
                 if broken and not self.damage:
                     self.damage = f"its page structure is broken (tifffile: {broken[0]})"
         except Exception:  # noqa: BLE001 - not a TIFF tifffile can parse (MRXS, DICOM, ...): readers decide
+            self.damage = _broken_tiff_header(p)
             return
+
+
+def _broken_tiff_header(p: Path) -> str:
+    """Why a file that starts like a TIFF (byte order mark and magic number) cannot be parsed:
+    cut before its first image directory ends, or that directory lies beyond the end; ``""`` for
+    a file that does not start like a TIFF (other readers decide)."""
+    import struct
+
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(16)
+        size = p.stat().st_size
+    except OSError:
+        return ""
+    if len(head) < 4 or head[:2] not in (b"II", b"MM"):
+        return ""
+    bo = "<" if head[:2] == b"II" else ">"
+    magic = struct.unpack(bo + "H", head[2:4])[0]
+    if magic not in (42, 43):
+        return ""
+    need = 8 if magic == 42 else 16
+    if len(head) < need:
+        return f"the file is truncated: it has {size} bytes, less than a TIFF header ({need} bytes)"
+    first = struct.unpack(bo + "I", head[4:8])[0] if magic == 42 else struct.unpack(bo + "Q", head[8:16])[0]
+    if first >= size:
+        return f"the file is truncated: it has {size} bytes but its first image directory starts at byte {first}"
+    return f"the file is truncated or corrupt: its first image directory (at byte {first} of {size}) does not parse"
 
 
 def _one_line(e: BaseException) -> str:

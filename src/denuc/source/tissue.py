@@ -80,9 +80,47 @@ class TissueMask:
             raise ValueError(f"downsample must be positive; got {self.downsample}")
         self._sat: np.ndarray | None = None
 
-    def area_um2(self, mpp: float) -> float:
-        """Tissue area in µm²: tissue mask px x ``(downsample * mpp)²``."""
-        return float(self.mask.sum()) * (self.downsample * float(mpp)) ** 2
+    def edges(self, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Level-0 pixel edges ``(xe (w+1,), ye (h+1,))`` of the mask columns and rows: column
+        ``i`` covers ``[xe[i], xe[i+1])``. With the slide's ``size = (width, height)`` the last
+        column/row runs to the slide's edge (it absorbs the remainder strip); without, every
+        pixel is ``downsample`` wide."""
+        h, w = self.mask.shape
+        xe = np.arange(w + 1, dtype=np.float64) * self.downsample
+        ye = np.arange(h + 1, dtype=np.float64) * self.downsample
+        if size is not None:
+            xe[-1], ye[-1] = float(size[0]), float(size[1])
+        return xe, ye
+
+    def area_um2(self, mpp: float, size: tuple[int, int] | None = None) -> float:
+        """Tissue area in µm²: the level-0 area of the tissue pixels (:meth:`edges`; with
+        ``size`` exact, remainder strips included) x ``mpp²``."""
+        xe, ye = self.edges(size)
+        return float(np.diff(ye) @ (self.mask @ np.diff(xe))) * float(mpp) ** 2
+
+    def contains(self, xy: np.ndarray) -> np.ndarray:
+        """``(N, 2)`` level-0 ``(x, y)`` -> ``(N,)`` bool: the point lies in a tissue pixel (the
+        last column/row also covers the remainder strip; points left of or above the slide, and
+        NaN, are outside)."""
+        pts = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        h, w = self.mask.shape
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(pts).all(axis=1) & (pts[:, 0] >= 0) & (pts[:, 1] >= 0)
+            i = np.clip(np.floor(np.where(ok, pts[:, 0], 0) / self.downsample), 0, w - 1).astype(np.int64)
+            j = np.clip(np.floor(np.where(ok, pts[:, 1], 0) / self.downsample), 0, h - 1).astype(np.int64)
+        return ok & self.mask[j, i]
+
+    def describe(self, mpp: float | None) -> str:
+        """How the mask was obtained, in words (for summaries)."""
+        h, w = self.mask.shape
+        res = f"{self.downsample * mpp:.3g} µm/px" if mpp else f"{self.downsample:.3g} level-0 px per px"
+        if self.method == "auto":
+            return f"auto mask on a {res} thumbnail ({w} x {h} px)"
+        if self.method == "none":
+            return "whole image (--tissue none)"
+        if self.method.startswith("file:"):
+            return f"mask file {self.method[5:]} ({w} x {h} px, {res})"
+        return f"{self.method} ({w} x {h} px, {res})"
 
     def fraction(self) -> float:
         """Fraction of mask pixels that are tissue (0..1)."""
@@ -196,7 +234,7 @@ def detect_tissue(thumb: np.ndarray, downsample: float, mpp: float | None = None
     px_um = downsample * mpp if mpp else None
     close_r = max(1.0, CLOSE_UM / px_um) if px_um else 2.0
     open_r = max(1.0, OPEN_UM / px_um) if px_um else 1.0
-    min_px = MIN_AREA_UM2 / (px_um * px_um) if px_um else 16.0
+    min_px = min(MIN_AREA_UM2 / (px_um * px_um) if px_um else 16.0, mask.size / 16)
     if mask.any():
         # work on the bounding box of the candidates plus a margin that the morphology cannot
         # cross (the same result as on the whole thumbnail, much faster on mostly-glass slides)

@@ -37,10 +37,13 @@ from denuc.errors import InputError
 from denuc.stream.runner import RunContext, TileStream
 from denuc.stream.timing import StageTimer
 
-#: most pixels a plain image's stain estimate reads (bounds its memory: float OD of 4 Mpx)
+#: most pixels a stain estimate reads (bounds its memory: float OD of 4 Mpx)
 STAIN_PIXELS = 2**22
+#: sources up to this many level-0 px get their stain estimate from the whole of level 0
+STAIN_WHOLE_PIXELS = 2**24
 
-#: tissue options: ``auto`` (slides: thumbnail rule; plain images and arrays: processed whole), ``none``.
+#: tissue options: ``auto`` (files, slide or image: the thumbnail rule of :mod:`denuc.source.tissue`;
+#: in-memory arrays: processed whole), ``none`` (everything, over the whole image).
 TISSUE_CHOICES = ("auto", "none")
 
 
@@ -107,32 +110,64 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def runtimes_used(runner: TileStream) -> dict[str, str]:
+    """What actually ran each network (``torch`` or ``onnx``), read after the run: an ``auto``
+    runner that fell back to PyTorch says ``torch`` from then on."""
+    out: dict[str, str] = {}
+    r = getattr(runner.detector, "runner", None)
+    if r is not None:
+        out["detector"] = str(r.runtime)
+    c = runner.classifier
+    if c is not None and getattr(c.featurizer, "runner", None) is not None:
+        out["encoder"] = str(c.featurizer.runner.runtime)
+    return out
+
+
+def _models_as_run(models: dict[str, Any] | None, used: dict[str, str]) -> dict[str, Any]:
+    """``models`` with the runtimes that actually ran (the description is taken before the run)."""
+    m = dict(models or {})
+    if isinstance(m.get("detector"), dict) and "detector" in used and "runtime" in m["detector"]:
+        m["detector"] = {**m["detector"], "runtime": used["detector"]}
+    if "encoder_runtime" in m and "encoder" in used:
+        m["encoder_runtime"] = used["encoder"]
+    return m
+
+
 def _stain_estimate(source: Any, runner: TileStream, plan: Any) -> Any:
-    """One Macenko estimate per source: from the whole image for plain images / arrays (as a
-    whole-image pass does; larger than :data:`STAIN_PIXELS`, from an evenly strided subset of
-    that many pixels), else from up to 16 tissue tiles of 512 px at the encoder's level."""
+    """One Macenko estimate per source, by one rule for every container (slide, pyramidal or
+    flat TIFF, plain image, array), so the same pixels give the same estimate: a source of at
+    most :data:`STAIN_WHOLE_PIXELS` level-0 px is read whole at level 0 (an evenly strided
+    subset of :data:`STAIN_PIXELS` px when larger); a bigger one from up to 16 crops of 512 px
+    centred on selected tiles, resampled to the encoder's mpp from whatever level holds it."""
     from denuc.data.stain import estimate_stains
+    from denuc.stream.runner import _read_resampled
 
     c = runner.classifier
     if c is None or c.stain_norm == "none":
         return None
     if c.stain_norm != "macenko":
         raise InputError(f"stain normaliser {c.stain_norm!r} is not supported on tiles")
-    if _kind(source) == "image":
-        w, h = source.level_dimensions[0]
-        img = source.read(0, 0, w, h, 0)
+    w, h = source.level_dimensions[0]
+    if w * h <= STAIN_WHOLE_PIXELS or plan.enc is None:
         step = max(1, math.ceil(math.sqrt(w * h / STAIN_PIXELS)))
-        return estimate_stains(img[::step, ::step] if step > 1 else img)  # every pixel up to 4 Mpx
-    level = plan.enc.level
-    ds = float(source.level_downsamples[level])
-    lw, lh = source.level_dimensions[level]
+        if step == 1:
+            img = source.read(0, 0, w, h, 0)
+        else:  # strided rows read a band at a time
+            rows = max(step, (STAIN_PIXELS // max(1, w)) // step * step)
+            img = np.concatenate([source.read(0, y, w, min(rows, h - y), 0)[::step, ::step]
+                                  for y in range(0, h, rows)], axis=0)
+        return estimate_stains(img)
+    enc = plan.enc
+    ew, eh = enc.size
+    sw, sh = min(512, ew), min(512, eh)
     boxes = plan.core_boxes_level0()[plan.selected] if plan.selected else plan.core_boxes_level0()
     pick = np.linspace(0, len(boxes) - 1, num=min(16, len(boxes))).round().astype(int)
     parts = []
     for x0, y0, x1, y1 in boxes[pick]:
-        cx, cy = (x0 + x1) / 2 / ds, (y0 + y1) / 2 / ds
-        parts.append(source.read(int(max(0, min(lw - 512, cx - 256))), int(max(0, min(lh - 512, cy - 256))),
-                                 min(512, lw), min(512, lh), level))
+        cx, cy = (x0 + x1) / 2 / enc.to_level0, (y0 + y1) / 2 / enc.to_level0
+        bx = int(max(0, min(ew - sw, round(cx - sw / 2))))
+        by = int(max(0, min(eh - sh, round(cy - sh / 2))))
+        parts.append(_read_resampled(source, enc, (bx, by, bx + sw, by + sh)))
     return estimate_stains(np.concatenate([p.reshape(-1, 1, 3) for p in parts], axis=0))
 
 
@@ -143,7 +178,7 @@ def _tissue(source: Any, opts: RunOptions, thumb: np.ndarray, ds: float) -> Any:
         return load_tissue_mask(opts.tissue_mask, source)
     if opts.tissue not in TISSUE_CHOICES:
         raise InputError(f"--tissue must be one of {', '.join(TISSUE_CHOICES)}; got {opts.tissue!r}")
-    if opts.tissue == "none" or _kind(source) == "image":
+    if opts.tissue == "none" or source.backend == "array":
         return full_mask(source)
     return detect_tissue(thumb, ds, source.mpp)
 
@@ -153,12 +188,14 @@ class _Prepared:
 
     def __init__(self, runner: TileStream, source: Any, opts: RunOptions, timer: StageTimer) -> None:
         from denuc.source import load_rois
+        from denuc.source.area import AnalysedArea
 
         self.source = source
         with timer("tissue"):
             self.thumb, self.thumb_ds = source.thumbnail(opts.thumbnail_px)
             self.tissue = _tissue(source, opts, self.thumb, self.thumb_ds)
         self.rois = load_rois(opts.roi, tuple(source.dimensions)) if opts.roi is not None else None
+        self.area = AnalysedArea(self.tissue, self.rois, tuple(source.dimensions), float(source.mpp))
         with timer("plan"):
             plan = runner.plan(source)
             boxes = plan.core_boxes_level0()
@@ -167,7 +204,12 @@ class _Prepared:
             if self.rois is not None:
                 keep &= self.rois.intersects_boxes(boxes)
             plan.selected = np.flatnonzero(keep).astype(int).tolist()
-            plan.info = {"tissue": self.tissue.method, "roi": None if opts.roi is None else str(opts.roi)}
+            import hashlib
+
+            mask_sha = hashlib.sha256(np.packbits(self.tissue.mask).tobytes()
+                                      + repr((self.tissue.mask.shape, self.tissue.downsample)).encode()).hexdigest()
+            plan.info = {"tissue": self.tissue.method, "tissue_mask_sha256": mask_sha,  # nuclei are kept by the mask
+                         "roi": None if opts.roi is None else str(opts.roi)}
         self.plan = plan
         self.tiles = {"total": plan.count, "touching_tissue": n_tissue, "selected": len(plan.selected),
                       "skipped_tissue": plan.count - n_tissue,
@@ -182,6 +224,7 @@ class _Prepared:
             "mpp_source": s.mpp_source, "levels": s.level_count,
             "detector_level": p.det.level, "detector_level_mpp": s.level_mpp(p.det.level), "detector_mpp": p.det.mpp,
             "tissue": self.tissue.method, "tiles": dict(self.tiles), "tile_px": runner.tile_px,
+            "areas": self.area.describe(),
         }
         if p.enc is not None:
             f.update({"encoder_level": p.enc.level, "encoder_level_mpp": s.level_mpp(p.enc.level),
@@ -347,7 +390,7 @@ def _remove_dead_temps(out: Path, stem: str, kind: str) -> None:
 def _run_memory(runner: TileStream, source: Any, opts: RunOptions, timer: StageTimer, t_start: float,
                 models: dict[str, Any] | None) -> SourceResult:
     prep = _Prepared(runner, source, opts, timer)
-    ctx = RunContext(stain=prep.stain, rois=prep.rois, timer=timer)
+    ctx = RunContext(stain=prep.stain, rois=prep.rois, timer=timer, area=prep.area)
     parts = []
     bar = _progress(len(prep.plan.selected), source.name, opts.progress)
     n = 0
@@ -359,9 +402,27 @@ def _run_memory(runner: TileStream, source: Any, opts: RunOptions, timer: StageT
     bar.close()
     nuclei = _chunk_nuclei(parts, runner, source)
     counts = {c: int((nuclei.class_ids == k).sum()) for k, c in enumerate(nuclei.class_names)}
+    from denuc.sinks.summary import density
+
+    a = prep.area.analysed_area_um2
+    used = runtimes_used(runner)
     summary = {**prep.facts(runner), **ctx.stats, "kind": _kind(source), "mpp": float(source.mpp),
-               "size": list(source.dimensions), "nuclei": len(nuclei), "counts": counts, "models": models or {},
+               "size": list(source.dimensions), "nuclei": len(nuclei), "counts": counts,
+               "models": _models_as_run(models, used), "runtime": used,
+               "tissue_area_mm2": prep.area.tissue_area_um2 / 1e6, "analysed_area_mm2": a / 1e6,
+               "density_per_mm2": density(len(nuclei), a),
+               "class_density_per_mm2": {c: density(n, a) for c, n in counts.items()},
                "timings_ms": timer.as_dict(), "wall_s": round(time.perf_counter() - t_start, 3)}
+    if prep.area.roi_areas_um2 is not None:  # per region, as <stem>.summary.json has them
+        roi = nuclei.roi if nuclei.roi is not None else np.full(len(nuclei), "", dtype=object)
+        rois = {}
+        for name, ra in prep.area.roi_areas_um2.items():
+            ids = nuclei.class_ids[roi == name] if nuclei.class_ids is not None else np.zeros(0, np.int64)
+            rc = {c: int((ids == k).sum()) for k, c in enumerate(nuclei.class_names)}
+            rois[name] = {"area_mm2": ra / 1e6, "nuclei": int((roi == name).sum()), "counts": rc,
+                          "density_per_mm2": density(int((roi == name).sum()), ra),
+                          "class_density_per_mm2": {c: density(k, ra) for c, k in rc.items()}}
+        summary["rois"] = rois
     nuclei.meta["summary"] = summary
     return SourceResult(source.name, "done", nuclei, summary)
 
@@ -389,11 +450,11 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
         stem=source.name, out_dir=out, kind=kind, class_names=names, colors=cmap, mpp=mpp0,
         size=tuple(int(v) for v in source.dimensions), thumbnail=prep.thumb, thumb_downsample=prep.thumb_ds,
         tissue_mask=prep.tissue.mask, tissue_downsample=prep.tissue.downsample,
-        tissue_area_um2=prep.tissue.area_um2(mpp0),
-        roi_areas_um2=prep.rois.area_um2(mpp0) if prep.rois is not None else None,
+        tissue_area_um2=prep.area.tissue_area_um2, analysed_area_um2=prep.area.analysed_area_um2,
+        roi_areas_um2=prep.area.roi_areas_um2,
         roi_outlines=getattr(prep.rois, "outlines", lambda: None)() if prep.rois is not None else None)
     sinks = output_sinks(info, opts.formats, overlay=opts.overlay)
-    ctx = RunContext(stain=prep.stain, rois=prep.rois, timer=timer)
+    ctx = RunContext(stain=prep.stain, rois=prep.rois, timer=timer, area=prep.area)
     bar = _progress(len(prep.plan.selected), source.name, opts.progress)
     kept: list[Nuclei] = []
     paths: list[Path] = []
@@ -414,13 +475,19 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
             bar.update(len(prep.chunks[k]))
             bar.set_postfix(nuclei=n)
         bar.close()
-        summary = {**prep.facts(runner), **ctx.stats, "models": models or {}, "versions": _versions(),
-                   "resumed_tiles": resumed_tiles, "formats": list(opts.formats), "fingerprint": fingerprint,
-                   "timings_ms": timer.as_dict(), "wall_s": round(time.perf_counter() - t_start, 3)}
-        with timer("write"):  # old outputs go (summary first), then the new ones, the summary last: it marks done
+        used = runtimes_used(runner)
+        last = [s for s in sinks if s.suffix == ".summary.json"]  # closed last: it records the times, marks done
+        with timer("write"):  # old outputs go (summary first), then the new ones
             _uncommit(finals)
-            for s in sorted(sinks, key=lambda s: s.path.name.endswith(".summary.json")):
-                paths.append(s.close(summary))
+            for s in sinks:
+                if s not in last:
+                    paths.append(s.close({}))
+        summary = {**prep.facts(runner), **ctx.stats, "models": _models_as_run(models, used), "runtime": used,
+                   "versions": _versions(), "resumed_tiles": resumed_tiles, "formats": list(opts.formats),
+                   "fingerprint": fingerprint, "timings_ms": timer.as_dict(),
+                   "wall_s": round(time.perf_counter() - t_start, 3)}
+        for s in last:
+            paths.append(s.close(summary))
         for p in paths:  # what was written, counts included
             if p.name.endswith(".summary.json"):
                 summary = json.loads(p.read_text())

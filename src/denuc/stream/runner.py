@@ -85,12 +85,15 @@ class RunContext:
     Attributes:
         stain: the source's stain estimate (None: no normalisation).
         rois: regions of interest (``contains(xy) -> names``) or None.
+        area: the analysed area (:class:`denuc.source.area.AnalysedArea`: ``keep(xy) -> bool``,
+            nuclei outside the tissue are dropped) or None (nothing dropped).
         timer: stage timer.
         stats: counters (tiles, tiles without nuclei, ...).
     """
 
     stain: StainEstimate | None = None
     rois: Any = None
+    area: Any = None
     timer: StageTimer = field(default_factory=StageTimer)
     stats: dict[str, int] = field(default_factory=lambda: {"tiles_done": 0, "tiles_without_nuclei": 0,
                                                          "windows_encoded": 0})
@@ -223,6 +226,8 @@ class TileStream:
         out = Nuclei(xy, raw.scores[keep], raw.labels[keep], names, probs, mpp=self._mpp0,
                      image_size=(self._size0[1], self._size0[0]), det_scores=raw.scores[keep])
         out = out.select(out.inside(self._size0[1], self._size0[0]))
+        if ctx.area is not None and ctx.area.filters_tissue:
+            out = out.select(ctx.area.keep(out.xy))
         if ctx.rois is not None:
             roi = ctx.rois.contains(out.xy)
             out = out.select(roi != "")

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 #: stage names in pipeline order (as shown by ``denuc predict --profile``).
 STAGES = ("plan", "tissue", "read", "wait", "detect", "encode", "query", "classify", "write")
+#: stages timed in the loader threads: they overlap the main thread's stages (and each other).
+OVERLAPPED = ("read",)
 
 
 class StageTimer:
@@ -54,11 +56,27 @@ class StageTimer:
         return {s: round(self.ms[s], 2) for s in order}
 
     def table(self, wall_s: float | None = None) -> str:
-        """A printable per-stage table (ms and share of the wall time when given)."""
+        """A printable per-stage table. With the wall time: the main thread's stages as shares of
+        it plus ``other`` (untimed work: stain estimate, journal, ...), which add up to 100 %;
+        then the stages of the loader threads (:data:`OVERLAPPED`), which run at the same time
+        as those, as busy time (summed over threads) next to the wall."""
+        d = self.as_dict()
+        main = {k: v for k, v in d.items() if k not in OVERLAPPED}
+        side = {k: v for k, v in d.items() if k in OVERLAPPED}
+        wall_ms = wall_s * 1e3 if wall_s else None
+
+        def share(v: float) -> str:
+            return f"{100 * v / wall_ms:6.1f}%" if wall_ms else ""
+
         rows = [f"{'stage':<10} {'ms':>12} {'share':>7}"]
-        for s, v in self.as_dict().items():
-            share = f"{100 * v / (wall_s * 1e3):6.1f}%" if wall_s else ""
-            rows.append(f"{s:<10} {v:>12.1f} {share:>7}")
-        if wall_s is not None:
-            rows.append(f"{'wall':<10} {wall_s * 1e3:>12.1f}")
+        for s, v in main.items():
+            rows.append(f"{s:<10} {v:>12.1f} {share(v):>7}")
+        if wall_ms is not None:
+            other = max(0.0, wall_ms - sum(main.values()))
+            rows.append(f"{'other':<10} {other:>12.1f} {share(other):>7}")
+            rows.append(f"{'wall':<10} {wall_ms:>12.1f} {share(wall_ms):>7}")
+        if side:
+            rows.append("loader threads, overlapping the stages above (busy time summed over threads):")
+            for s, v in side.items():
+                rows.append(f"{s:<10} {v:>12.1f} {share(v):>7}")
         return "\n".join(rows)
