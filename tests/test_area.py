@@ -54,7 +54,9 @@ def detect(ckpt: Path, src: Path, out: Path, *extra: str) -> tuple[Nuclei, dict]
 
     assert main(["detect", str(src), "--out", str(out), "--detector", str(ckpt), "--device", "cpu",
                  "--runtime", "torch", "--no-overlay", "--tile-px", "512", *extra]) == 0
-    stem = src.stem
+    from denuc.core.files import file_stem
+
+    stem = file_stem(src)
     return Nuclei.read_csv(out / f"{stem}.csv"), json.loads((out / f"{stem}.summary.json").read_text())
 
 
@@ -171,7 +173,7 @@ def test_same_pixels_in_any_container_give_the_same_points_tissue_and_stain(ckpt
                                  det_mpp=0.5, det_window=256, det_stride=192, det_margin=32, tile_px=128, enc_mpp=1.0,
                                  enc_window=224, enc_stride=224, max_work_pixels=2**28, name="x")
                 runner = SimpleNamespace(classifier=SimpleNamespace(stain_norm="macenko"))
-                est.append(_stain_estimate(src, runner, plan, None))
+                est.append(_stain_estimate(src, runner, plan))
         return est
 
     est = estimates()  # small: the whole of level 0, the same pixels in every container
