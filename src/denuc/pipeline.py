@@ -227,7 +227,8 @@ class DeNuC:
         d = det.describe() if hasattr(det, "describe") else {"type": type(det).__name__}
         return {"detector": d, "encoder": self.encoder.name, "encoder_weights_sha256": self.encoder.weights_hash,
                 "head": self.meta.describe(), "head_sha256": getattr(self, "head_sha256", None),
-                "classes": list(self.class_names), "encoder_runtime": self.featurizer.runner.runtime}
+                "classes": list(self.class_names), "encoder_runtime": self.featurizer.runner.runtime,
+                "encoder_taps": list(head_taps(self.meta)), "feature_dim": int(self.meta.dim)}
 
     def predict_slide(self, path: str | os.PathLike[str] | np.ndarray, mpp: float | None = None, *,
                       out: str | os.PathLike[str] | None = None, name: str = "", opts: Any = None,

@@ -36,7 +36,17 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--format", default="csv", metavar="FMT[,FMT...]",
                    help="output formats, comma-separated: csv (x,y,x_um,y_um,class,score,det_score,prob_*,roi; what "
                         "`denuc evaluate` reads), geojson (QuPath detections; .geojson.gz for slides), parquet "
-                        "(needs pyarrow: pip install 'denuc[parquet]') (default: %(default)s)")
+                        "(needs pyarrow: pip install 'denuc[parquet]'), h5ad (AnnData for scanpy/squidpy: obs = class, "
+                        "scores, probabilities, roi; obsm['spatial'] = level-0 (x, y) px; obsm['X_denuc'] = the point "
+                        "features the head saw; needs h5py: pip install 'denuc[anndata]'; docs/spatial.md), density "
+                        "(per-class counts and densities on a grid of --density-grid µm: <stem>.density.geojson for "
+                        "QuPath and a <stem>.density.<class>.png heat map per class) (default: %(default)s)")
+    p.add_argument("--embeddings", default="float16", choices=("float16", "float32", "none"),
+                   help="point features in the h5ad output: float16 (half the size), float32 (exactly what the head "
+                        "classified) or none (obs and positions only) (default: %(default)s)")
+    p.add_argument("--density-grid", type=float, default=None, metavar="UM",
+                   help="write the density output on a grid of UM x UM µm cells (adds 'density' to --format) "
+                        "(default: off; 50 µm when --format has density)")
     p.add_argument("--tissue", default="auto", choices=("auto", "none"),
                    help="auto: find tissue on a thumbnail of each slide and process only tiles that touch it (plain "
                         "images are processed whole); none: process every tile (default: %(default)s)")
@@ -134,6 +144,8 @@ def image_error_line(command: str, path: Path, e: BaseException) -> str:
 
 def run_options(args: argparse.Namespace) -> Any:
     """:class:`denuc.stream.job.RunOptions` from the parsed shared options (validated)."""
+    import math
+
     from denuc.errors import InputError
     from denuc.sinks import parse_formats
     from denuc.stream.job import RunOptions
@@ -148,9 +160,14 @@ def run_options(args: argparse.Namespace) -> Any:
         v = getattr(args, name)
         if v is not None and not Path(v).is_file():
             raise InputError(f"--{name.replace('_', '-')} {v}: no such file")
-    return RunOptions(formats=parse_formats(args.format), tissue=args.tissue, tissue_mask=args.tissue_mask,
+    grid = getattr(args, "density_grid", None)
+    if grid is not None and not (math.isfinite(grid) and grid > 0):
+        raise InputError(f"--density-grid must be a positive number of µm; got {grid}")
+    formats = parse_formats(args.format + (",density" if grid is not None else ""))
+    return RunOptions(formats=formats, tissue=args.tissue, tissue_mask=args.tissue_mask,
                       roi=args.roi, overwrite=args.overwrite, overlay=args.overlay, progress=args.progress,
-                      chunk_tiles=args.chunk_tiles, stale_after=args.stale_after)
+                      chunk_tiles=args.chunk_tiles, stale_after=args.stale_after,
+                      embeddings=getattr(args, "embeddings", "float16"), density_grid_um=grid or 50.0)
 
 
 def run_inputs(command: str, args: argparse.Namespace, build: Any) -> int:
