@@ -209,3 +209,52 @@ def test_kill_mid_slide_then_rerun_gives_the_same_h5ad(setup: dict[str, Any]) ->
     da = json.loads((setup["tiled"] / "planted.density.geojson").read_text())
     db = json.loads((out / "planted.density.geojson").read_text())
     assert da["features"] == db["features"]
+
+
+def embed(s: dict[str, Any], argv: list[str]) -> int:
+    from denuc.cli import main
+
+    return main(["embed", *argv, "--encoder", "tiny-uni", "--weights", "random", "--head", str(s["head"]),
+                 "--runtime", "torch", "--device", "cpu"])
+
+
+def test_embed_at_given_points_gives_the_features_of_a_predict_run(setup: dict[str, Any]) -> None:
+    whole = setup["root"] / "whole-emb"
+    assert predict(setup, [str(setup["png"]), "--out", str(whole), "--mpp", "0.5", "--format", "csv,h5ad",
+                           "--embeddings", "float32"]) == 0
+    ref = read_h5ad_table(whole / "planted.h5ad")
+    out = setup["root"] / "emb"
+    assert embed(setup, [str(setup["png"]), "--points", str(whole / "planted.csv"), "--mpp", "0.5",
+                         "--out", str(out), "--embeddings", "float32"]) == 0
+    got = read_h5ad_table(out / "planted.h5ad")
+    np.testing.assert_array_equal(got["spatial"], ref["spatial"])  # the given points, in their order
+    np.testing.assert_allclose(got["X_denuc"], ref["X_denuc"], atol=1e-4)
+    assert list(got["obs"]["class"]) == list(ref["obs"]["class"])
+    assert list(got["obs"]["label"]) == list(ref["obs"]["class"].astype(str))  # the CSV's own classes
+    assert got["uns"]["denuc"]["working_mpp"] == pytest.approx(0.5)
+
+
+def test_embed_reads_qupath_points_and_refuses_points_outside(setup: dict[str, Any],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from denuc.pipeline import DeNuC
+
+    gj = setup["root"] / "pts.geojson"
+    feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": xy},
+              "properties": {"objectType": "detection", **({"classification": {"name": c}} if c else {})}}
+             for xy, c in (([20.5, 30.5], "tumour"), ([100.0, 50.0], None), ([200.0, 300.0], "lymph"))]
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    model = DeNuC.load(detector=object(), encoder="tiny-uni", weights="random", head=setup["head"], device="cpu",
+                       runtime="torch")  # type: ignore[arg-type]
+    nuc = model.embed(setup["png"], gj, mpp=0.5)
+    assert nuc.features is not None and nuc.features.shape == (3, 32)
+    assert list(nuc.meta["labels"]) == ["tumour", "", "lymph"]
+    img = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(setup["png"]).convert("RGB"))
+    direct = model.classify(img, 0.5, Nuclei(np.array([[20.5, 30.5], [100.0, 50.0], [200.0, 300.0]])),
+                            features=True)
+    np.testing.assert_array_equal(nuc.features, direct.features)
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": feats[:1] + [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5000.0, 1.0]}, "properties": {}}]}))
+    out = setup["root"] / "emb-bad"
+    assert embed(setup, [str(setup["png"]), "--points", str(gj), "--mpp", "0.5", "--out", str(out)]) == 2
+    assert "outside" in capsys.readouterr().err
+    assert not list(out.glob("*.h5ad"))

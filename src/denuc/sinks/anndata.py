@@ -73,12 +73,32 @@ class AnnDataSink(TableSink):
         self._h5: Any = None
         self._feat_dim: int | None = None  # fixed by the first chunk with nuclei (None: no features)
         self._roi_names = [""] + sorted(info.roi_areas_um2 or {})
+        #: more categorical obs columns: name -> categories; each chunk gives its values as
+        #: ``chunk.meta["extra_obs"][name]`` (``(N,)`` strings), e.g. the labels of given points
+        self._extra: dict[str, list[str]] = {str(k): [str(c) for c in v]
+                                             for k, v in (info.sink_options.get("extra_obs") or {}).items()}
 
     @classmethod
     def check_available(cls) -> None:
         _require_h5py()
 
     # ------------------------------------------------------------------ writing
+    def column_names(self) -> list[str]:
+        return super().column_names() + list(self._extra)
+
+    def columns_of(self, chunk: Nuclei) -> dict[str, np.ndarray]:
+        cols = super().columns_of(chunk)
+        given = chunk.meta.get("extra_obs") or {}
+        for name, cats in self._extra.items():
+            if name not in given:
+                raise InputError(f"{self._path}: a chunk lacks the obs column {name!r}")
+            lut = {c: i for i, c in enumerate(cats)}
+            try:
+                cols[name] = np.array([lut[str(v)] for v in given[name]], dtype=np.int64)
+            except KeyError as e:
+                raise InputError(f"{self._path}: {name} {e.args[0]!r} is not one of {cats}") from None
+        return cols
+
     def _write(self, chunk: Nuclei) -> None:
         if len(chunk) and self._fields is None:  # the first chunk with nuclei decides about features
             store = self.embeddings != "none" and chunk.features is not None
@@ -110,11 +130,12 @@ class AnnDataSink(TableSink):
         obs.attrs["column-order"] = _str_attr(cols)
         self._grow(obs, "_index", (), h5py.string_dtype("utf-8"), "string-array")
         for c in cols:
-            if c in ("class", "roi"):
+            if c in ("class", "roi", *self._extra):
                 g = obs.create_group(c)
                 _enc(g, "categorical")
                 g.attrs["ordered"] = False
-                cats = list(self.info.class_names) if c == "class" else self._roi_names
+                cats = (list(self.info.class_names) if c == "class" else self._roi_names if c == "roi"
+                        else self._extra[c])
                 d = g.create_dataset("categories", data=np.array(cats, dtype=object),
                                      dtype=h5py.string_dtype("utf-8"))
                 _enc(d, "string-array")
@@ -154,8 +175,8 @@ class AnnDataSink(TableSink):
         for c, v in cols.items():
             if c in ("x", "y", "x_um", "y_um"):
                 continue
-            if c == "class":
-                self._append(f["obs/class/codes"], v.astype(f["obs/class/codes"].dtype))
+            if c == "class" or c in self._extra:
+                self._append(f[f"obs/{c}/codes"], v.astype(f[f"obs/{c}/codes"].dtype))
             elif c == "roi":
                 lut = {r: i for i, r in enumerate(self._roi_names)}
                 try:
