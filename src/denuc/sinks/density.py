@@ -26,7 +26,6 @@ Memory: a ``(rows, cols, classes)`` count grid, whatever the number of nuclei.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -126,31 +125,40 @@ class DensitySink(Sink):
         return full * frac
 
     def _finish(self, summary: dict[str, Any]) -> None:
+        import orjson
+
         area = self.area_um2()
         names = self.info.class_names
         with np.errstate(divide="ignore", invalid="ignore"):
             dens = np.where(area[..., None] > 0, self.counts / (area[..., None] / 1e6), 0.0)
             dens_all = np.where(area > 0, self.total / (area / 1e6), 0.0)
         w, h = self.info.size
-        feats = []
-        for i, j in zip(*np.nonzero((area > 0) | (self.total > 0)), strict=True):
-            x0, y0 = j * self.g, i * self.g
-            x1, y1 = min((j + 1) * self.g, w), min((i + 1) * self.g, h)
-            m: dict[str, float] = {"Area µm^2": round(float(area[i, j]), 3), "Num nuclei": int(self.total[i, j])}
-            for k, c in enumerate(names):
-                m[f"Num {c}"] = int(self.counts[i, j, k])
-            m["Density nuclei per mm^2"] = round(float(dens_all[i, j]), 3)
-            for k, c in enumerate(names):
-                m[f"Density {c} per mm^2"] = round(float(dens[i, j, k]), 3)
-            ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-            feats.append({"type": "Feature", "id": f"cell-{i}-{j}",
-                          "geometry": {"type": "Polygon", "coordinates": [[[round(float(a), 3) for a in p]
-                                                                            for p in ring]]},
-                          "properties": {"objectType": "tile", "name": f"cell {i},{j}", "measurements": m}})
-        doc = {"type": "FeatureCollection", "grid_um": self.grid_um, "rows": self.rows, "cols": self.cols,
-               "features": feats}
+        ii, jj = np.nonzero((area > 0) | (self.total > 0))
+        x0, y0 = np.round(jj * self.g, 3), np.round(ii * self.g, 3)
+        x1, y1 = np.round(np.minimum((jj + 1) * self.g, w), 3), np.round(np.minimum((ii + 1) * self.g, h), 3)
+        cols: list[tuple[str, np.ndarray]] = [("Area µm^2", np.round(area[ii, jj], 3)),
+                                              ("Num nuclei", self.total[ii, jj])]
+        cols += [(f"Num {c}", self.counts[ii, jj, k]) for k, c in enumerate(names)]
+        cols += [("Density nuclei per mm^2", np.round(dens_all[ii, jj], 3))]
+        cols += [(f"Density {c} per mm^2", np.round(dens[ii, jj, k], 3)) for k, c in enumerate(names)]
         fh = self._open_tmp()
-        fh.write(json.dumps(doc, ensure_ascii=False).encode())
+        head = {"type": "FeatureCollection", "grid_um": self.grid_um, "rows": self.rows, "cols": self.cols}
+        fh.write(orjson.dumps(head)[:-1] + b',"features":[')
+        step = 8192  # cells turned into dicts at a time (bounded memory on fine grids)
+        for s0 in range(0, len(ii), step):
+            sl = slice(s0, s0 + step)
+            values = [(n, v[sl].tolist()) for n, v in cols]
+            feats = [{"type": "Feature", "id": f"cell-{i}-{j}",
+                      "geometry": {"type": "Polygon",
+                                   "coordinates": [[[a, b], [c, b], [c, d], [a, d], [a, b]]]},
+                      "properties": {"objectType": "tile", "name": f"cell {i},{j}",
+                                     "measurements": {n: v[r] for n, v in values}}}
+                     for r, (i, j, a, b, c, d) in enumerate(zip(ii[sl].tolist(), jj[sl].tolist(), x0[sl].tolist(),
+                                                                 y0[sl].tolist(), x1[sl].tolist(), y1[sl].tolist()))]
+            if s0:
+                fh.write(b",")
+            fh.write(orjson.dumps(feats)[1:-1])
+        fh.write(b"]}\n")
         for k, c in enumerate(names):
             self._png(c, dens[..., k], area > 0)
         for c, (tmp, final) in self._pngs.items():
