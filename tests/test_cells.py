@@ -258,3 +258,16 @@ def test_embed_reads_qupath_points_and_refuses_points_outside(setup: dict[str, A
     assert embed(setup, [str(setup["png"]), "--points", str(gj), "--mpp", "0.5", "--out", str(out)]) == 2
     assert "outside" in capsys.readouterr().err
     assert not list(out.glob("*.h5ad"))
+
+
+def test_detect_writes_h5ad_without_features(setup: dict[str, Any]) -> None:
+    from denuc.cli import main
+
+    out = setup["root"] / "det-only"
+    assert main(["detect", str(setup["png"]), "--out", str(out), "--mpp", "0.5", "--format", "csv,h5ad",
+                 "--detector", str(setup["det"]), "--runtime", "torch", "--device", "cpu", "--no-overlay"]) == 0
+    got = read_h5ad_table(out / "planted.h5ad")
+    csv = Nuclei.read_csv(out / "planted.csv")
+    assert got["X_denuc"] is None and got["uns"]["denuc"]["embeddings"] == "none"
+    np.testing.assert_array_equal(got["spatial"], csv.xy)
+    assert len(csv) > 10
