@@ -54,7 +54,7 @@ FORMATS = {
 CHILD = r"""
 import json, resource, sys, tempfile, time, tracemalloc
 from pathlib import Path
-import numpy as np, pandas, pyarrow.parquet, PIL.Image, PIL.ImageDraw, scipy.ndimage  # imports before the baseline
+import numpy as np, pandas, pyarrow.parquet, PIL.Image, PIL.ImageDraw, scipy.ndimage, torch  # imports before the baseline
 import denuc.sinks as sinks
 import denuc.sinks.anndata, denuc.sinks.density
 from denuc.core.result import Nuclei

@@ -113,7 +113,7 @@ class AnnDataSink(TableSink):
             if chunk.features.shape[1] != self._feat_dim:
                 raise InputError(f"{self._path}: a chunk has {chunk.features.shape[1]} feature channels, the first "
                                  f"had {self._feat_dim}")
-            self._append(self._h5["obsm/X_denuc"], chunk.features.astype(self.embeddings))
+            self._append(self._h5["obsm/X_denuc"], _as_dtype(chunk.features, self.embeddings))
 
     def _start(self) -> None:
         h5py = _require_h5py()
@@ -227,6 +227,16 @@ class AnnDataSink(TableSink):
             except Exception:  # a failing close must not hide the error that made us abort
                 pass
         super().abort()
+
+
+def _as_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` as ``dtype``; float32 -> float16 through torch (the same IEEE round-to-nearest-even
+    values as numpy's ``astype``, several times faster on x86)."""
+    if dtype == "float16" and x.dtype != np.float16:
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.float16).numpy()
+    return x.astype(dtype, copy=False)
 
 
 def _feature_dim(summary: dict[str, Any]) -> int | None:
