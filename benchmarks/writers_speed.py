@@ -16,6 +16,11 @@ Python objects and numpy arrays; tracing slows the run, so its time is not repor
 not grow with the number of nuclei (it is bounded by one chunk).
 
     python benchmarks/writers_speed.py [--nuclei 1000000] [--chunk 50000] [--check-nuclei 200000] [--report]
+    python benchmarks/writers_speed.py --formats 'h5ad (no embeddings)' 'h5ad (float16 embeddings)' \
+        'h5ad (float32 embeddings)' 'density (50 µm grid)' --name writers_speed_cells --report
+
+The h5ad rows carry ``--feature-dim`` (472) random float32 features per nucleus, stored as the
+row's dtype; ``bytes_per_nucleus`` is the file size over the nuclei.
 
 Prints a table and writes ``benchmarks/results/writers_speed.json`` (with ``--report`` also
 ``benchmarks/reported/writers_speed.json``).
@@ -32,7 +37,7 @@ from pathlib import Path
 
 from common import run_info, write_result
 
-#: benchmark row name -> (sink class name in denuc.sinks, input kind)
+#: benchmark row name -> (sink class name in denuc.sinks, input kind[, embeddings dtype])
 FORMATS = {
     "csv": ("CsvSink", "slide"),
     "geojson.gz": ("GeoJsonSink", "slide"),
@@ -40,15 +45,22 @@ FORMATS = {
     "parquet": ("ParquetSink", "slide"),
     "summary": ("SummarySink", "slide"),
     "overlay": ("OverlaySink", "slide"),
+    "h5ad (no embeddings)": ("AnnDataSink", "slide", "none"),
+    "h5ad (float16 embeddings)": ("AnnDataSink", "slide", "float16"),
+    "h5ad (float32 embeddings)": ("AnnDataSink", "slide", "float32"),
+    "density (50 µm grid)": ("DensitySink", "slide"),
 }
 
 CHILD = r"""
 import json, resource, sys, tempfile, time, tracemalloc
 from pathlib import Path
-import numpy as np, pandas, pyarrow.parquet, PIL.Image, PIL.ImageDraw, scipy.ndimage  # imports before the baseline
+import numpy as np, pandas, pyarrow.parquet, PIL.Image, PIL.ImageDraw, scipy.ndimage, torch  # imports before the baseline
 import denuc.sinks as sinks
+import denuc.sinks.anndata, denuc.sinks.density
 from denuc.core.result import Nuclei
 cls_name, kind, n_total, chunk, trace = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+emb, dim = sys.argv[6], int(sys.argv[7])
+SINK = {"AnnDataSink": denuc.sinks.anndata.AnnDataSink, "DensitySink": denuc.sinks.density.DensitySink}.get(cls_name)
 CLS = ("lymphocyte", "tumor", "stromal")
 W, H, MPP = 100_000, 75_000, 0.25
 ROIS = np.array(["", "", "tumour bed", "margin"], dtype=object)
@@ -59,7 +71,9 @@ def make(rng, n):
     ids[rng.random(n) < 0.05] = -1
     det = rng.random(n).astype(np.float32)
     xy = np.column_stack([rng.uniform(0, W, n), rng.uniform(0, H, n)])
-    return Nuclei(xy, det * probs.max(1), ids, CLS, probs, MPP, det_scores=det, roi=ROIS[rng.integers(0, 4, n)])
+    feats = rng.standard_normal((n, dim), dtype=np.float32) if emb != "none" else None
+    return Nuclei(xy, det * probs.max(1), ids, CLS, probs, MPP, det_scores=det, roi=ROIS[rng.integers(0, 4, n)],
+                  features=feats)
 
 mask = np.zeros((750, 1000), bool)
 mask[100:650, 150:850] = True  # 100 level-0 px per mask px
@@ -68,13 +82,14 @@ with tempfile.TemporaryDirectory() as tmp:
                             thumbnail=np.full((1536, 2048, 3), 235, np.uint8), thumb_downsample=W / 2048,
                             tissue_mask=mask, tissue_downsample=100.0, tissue_area_um2=float(mask.sum()) * 100 * 100 * MPP ** 2,
                             roi_areas_um2={"tumour bed": 4e6, "margin": 2e6},
-                            roi_outlines=[np.array([[20000.0, 20000], [60000, 20000], [60000, 50000], [20000, 50000]])])
+                            roi_outlines=[np.array([[20000.0, 20000], [60000, 20000], [60000, 50000], [20000, 50000]])],
+                            sink_options={"embeddings": emb, "density_grid_um": 50.0})
     rng = np.random.default_rng(0)
     make(rng, 10)  # numpy's first-call allocations before the baseline
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if trace:
         tracemalloc.start()
-    sink = getattr(sinks, cls_name)(info)
+    sink = (SINK or getattr(sinks, cls_name))(info)
     spent, done = 0.0, 0
     while done < n_total:
         c = make(rng, min(chunk, n_total - done))
@@ -94,10 +109,10 @@ print(json.dumps(out))
 """
 
 
-def child(cls_name: str, kind: str, n: int, chunk: int, trace: bool) -> dict:
+def child(cls_name: str, kind: str, n: int, chunk: int, trace: bool, emb: str = "none", dim: int = 0) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", CHILD, cls_name, kind, str(n), str(chunk), "1" if trace else "0"],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-c", CHILD, cls_name, kind, str(n), str(chunk), "1" if trace else "0",
+                        emb, str(dim)], capture_output=True, text=True, env=env)
     if r.returncode:
         raise SystemExit(f"{cls_name} ({kind}) failed:\n{r.stderr}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -110,18 +125,26 @@ def main() -> None:
     ap.add_argument("--check-nuclei", type=int, default=200_000,
                     help="also trace a run with this many nuclei (0 = skip): the peak should not change")
     ap.add_argument("--formats", nargs="+", choices=tuple(FORMATS), default=list(FORMATS))
+    ap.add_argument("--feature-dim", type=int, default=472,
+                    help="channels of the h5ad embeddings (472: the shipped efficientnet-lite0 head's)")
+    ap.add_argument("--name", default="writers_speed", help="result name (benchmarks/results/<name>.json)")
     ap.add_argument("--report", action="store_true", help="also copy the JSON to benchmarks/reported/")
     args = ap.parse_args()
     rows = []
     for name in args.formats:
-        cls_name, kind = FORMATS[name]
+        cls_name, kind, *rest = FORMATS[name]
+        emb = rest[0] if rest else "none"
+        dim = args.feature_dim if emb != "none" else 0
         row = {"format": name, "sink": cls_name, "kind": kind,
-               **child(cls_name, kind, args.nuclei, args.chunk, trace=False),
-               **child(cls_name, kind, args.nuclei, args.chunk, trace=True)}
+               **child(cls_name, kind, args.nuclei, args.chunk, False, emb, dim),
+               **child(cls_name, kind, args.nuclei, args.chunk, True, emb, dim)}
+        if rest:
+            row.update({"embeddings": emb, "feature_dim": dim,
+                        "bytes_per_nucleus": round(row["file_mb"] * 2**20 / args.nuclei, 1)})
         row["nuclei_per_s"] = round(args.nuclei / row["seconds"]) if row["seconds"] else None
         if args.check_nuclei:
             row[f"traced_peak_mb_{args.check_nuclei}"] = child(cls_name, kind, args.check_nuclei, args.chunk,
-                                                               trace=True)["traced_peak_mb"]
+                                                               True, emb, dim)["traced_peak_mb"]
         rows.append(row)
         print(f"{name:>28}: {row['seconds']:6.2f} s, rss +{row['rss_rise_mb']:6.1f} MiB, "
               f"traced peak {row['traced_peak_mb']:6.1f} MiB, {row['file_mb']:7.1f} MiB file", flush=True)
@@ -132,8 +155,8 @@ def main() -> None:
         print(f"{r['format']:>28} {r['seconds']:7.2f} {r['nuclei_per_s'] or 0:10d} {r['rss_rise_mb']:9.1f} "
               f"{r['traced_peak_mb']:11.1f} {r.get(check, float('nan')):10.1f} {r['file_mb']:9.1f}")
     chunk_mb = args.chunk * (16 + 4 + 4 + 12 + 8 + 8) / 2**20
-    write_result("writers_speed", {
-        "benchmark": "writers_speed", "nuclei": args.nuclei, "chunk": args.chunk, "classes": 3, "roi": True,
+    write_result(args.name, {
+        "benchmark": "writers_speed", "feature_dim": args.feature_dim, "nuclei": args.nuclei, "chunk": args.chunk, "classes": 3, "roi": True,
         "slide_px": [100_000, 75_000], "mpp": 0.25, "device": "cpu", "threads": 1,
         "chunk_arrays_mb": round(chunk_mb, 2), "check_nuclei": args.check_nuclei,
         **run_info("writers_speed.py", one_thread=True), "results": rows}, args.report)

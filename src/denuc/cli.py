@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "train-head": "denuc.train.head_cli",
     "finetune": "denuc.train.finetune_cli",
     "predict": "denuc.pipeline_cli",
+    "embed": "denuc.query.embed_cli",
     "evaluate": "denuc.evaluate.cli",
     "summarize": "denuc.cohort.cli",
 }

@@ -235,7 +235,8 @@ class DeNuC:
         d = det.describe() if hasattr(det, "describe") else {"type": type(det).__name__}
         return {"detector": d, "encoder": self.encoder.name, "encoder_weights_sha256": self.encoder.weights_hash,
                 "head": self.meta.describe(), "head_sha256": getattr(self, "head_sha256", None),
-                "classes": list(self.class_names), "encoder_runtime": self.featurizer.runner.runtime}
+                "classes": list(self.class_names), "encoder_runtime": self.featurizer.runner.runtime,
+                "encoder_taps": list(head_taps(self.meta)), "feature_dim": int(self.meta.dim)}
 
     def predict_slide(self, path: str | os.PathLike[str] | np.ndarray, mpp: float | None = None, *,
                       out: str | os.PathLike[str] | None = None, name: str = "", opts: Any = None,
@@ -316,9 +317,10 @@ class DeNuC:
     def _colors(self) -> dict[str, tuple[int, int, int]]:
         return {c: tuple(int(v) for v in col) for c, col in zip(self.meta.classes, self.meta.colors, strict=False)}
 
-    def classify(self, image: np.ndarray, mpp: float, points: Nuclei) -> Nuclei:
+    def classify(self, image: np.ndarray, mpp: float, points: Nuclei, *, features: bool = False) -> Nuclei:
         """Classify given points of an image (no detection). ``points.xy`` in image px; ``image``
-        as in :meth:`__call__`."""
+        as in :meth:`__call__`. ``features``: also return the point features the head
+        classified (``Nuclei.features``, ``(N, C)`` float32)."""
         mpp = check_mpp(mpp, points.name or "image")
         image = as_rgb_image(image, points.name or "image")
         t0 = time.perf_counter()
@@ -332,10 +334,18 @@ class DeNuC:
         det_scores = points.scores if points.scores is not None else np.ones(len(points), np.float32)
         scores = det_scores * (probs.max(1) if len(probs) else np.zeros(0, np.float32))
         out = Nuclei(points.xy, scores, ids, self.class_names, probs, mpp, tuple(image.shape[:2]), points.name,
-                     dict(points.meta), det_scores=det_scores, roi=points.roi)
+                     dict(points.meta), det_scores=det_scores, roi=points.roi,
+                     features=feats.detach().to("cpu", torch.float32).numpy() if features else None)
         out.meta["speed"] = {"encode": round(enc_ms, 2), "classify": round(total - enc_ms, 2)}
         out.meta["windows_encoded"] = self.featurizer.windows_encoded
         return out
+
+    def embed(self, image: np.ndarray | str | os.PathLike[str], points: Nuclei | str | os.PathLike[str],
+              mpp: float | None = None) -> Nuclei:
+        """Point features (cell embeddings) at given points: :func:`denuc.query.embed.embed_points`."""
+        from denuc.query.embed import embed_points
+
+        return embed_points(self, image, points, mpp)
 
     def __call__(self, image: np.ndarray | str | os.PathLike[str], mpp: float | None, name: str = "") -> Nuclei:
         """Detect and classify the nuclei of one image (through the same tile stream as slides).

@@ -44,7 +44,17 @@ def add_common_options(p: argparse.ArgumentParser, command: str = "predict") -> 
     p.add_argument("--format", default="csv", metavar="FMT[,FMT...]",
                    help=f"output formats, comma-separated: csv ({columns}, and roi with --roi; what "
                         "`denuc evaluate` reads), geojson (QuPath detections; .geojson.gz for slides), parquet "
-                        "(needs pyarrow: pip install 'denuc[parquet]') (default: %(default)s)")
+                        "(needs pyarrow: pip install 'denuc[parquet]'), h5ad (AnnData for scanpy/squidpy: obs = class, "
+                        "scores, probabilities, roi; obsm['spatial'] = level-0 (x, y) px; obsm['X_denuc'] = the point "
+                        "features the head saw; needs h5py: pip install 'denuc[anndata]'; docs/spatial.md), density "
+                        "(per-class counts and densities on a grid of --density-grid µm: <stem>.density.geojson for "
+                        "QuPath and a <stem>.density.<class>.png heat map per class) (default: %(default)s)")
+    p.add_argument("--embeddings", default="float16", choices=("float16", "float32", "none"),
+                   help="point features in the h5ad output: float16 (half the size), float32 (exactly what the head "
+                        "classified) or none (obs and positions only) (default: %(default)s)")
+    p.add_argument("--density-grid", type=float, default=None, metavar="UM",
+                   help="write the density output on a grid of UM x UM µm cells (adds 'density' to --format) "
+                        "(default: off; 50 µm when --format has density)")
     p.add_argument("--tissue", default="auto", choices=("auto", "none"),
                    help="auto: find tissue on a thumbnail of each input (slide or image) and report only nuclei "
                         "whose centre lies in it; densities are per mm² of that tissue; none: report every nucleus "
@@ -121,6 +131,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run_options(args: argparse.Namespace) -> Any:
     """:class:`denuc.stream.job.RunOptions` from the parsed shared options (validated)."""
+    import math
+
     from denuc.errors import InputError
     from denuc.sinks import parse_formats
     from denuc.stream.job import RunOptions
@@ -135,9 +147,14 @@ def run_options(args: argparse.Namespace) -> Any:
         v = getattr(args, name)
         if v is not None and not Path(v).exists():
             raise InputError(f"--{name.replace('_', '-')} {v}: no such file or folder")
-    return RunOptions(formats=parse_formats(args.format), tissue=args.tissue, tissue_mask=args.tissue_mask,
+    grid = getattr(args, "density_grid", None)
+    if grid is not None and not (math.isfinite(grid) and grid > 0):
+        raise InputError(f"--density-grid must be a positive number of µm; got {grid}")
+    formats = parse_formats(args.format + (",density" if grid is not None else ""))
+    return RunOptions(formats=formats, tissue=args.tissue, tissue_mask=args.tissue_mask,
                       roi=args.roi, overwrite=args.overwrite, overlay=args.overlay, progress=args.progress,
-                      chunk_tiles=args.chunk_tiles, stale_after=args.stale_after)
+                      chunk_tiles=args.chunk_tiles, stale_after=args.stale_after,
+                      embeddings=getattr(args, "embeddings", "float16"), density_grid_um=grid or 50.0)
 
 
 def _print_result(command: str, r: Any, profile: bool) -> None:

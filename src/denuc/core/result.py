@@ -75,6 +75,9 @@ class Nuclei:
         det_scores: ``(N,)`` float32 detector confidence (before classification), or None;
             ``scores`` of a classified result is ``det_scores x`` the chosen class's probability.
         roi: ``(N,)`` object array of region-of-interest names (``""`` = none), or None.
+        features: ``(N, C)`` float point features the head classified (the encoder's features
+            sampled at each point, before the head's standardisation), or None (the default:
+            kept only when asked for, e.g. by the ``h5ad`` output).
     """
 
     xy: np.ndarray
@@ -88,6 +91,7 @@ class Nuclei:
     meta: dict[str, Any] = field(default_factory=dict)
     det_scores: np.ndarray | None = None
     roi: np.ndarray | None = None
+    features: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.xy = _as_xy(self.xy)
@@ -100,6 +104,12 @@ class Nuclei:
             self.roi = np.asarray(self.roi, dtype=object).reshape(-1)
             if len(self.roi) != n:
                 raise InputError(f"{len(self.roi)} ROI names for {n} points")
+        if self.features is not None:
+            self.features = np.asarray(self.features)
+            f = self.features
+            if f.ndim != 2 or len(f) != n or not np.issubdtype(f.dtype, np.floating):
+                raise InputError(f"features must be an ({n}, C) float array; got {self.features.dtype} "
+                                 f"{self.features.shape}")
         self.class_names = tuple(str(c) for c in self.class_names)
         if self.scores is not None:
             self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
@@ -168,6 +178,7 @@ class Nuclei:
             dict(self.meta),
             pick(self.det_scores),
             pick(self.roi),
+            pick(self.features),
         )
 
     def with_classes(self, class_names: Sequence[str]) -> Nuclei:
@@ -217,6 +228,7 @@ class Nuclei:
             first.name,
             det_scores=cat("det_scores"),
             roi=cat("roi"),
+            features=cat("features"),
         )
 
     # -------------------------------------------------------------- geometry
@@ -250,7 +262,7 @@ class Nuclei:
 
             size = resampled_size(self.image_size, f)
         return Nuclei(self.xy * f, self.scores, self.class_ids, self.class_names, self.probs, target, size,
-                      self.name, dict(self.meta), self.det_scores, self.roi)
+                      self.name, dict(self.meta), self.det_scores, self.roi, self.features)
 
     def shift(self, dx: float, dy: float) -> Nuclei:
         """Translate every point by ``(dx, dy)`` pixels (e.g. window -> image frame)."""
@@ -264,12 +276,12 @@ class Nuclei:
 
     # ------------------------------------------------------------ conversion
     def numpy(self) -> dict[str, np.ndarray]:
-        """Plain arrays: ``xy``, and ``scores``/``class_ids``/``probs``/``det_scores`` where present
+        """Plain arrays: ``xy``, and ``scores``/``class_ids``/``probs``/``det_scores``/``features`` where present
         (``roi`` as a unicode array)."""
         out: dict[str, np.ndarray] = {"xy": self.xy}
         if self.roi is not None:
             out["roi"] = self.roi.astype(str) if len(self.roi) else np.zeros(0, dtype="<U1")
-        for k in ("scores", "class_ids", "probs", "det_scores"):
+        for k in ("scores", "class_ids", "probs", "det_scores", "features"):
             v = getattr(self, k)
             if v is not None:
                 out[k] = v
@@ -412,7 +424,8 @@ class Nuclei:
             roi = get("roi")
             return cls(get("xy"), get("scores"), get("class_ids"), tuple(header["class_names"]), get("probs"),
                        header["mpp"], tuple(size) if size else None, header.get("name", ""),
-                       det_scores=get("det_scores"), roi=None if roi is None else roi.astype(object))
+                       det_scores=get("det_scores"), roi=None if roi is None else roi.astype(object),
+                       features=get("features"))
 
     def __repr__(self) -> str:
         return (f"Nuclei(n={len(self)}, classes={list(self.class_names)}, mpp={self.mpp}, "

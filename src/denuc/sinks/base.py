@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -57,6 +57,8 @@ class OutputInfo:
         roi_areas_um2: ROI name -> area in µm² (the region ∩ tissue) when regions of interest
             were given, else None.
         roi_outlines: level-0 ``(K, 2)`` (x, y) rings to draw on the overlay, or None.
+        sink_options: settings of particular sinks (e.g. ``embeddings`` for ``h5ad``,
+            ``density_grid_um`` for ``density``); each sink reads its own keys with defaults.
     """
 
     stem: str
@@ -74,6 +76,7 @@ class OutputInfo:
     analysed_area_um2: float | None = None
     roi_areas_um2: dict[str, float] | None = None
     roi_outlines: list[np.ndarray] | None = None
+    sink_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)

@@ -61,6 +61,9 @@ class RunOptions:
         progress: progress bar (None: when stderr is a terminal).
         chunk_tiles: tiles per resume chunk (the unit of work saved and written at once).
         stale_after: seconds after which another process's claim on an input counts as abandoned.
+        embeddings: dtype of the point features in the ``h5ad`` output (``float16``, ``float32``)
+            or ``none`` to leave them out (:data:`denuc.sinks.anndata.EMBEDDING_DTYPES`).
+        density_grid_um: side in µm of the grid cells of the ``density`` output.
     """
 
     formats: tuple[str, ...] = ("csv",)
@@ -73,6 +76,8 @@ class RunOptions:
     chunk_tiles: int = 8
     stale_after: float = 600.0
     thumbnail_px: int = 2048
+    embeddings: str = "float16"
+    density_grid_um: float = 50.0
 
 
 @dataclass
@@ -440,8 +445,12 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
     prep = _Prepared(runner, source, opts, timer)
     names = runner.class_names
     cmap = {k: tuple(int(v) for v in c) for k, c in resolve_colors(names, colors).items()}
-    key_src = json.dumps({"plan": prep.plan.key(), "models": models or {}, "chunk_tiles": opts.chunk_tiles,
-                          "mpp": source.mpp, "classes": list(names)}, sort_keys=True, default=str)
+    features = "h5ad" in opts.formats and opts.embeddings != "none" and runner.classifier is not None
+    key = {"plan": prep.plan.key(), "models": models or {}, "chunk_tiles": opts.chunk_tiles, "mpp": source.mpp,
+           "classes": list(names)}
+    if features:  # chunks saved with point features are not those saved without
+        key["features"] = True
+    key_src = json.dumps(key, sort_keys=True, default=str)
     journal = Journal(out, source.name, hashlib.sha256(key_src.encode()).hexdigest()[:32], fingerprint=fingerprint,
                       overwrite=opts.overwrite)
     finished = journal.done()
@@ -452,9 +461,10 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
         tissue_mask=prep.tissue.mask, tissue_downsample=prep.tissue.downsample,
         tissue_area_um2=prep.area.tissue_area_um2, analysed_area_um2=prep.area.analysed_area_um2,
         roi_areas_um2=prep.area.roi_areas_um2,
-        roi_outlines=getattr(prep.rois, "outlines", lambda: None)() if prep.rois is not None else None)
+        roi_outlines=getattr(prep.rois, "outlines", lambda: None)() if prep.rois is not None else None,
+        sink_options={"embeddings": opts.embeddings, "density_grid_um": opts.density_grid_um})
     sinks = output_sinks(info, opts.formats, overlay=opts.overlay)
-    ctx = RunContext(stain=prep.stain, rois=prep.rois, timer=timer, area=prep.area)
+    ctx = RunContext(stain=prep.stain, rois=prep.rois, timer=timer, area=prep.area, features=features)
     bar = _progress(len(prep.plan.selected), source.name, opts.progress)
     kept: list[Nuclei] = []
     paths: list[Path] = []

@@ -89,6 +89,8 @@ class RunContext:
             nuclei outside the tissue are dropped) or None (nothing dropped).
         timer: stage timer.
         stats: counters (tiles, tiles without nuclei, ...).
+        features: also return each nucleus's point features (``Nuclei.features``, ``(N, C)``
+            float32, what the head classified); off by default (they cost memory per nucleus).
     """
 
     stain: StainEstimate | None = None
@@ -97,6 +99,7 @@ class RunContext:
     timer: StageTimer = field(default_factory=StageTimer)
     stats: dict[str, int] = field(default_factory=lambda: {"tiles_done": 0, "tiles_without_nuclei": 0,
                                                          "windows_encoded": 0})
+    features: bool = False
 
 
 def _read_resampled(source: Any, frame: Frame, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -238,6 +241,7 @@ class TileStream:
         c = self.classifier
         assert c is not None and plan.enc is not None and td.enc_raw is not None
         n = len(det)
+        kept = None
         if n == 0:
             probs = np.zeros((0, len(c.class_names)), np.float32)
         else:
@@ -267,11 +271,13 @@ class TileStream:
             ctx.stats["windows_encoded"] += fp.windows_encoded
             with ctx.timer("classify"):
                 probs = c.probabilities(feats)
+            if ctx.features:
+                kept = feats.detach().to("cpu", torch.float32).numpy()
         ids = probs.argmax(1).astype(np.int64) if n else np.zeros(0, np.int64)
         det_scores = det.det_scores if det.det_scores is not None else np.ones(n, np.float32)
         scores = det_scores * (probs.max(1) if n else np.zeros(0, np.float32))
         return Nuclei(det.xy, scores, ids, c.class_names, probs, det.mpp, det.image_size, det.name,
-                      det_scores=det_scores, roi=det.roi)
+                      det_scores=det_scores, roi=det.roi, features=kept)
 
     def process(self, plan: TilePlan, batch: Sequence[TileData], ctx: RunContext) -> list[Nuclei]:
         """Detect (one call for the batch) and classify the tiles of ``batch``."""

@@ -1,0 +1,273 @@
+"""Cells as data: the ``h5ad`` output (rows, positions and the features the head classified),
+the ``density`` grid, tiled vs whole-image passes and resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from denuc.classify.head import HeadMeta, PointHead, load_head, save_head
+from denuc.core.result import Nuclei
+from denuc.encode import build_encoder
+from denuc.encode.tiny import register_tiny
+from denuc.sinks.anndata import read_h5ad_table
+from denuc.source.testslide import write_pyramidal_tiff
+
+pytest.importorskip("h5py")
+pytestmark = pytest.mark.slow
+register_tiny()
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("a", "b", "c")
+
+
+def blobs(h: int, w: int, n: int, seed: int = 0, r: float = 3.0) -> np.ndarray:
+    """An H&E-like image with ``n`` dark nuclei of radius ``r`` px at random places."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((h, w, 3), np.float32)
+    img[:] = (235, 200, 220)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for x, y in rng.uniform([8, 8], [w - 8, h - 8], size=(n, 2)):
+        a = np.exp(-((xx + 0.5 - x) ** 2 + (yy + 0.5 - y) ** 2) / (2 * (r / 1.5) ** 2))[..., None]
+        img = img * (1 - a) + rng.uniform([40, 20, 90], [120, 80, 160]) * a
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from model_fixtures import tiny_detector_checkpoint
+
+    root = tmp_path_factory.mktemp("cells")
+    det = tiny_detector_checkpoint(root / "det.safetensors", score_threshold=0.44)  # random: ~100 points
+    enc = build_encoder("tiny-uni", weights="random")
+    torch.manual_seed(0)
+    head = PointHead(enc.dim, len(CLASSES))
+    torch.nn.init.normal_(head.net[1].weight, std=3.0)  # random, but its probabilities differ between nuclei
+    meta = HeadMeta(classes=list(CLASSES), colors=[[255, 0, 0], [0, 0, 255], [0, 160, 0]], encoder=enc.name,
+                    weights_hash=enc.weights_hash, weights_source=enc.weights_ref, dim=enc.dim, mpp=0.5,
+                    window=64, stride=48, align="center", input_size=enc.input_size)
+    save_head(root / "head.safetensors", head, meta)
+    img = blobs(384, 400, 40, seed=3)
+    slide = write_pyramidal_tiff(root / "planted.tif", img, 0.5, tile=128, downsamples=(1, 2), compression="none",
+                                 flavor="generic")
+    from PIL import Image
+
+    Image.fromarray(img).save(root / "planted.png")
+    s = {"root": root, "det": det, "head": root / "head.safetensors", "slide": slide, "png": root / "planted.png"}
+    s["tiled"] = root / "tiled"
+    assert predict(s, [str(slide), "--out", str(s["tiled"]), "--tile-px", "96", "--format", "csv,h5ad",
+                       "--embeddings", "float32", "--density-grid", "40"]) == 0
+    return s
+
+
+def model_args(s: dict[str, Any]) -> list[str]:
+    return ["--detector", str(s["det"]), "--encoder", "tiny-uni", "--weights", "random", "--head", str(s["head"]),
+            "--runtime", "torch", "--device", "cpu", "--no-overlay", "--tissue", "none"]
+
+
+def predict(s: dict[str, Any], argv: list[str]) -> int:
+    from denuc.cli import main
+
+    return main(["predict", *argv, *model_args(s)])
+
+
+def order(xy: np.ndarray) -> np.ndarray:
+    return np.lexsort(xy.T[::-1])
+
+
+def test_h5ad_rows_positions_and_features_are_what_the_head_classified(setup: dict[str, Any]) -> None:
+    out = setup["tiled"]
+    csv = Nuclei.read_csv(out / "planted.csv", class_names=CLASSES)
+    got = read_h5ad_table(out / "planted.h5ad")
+    summary = json.loads((out / "planted.summary.json").read_text())
+    assert summary["tiles"]["selected"] >= 4 and len(csv) > 10  # really tiled, and nuclei to check
+    obs = got["obs"]
+    assert list(obs.index) == [str(i) for i in range(len(csv))]
+    assert list(obs["class"].astype(str)) == csv.classes  # same rows, same order
+    assert csv.probs is not None and csv.probs.std(0).max() > 1e-3  # the probabilities differ between nuclei
+    np.testing.assert_array_equal(got["spatial"], csv.xy)  # obsm['spatial'] = CSV (x, y), level-0 px
+    np.testing.assert_array_equal(obs["score"].to_numpy(), csv.scores)
+    np.testing.assert_array_equal(obs[[f"prob_{c}" for c in CLASSES]].to_numpy(), csv.probs)
+    x = got["X_denuc"]
+    assert x is not None and x.dtype == np.float32 and x.shape == (len(csv), 32)
+    head, _, _ = load_head(setup["head"])
+    with torch.inference_mode():
+        p = torch.softmax(head(torch.from_numpy(x)), dim=1).numpy()
+    np.testing.assert_allclose(p, csv.probs, atol=1e-6)  # head(X_denuc) gives the written probabilities
+    u = got["uns"]["denuc"]
+    assert u["encoder"] == "tiny-uni" and u["embeddings"] == "float32" and u["working_mpp"] == pytest.approx(0.5)
+    assert u["mpp"] == pytest.approx(0.5) and u["taps"] and len(u["head_sha256"]) == 64
+    assert u["summary"]["tiles"] == summary["tiles"]
+
+
+def test_h5ad_opens_with_anndata(setup: dict[str, Any]) -> None:
+    ad = pytest.importorskip("anndata", reason="anndata needs pandas < 3; the h5py reader above checks the layout")
+    a = ad.read_h5ad(setup["tiled"] / "planted.h5ad")
+    csv = Nuclei.read_csv(setup["tiled"] / "planted.csv", class_names=CLASSES)
+    assert a.n_obs == len(csv) and a.obsm["X_denuc"].shape == (len(csv), 32)
+    np.testing.assert_array_equal(a.obsm["spatial"], csv.xy)
+
+
+def test_tiled_slide_and_whole_image_give_the_same_table(setup: dict[str, Any]) -> None:
+    whole = setup["root"] / "whole"
+    assert predict(setup, [str(setup["png"]), "--out", str(whole), "--mpp", "0.5", "--format", "h5ad",
+                           "--embeddings", "float32"]) == 0
+    a, b = read_h5ad_table(setup["tiled"] / "planted.h5ad"), read_h5ad_table(whole / "planted.h5ad")
+    assert json.loads((whole / "planted.summary.json").read_text())["tiles"]["selected"] == 1
+    ia, ib = order(a["spatial"]), order(b["spatial"])
+    np.testing.assert_array_equal(a["spatial"][ia], b["spatial"][ib])
+    assert list(a["obs"]["class"].astype(str).to_numpy()[ia]) == list(b["obs"]["class"].astype(str).to_numpy()[ib])
+    np.testing.assert_allclose(a["X_denuc"][ia], b["X_denuc"][ib], atol=1e-4)
+    np.testing.assert_allclose(a["obs"]["score"].to_numpy()[ia], b["obs"]["score"].to_numpy()[ib], atol=1e-5)
+
+
+def test_embeddings_float16_by_default_and_none_leaves_them_out(setup: dict[str, Any]) -> None:
+    ref = read_h5ad_table(setup["tiled"] / "planted.h5ad")
+    half, none = setup["root"] / "half", setup["root"] / "none"
+    args = [str(setup["slide"]), "--tile-px", "96", "--format", "h5ad"]
+    assert predict(setup, [*args, "--out", str(half)]) == 0
+    assert predict(setup, [*args, "--out", str(none), "--embeddings", "none"]) == 0
+    h, n = read_h5ad_table(half / "planted.h5ad"), read_h5ad_table(none / "planted.h5ad")
+    assert h["X_denuc"].dtype == np.float16 and h["uns"]["denuc"]["embeddings"] == "float16"
+    np.testing.assert_array_equal(h["X_denuc"], ref["X_denuc"].astype(np.float16))  # the float32 values, rounded
+    assert n["X_denuc"] is None and n["uns"]["denuc"]["embeddings"] == "none"
+    np.testing.assert_array_equal(n["spatial"], ref["spatial"])
+
+
+def test_density_grid_counts_sum_to_the_nuclei_of_the_analysed_area(setup: dict[str, Any]) -> None:
+    out = setup["tiled"]
+    csv = Nuclei.read_csv(out / "planted.csv", class_names=CLASSES)
+    doc = json.loads((out / "planted.density.geojson").read_text())
+    cells = [f["properties"]["measurements"] for f in doc["features"]]
+    assert doc["grid_um"] == 40 and (doc["rows"], doc["cols"]) == (5, 5)  # 384 x 400 px at 0.5 µm/px, 80 px cells
+    assert sum(m["Num nuclei"] for m in cells) == len(csv)  # an image: its whole area is analysed
+    for k, c in enumerate(CLASSES):
+        assert sum(m[f"Num {c}"] for m in cells) == int((csv.class_ids == k).sum())
+    assert sum(m["Area µm^2"] for m in cells) == pytest.approx(384 * 400 * 0.25)
+    # each nucleus lies in its cell: recount from the CSV
+    g = 40 / 0.5
+    cell = {f["id"]: f["properties"]["measurements"]["Num nuclei"] for f in doc["features"]}
+    ij = np.floor(csv.xy[:, ::-1] / g).astype(int)
+    for (i, j), n in zip(*np.unique(ij, axis=0, return_counts=True), strict=True):
+        assert cell[f"cell-{i}-{j}"] == n
+    m = cells[0]
+    assert m["Density nuclei per mm^2"] == pytest.approx(m["Num nuclei"] / (m["Area µm^2"] / 1e6), rel=1e-3)
+    for c in CLASSES:
+        assert (out / f"planted.density.{c}.png").is_file()
+
+
+def test_density_grid_is_counted_over_tissue_only() -> None:
+    from denuc.sinks import OutputInfo
+    from denuc.sinks.density import DensitySink
+
+    mask = np.zeros((10, 10), bool)
+    mask[:, :5] = True  # left half is tissue, 10 px per mask pixel
+    info = OutputInfo("s", Path("/nonexistent"), "slide", ("x",), {}, 0.5, (100, 100), tissue_mask=mask,
+                      tissue_downsample=10.0, sink_options={"density_grid_um": 25})
+    s = DensitySink(info)  # 50 px cells: 2 x 2
+    area = s.area_um2()
+    np.testing.assert_allclose(area, [[625.0, 0.0], [625.0, 0.0]])
+    with pytest.raises(Exception, match="larger --density-grid"):
+        DensitySink(OutputInfo("s", Path("/x"), "slide", ("x",), {}, 0.25, (400_000, 400_000),
+                               sink_options={"density_grid_um": 1}))
+
+
+def test_kill_mid_slide_then_rerun_gives_the_same_h5ad(setup: dict[str, Any]) -> None:
+    out = setup["root"] / "killed"
+    argv = ["predict", str(setup["slide"]), "--out", str(out), "--tile-px", "96", "--format", "csv,h5ad",
+            "--embeddings", "float32", "--density-grid", "40", "--chunk-tiles", "1", *model_args(setup)]
+    code = ("import sys; from denuc.encode.tiny import register_tiny; register_tiny(); from denuc.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv, "--workers", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out / ".planted.partial"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(journal.glob("chunk-*.npz"))) < 2 and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(journal.glob("chunk-*.npz")))
+    assert done_before >= 2 and not (out / "planted.h5ad").exists()
+    from denuc.cli import main
+
+    assert main(argv) == 0
+    assert json.loads((out / "planted.summary.json").read_text())["resumed_tiles"] >= done_before
+    a, b = read_h5ad_table(setup["tiled"] / "planted.h5ad"), read_h5ad_table(out / "planted.h5ad")
+    np.testing.assert_array_equal(a["spatial"], b["spatial"])
+    np.testing.assert_array_equal(a["X_denuc"], b["X_denuc"])
+    assert a["obs"].equals(b["obs"])
+    da = json.loads((setup["tiled"] / "planted.density.geojson").read_text())
+    db = json.loads((out / "planted.density.geojson").read_text())
+    assert da["features"] == db["features"]
+
+
+def embed(s: dict[str, Any], argv: list[str]) -> int:
+    from denuc.cli import main
+
+    return main(["embed", *argv, "--encoder", "tiny-uni", "--weights", "random", "--head", str(s["head"]),
+                 "--runtime", "torch", "--device", "cpu"])
+
+
+def test_embed_at_given_points_gives_the_features_of_a_predict_run(setup: dict[str, Any]) -> None:
+    whole = setup["root"] / "whole-emb"
+    assert predict(setup, [str(setup["png"]), "--out", str(whole), "--mpp", "0.5", "--format", "csv,h5ad",
+                           "--embeddings", "float32"]) == 0
+    ref = read_h5ad_table(whole / "planted.h5ad")
+    out = setup["root"] / "emb"
+    assert embed(setup, [str(setup["png"]), "--points", str(whole / "planted.csv"), "--mpp", "0.5",
+                         "--out", str(out), "--embeddings", "float32"]) == 0
+    got = read_h5ad_table(out / "planted.h5ad")
+    np.testing.assert_array_equal(got["spatial"], ref["spatial"])  # the given points, in their order
+    np.testing.assert_allclose(got["X_denuc"], ref["X_denuc"], atol=1e-4)
+    assert list(got["obs"]["class"]) == list(ref["obs"]["class"])
+    assert list(got["obs"]["label"]) == list(ref["obs"]["class"].astype(str))  # the CSV's own classes
+    assert got["uns"]["denuc"]["working_mpp"] == pytest.approx(0.5)
+
+
+def test_embed_reads_qupath_points_and_refuses_points_outside(setup: dict[str, Any],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from denuc.pipeline import DeNuC
+
+    gj = setup["root"] / "pts.geojson"
+    feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": xy},
+              "properties": {"objectType": "detection", **({"classification": {"name": c}} if c else {})}}
+             for xy, c in (([20.5, 30.5], "tumour"), ([100.0, 50.0], None), ([200.0, 300.0], "lymph"))]
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    model = DeNuC.load(detector=object(), encoder="tiny-uni", weights="random", head=setup["head"], device="cpu",
+                       runtime="torch")  # type: ignore[arg-type]
+    nuc = model.embed(setup["png"], gj, mpp=0.5)
+    assert nuc.features is not None and nuc.features.shape == (3, 32)
+    assert list(nuc.meta["labels"]) == ["tumour", "", "lymph"]
+    img = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(setup["png"]).convert("RGB"))
+    direct = model.classify(img, 0.5, Nuclei(np.array([[20.5, 30.5], [100.0, 50.0], [200.0, 300.0]])),
+                            features=True)
+    np.testing.assert_array_equal(nuc.features, direct.features)
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": feats[:1] + [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5000.0, 1.0]}, "properties": {}}]}))
+    out = setup["root"] / "emb-bad"
+    assert embed(setup, [str(setup["png"]), "--points", str(gj), "--mpp", "0.5", "--out", str(out)]) == 2
+    assert "outside" in capsys.readouterr().err
+    assert not list(out.glob("*.h5ad"))
+
+
+def test_detect_writes_h5ad_without_features(setup: dict[str, Any]) -> None:
+    from denuc.cli import main
+
+    out = setup["root"] / "det-only"
+    assert main(["detect", str(setup["png"]), "--out", str(out), "--mpp", "0.5", "--format", "csv,h5ad",
+                 "--detector", str(setup["det"]), "--runtime", "torch", "--device", "cpu", "--no-overlay"]) == 0
+    got = read_h5ad_table(out / "planted.h5ad")
+    csv = Nuclei.read_csv(out / "planted.csv")
+    assert got["X_denuc"] is None and got["uns"]["denuc"]["embeddings"] == "none"
+    np.testing.assert_array_equal(got["spatial"], csv.xy)
+    assert len(csv) > 10
