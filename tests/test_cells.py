@@ -271,3 +271,25 @@ def test_detect_writes_h5ad_without_features(setup: dict[str, Any]) -> None:
     assert got["X_denuc"] is None and got["uns"]["denuc"]["embeddings"] == "none"
     np.testing.assert_array_equal(got["spatial"], csv.xy)
     assert len(csv) > 10
+
+
+def test_density_grid_area_is_tissue_and_roi() -> None:
+    """With ROIs a cell's area is tissue ∩ ROIs: a square ROI over the top-left cell only leaves
+    the other tissue cell with no analysed area (the counts hold only nuclei inside the ROI)."""
+    import shapely
+
+    from denuc.sinks import OutputInfo
+    from denuc.sinks.density import DensitySink
+    from denuc.source.area import AnalysedArea
+    from denuc.source.roi import RegionsOfInterest
+    from denuc.source.tissue import TissueMask
+
+    mask = np.zeros((10, 10), bool)
+    mask[:, :5] = True  # left half is tissue, 10 px per mask pixel
+    roi = RegionsOfInterest([shapely.box(0, 0, 50, 50)], ["a"])
+    area = AnalysedArea(TissueMask(mask=mask, downsample=10.0, method="auto"), roi, (100, 100), 0.5)
+    info = OutputInfo("s", Path("/nonexistent"), "slide", ("x",), {}, 0.5, (100, 100), tissue_mask=mask,
+                      tissue_downsample=10.0, analysed_mask=area.mask(), sink_options={"density_grid_um": 25})
+    got = DensitySink(info).area_um2()
+    np.testing.assert_allclose(got, [[625.0, 0.0], [0.0, 0.0]])
+    assert got.sum() == pytest.approx(area.analysed_area_um2)

@@ -51,6 +51,8 @@ class OutputInfo:
         thumb_downsample: level-0 pixels per thumbnail pixel.
         tissue_mask: ``(h', w')`` bool tissue mask of the whole input at any resolution, or None.
         tissue_downsample: level-0 pixels per mask pixel.
+        analysed_mask: the analysed area (tissue ∩ ROIs) on the tissue mask's grid, or None (then
+            the tissue mask is the analysed area).
         tissue_area_um2: tissue area in µm² (0 = no tissue found), or None when unknown.
         analysed_area_um2: area in µm² where nuclei were reported (tissue ∩ ROIs), or None
             (then the tissue area).
@@ -72,6 +74,7 @@ class OutputInfo:
     thumb_downsample: float = 1.0
     tissue_mask: np.ndarray | None = None
     tissue_downsample: float = 1.0
+    analysed_mask: np.ndarray | None = None
     tissue_area_um2: float | None = None
     analysed_area_um2: float | None = None
     roi_areas_um2: dict[str, float] | None = None

@@ -5,9 +5,9 @@ The input's level-0 plane is cut into square cells of ``density_grid_um`` µm
 cell ``(i, j)`` covers level-0 px ``[j * g, (j + 1) * g) x [i * g, (i + 1) * g)`` with
 ``g = grid_um / mpp`` (the last row and column are cut at the image edge). Every nucleus is
 counted in the cell that holds its (x, y), per class. The **analysed area** of a cell is its area
-inside the image times the fraction of tissue among the pixels of ``OutputInfo.tissue_mask``
-whose centres fall in it (the whole cell when there is no mask). With regions of interest the
-counts hold only the nuclei inside them, but the area is still the tissue's.
+inside the image times the fraction of analysed area (tissue ∩ ROIs, ``OutputInfo.analysed_mask``,
+else ``OutputInfo.tissue_mask``) among the mask pixels whose centres fall in it (the whole cell
+when there is no mask): counts and areas are both of the analysed area.
 
 Outputs:
 
@@ -99,16 +99,18 @@ class DensitySink(Sink):
         np.add.at(self.counts, (row[ok], col[ok], ids[ok]), 1)
 
     def area_um2(self) -> np.ndarray:
-        """``(rows, cols)`` analysed (tissue) area of each cell in µm²: the cell's area inside the
-        image times the fraction of its mask pixels (by their centres) that are tissue."""
+        """``(rows, cols)`` analysed area (tissue ∩ ROIs) of each cell in µm²: the cell's area
+        inside the image times the fraction of its mask pixels (by their centres) that are in the
+        analysed area (:attr:`OutputInfo.analysed_mask`, else the tissue mask)."""
         info = self.info
         w, h = info.size
         xs = np.minimum(np.arange(1, self.cols + 1) * self.g, w) - np.arange(self.cols) * self.g
         ys = np.minimum(np.arange(1, self.rows + 1) * self.g, h) - np.arange(self.rows) * self.g
         full = np.outer(ys, xs) * info.mpp ** 2
-        if info.tissue_mask is None:
+        grid = info.analysed_mask if info.analysed_mask is not None else info.tissue_mask
+        if grid is None:
             return full
-        mask = np.asarray(info.tissue_mask).astype(bool)
+        mask = np.asarray(grid).astype(bool)
         ds = info.tissue_downsample
         mh, mw = mask.shape
         col = np.clip(np.floor((np.arange(mw) + 0.5) * ds / self.g).astype(np.int64), 0, self.cols - 1)

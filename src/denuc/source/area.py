@@ -117,6 +117,22 @@ class AnalysedArea:
             return np.ones(len(xy), dtype=bool)
         return self.tissue.contains(xy)
 
+    def mask(self) -> np.ndarray:
+        """The analysed area on the tissue mask's grid (``tissue.downsample`` level-0 px per
+        pixel): a ``(h', w')`` bool array, tissue ∩ the ROIs by each pixel's centre (the tissue
+        mask itself without ROIs; all True with ``--tissue none`` and no ROIs)."""
+        m = np.asarray(self.tissue.mask, dtype=bool)
+        if not self.filters_tissue:
+            m = np.ones_like(m)
+        if self.rois is None:
+            return m
+        ds = float(self.tissue.downsample)
+        ys, xs = np.nonzero(m)
+        xy = np.stack([(xs + 0.5) * ds, (ys + 0.5) * ds], axis=1)
+        out = np.zeros_like(m)
+        out[ys, xs] = self.rois.region_index(xy) >= 0
+        return out
+
     def describe(self) -> dict[str, Any]:
         """Each area in mm² and how it was obtained (for ``summary.json``'s ``areas``)."""
         tissue_how = self.tissue.describe(self.mpp)

@@ -459,6 +459,7 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
         stem=source.name, out_dir=out, kind=kind, class_names=names, colors=cmap, mpp=mpp0,
         size=tuple(int(v) for v in source.dimensions), thumbnail=prep.thumb, thumb_downsample=prep.thumb_ds,
         tissue_mask=prep.tissue.mask, tissue_downsample=prep.tissue.downsample,
+        analysed_mask=prep.area.mask() if "density" in opts.formats else None,
         tissue_area_um2=prep.area.tissue_area_um2, analysed_area_um2=prep.area.analysed_area_um2,
         roi_areas_um2=prep.area.roi_areas_um2,
         roi_outlines=getattr(prep.rois, "outlines", lambda: None)() if prep.rois is not None else None,
