@@ -110,11 +110,15 @@ def test_h5ad_rows_positions_and_features_are_what_the_head_classified(setup: di
 
 
 def test_h5ad_opens_with_anndata(setup: dict[str, Any]) -> None:
-    ad = pytest.importorskip("anndata", reason="anndata needs pandas < 3; the h5py reader above checks the layout")
+    ad = pytest.importorskip("anndata", reason="pip install 'denuc[anndata]' (the dev extra installs it)")
     a = ad.read_h5ad(setup["tiled"] / "planted.h5ad")
     csv = Nuclei.read_csv(setup["tiled"] / "planted.csv", class_names=CLASSES)
     assert a.n_obs == len(csv) and a.obsm["X_denuc"].shape == (len(csv), 32)
     np.testing.assert_array_equal(a.obsm["spatial"], csv.xy)
+    assert list(a.obs["class"].astype(str)) == [CLASSES[k] for k in csv.class_ids]
+    probs = a.obs[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    np.testing.assert_allclose(probs, csv.probs, atol=1e-6)
+    assert a.uns["denuc"]["encoder"] == "tiny-uni"
 
 
 def test_tiled_slide_and_whole_image_give_the_same_table(setup: dict[str, Any]) -> None:

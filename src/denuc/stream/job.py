@@ -487,16 +487,16 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
             bar.set_postfix(nuclei=n)
         bar.close()
         used = runtimes_used(runner)
+        summary = {**prep.facts(runner), **ctx.stats, "models": _models_as_run(models, used), "runtime": used,
+                   "versions": _versions(), "resumed_tiles": resumed_tiles, "formats": list(opts.formats),
+                   "fingerprint": fingerprint}
         last = [s for s in sinks if s.suffix == ".summary.json"]  # closed last: it records the times, marks done
-        with timer("write"):  # old outputs go (summary first), then the new ones
+        with timer("write"):  # old outputs go (summary first), then the new ones (h5ad keeps the run facts)
             _uncommit(finals)
             for s in sinks:
                 if s not in last:
-                    paths.append(s.close({}))
-        summary = {**prep.facts(runner), **ctx.stats, "models": _models_as_run(models, used), "runtime": used,
-                   "versions": _versions(), "resumed_tiles": resumed_tiles, "formats": list(opts.formats),
-                   "fingerprint": fingerprint, "timings_ms": timer.as_dict(),
-                   "wall_s": round(time.perf_counter() - t_start, 3)}
+                    paths.append(s.close(summary))
+        summary = {**summary, "timings_ms": timer.as_dict(), "wall_s": round(time.perf_counter() - t_start, 3)}
         for s in last:
             paths.append(s.close(summary))
         for p in paths:  # what was written, counts included
