@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "predict": "denuc.pipeline_cli",
     "evaluate": "denuc.evaluate.cli",
     "summarize": "denuc.cohort.cli",
+    "models": "denuc.models_cli",
 }
 
 

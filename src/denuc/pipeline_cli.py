@@ -90,9 +90,10 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
 
 def configure(p: argparse.ArgumentParser) -> None:
     add_common_options(p, "predict")
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="a model folder written by `denuc finetune` (detector + head + model.yaml); replaces "
-                        "--detector/--head (default: the shipped models)")
+    p.add_argument("--model", default=None, metavar="NAME|DIR",
+                   help="a shipped model's name (`denuc models`: brca-m2c, consep) or a model folder written by "
+                        "`denuc finetune` (detector + head + model.yaml); replaces --detector/--head (default: "
+                        "brca-m2c, the shipped detector and BRCA-M2C head)")
     p.add_argument("--encoder", default=None, help="encoder name (default: the head's encoder)")
     p.add_argument("--weights", default=None,
                    help="encoder weights: file, folder or hf-hub:org/name (default: the encoder's own)")
