@@ -181,6 +181,54 @@ def score_recipe(d: Data, r: Recipe, log: Callable[[str], None]) -> dict[str, ob
     return out
 
 
+def ship_head(d: Data, r: Recipe, out: Path, cv: dict[str, object], log: Callable[[str], None]) -> None:
+    """Train ``r`` on every image of ``d`` (train+val) and write the head to ``out``.
+
+    Its temperature is the median of the temperatures fitted on each held-out fold (the head of
+    that fold's training images; :func:`~denuc.train.calibration.calibrate_head`), since no
+    image is left to fit it on. The featurizer settings are the shipped BRCA-M2C head's (same
+    encoder, taps, mpp, window, Macenko normalisation), so its metadata is copied and the
+    data-specific fields replaced.
+    """
+    from denuc.classify.head import load_head, save_head
+    from denuc.pipeline import DEFAULT_HEAD
+    from denuc.train.calibration import calibrate_head
+
+    k = len(d.ds.classes)
+    temps = []
+    for fold, held in d.folds.items():
+        if fold == "train->val":
+            continue
+        hs = set(held)
+        train_stems = [s for s in d.stems if s not in hs]
+        tr = concat_features([d.gt[r.norm].subset(train_stems), *[a.subset(train_stems) for a in d.aug[:r.aug]]])
+        head, _ = fit_head(tr, k, replace(r.cfg), None, log=lambda m: None, class_names=d.ds.classes)
+        te = d.gt[r.norm].subset(held)
+        t, _, _ = calibrate_head(head, te.feats, te.labels, d.ds.classes)
+        temps.append(float(t))
+    tr = concat_features([d.gt[r.norm], *d.aug[:r.aug]])
+    head, _ = fit_head(tr, k, replace(r.cfg), None, log=log, class_names=d.ds.classes)
+    head.temperature = float(np.median(temps))
+    _, meta, _ = load_head(DEFAULT_HEAD)
+    assert r.norm == meta.stain_norm, "the shipped head's featurizer settings are copied: same stain norm needed"
+    meta.classes = list(d.ds.classes)
+    meta.colors = [list(c) for c in d.ds.colors] or [[255, 0, 0], [0, 200, 0], [0, 90, 220]][:k]
+    meta.val_scores = {"selection": "last epoch of a fixed schedule (not selected); scores: folds by tile of "
+                                    "train+val (benchmarks/reported/finetune_recipe_cv.json)",
+                       "cv_gt_macro_f1": cv["cv_gt_mean"], "cv_det_mean_f1": cv["cv_det_mean"]}
+    meta.train = {**asdict(r.cfg), "dataset": d.name, "train_images": len(d.stems), "val_images": 0,
+                  "stems": "train+val", "train_points": int((tr.labels >= 0).sum()), "stain_augment": r.aug,
+                  "stain_strength": STAIN[1], "stain_space": STAIN[0], "recipe": r.name,
+                  "class_points": {c: int((tr.labels == i).sum()) for i, c in enumerate(d.ds.classes)}}
+    meta.temperature = head.temperature
+    meta.calibration = {"temperature": head.temperature, "fold_temperatures": temps,
+                        "source": "median of the temperatures fitted on each held-out fold's ground-truth points"}
+    meta.val_report = {}
+    meta.untrained_classes = []
+    save_head(out, head, meta, {})
+    log(f"wrote {out}: {k} classes, temperature {head.temperature:.3f} (folds {[round(t, 3) for t in temps]})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["consep", "brca-m2c"], choices=["consep", "brca-m2c"],
@@ -193,6 +241,10 @@ def main() -> int:
     ap.add_argument("--features-only", action="store_true", help="fill the feature cache and stop")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     ap.add_argument("--name", default="finetune_recipe_cv", help="JSON name (default: %(default)s)")
+    ap.add_argument("--ship-head", default=None, metavar="FILE",
+                    help="also train the chosen recipe (--ship-recipe) on all of the first dataset's train+val and "
+                         "write the head to FILE (default: none)")
+    ap.add_argument("--ship-recipe", default="shipped", help="recipe for --ship-head (default: %(default)s)")
     ap.add_argument("--report", action="store_true", help="also copy the JSON to benchmarks/reported/")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -238,6 +290,9 @@ def main() -> int:
         "recipes": results,
     }
     write_result(args.name, payload, args.report)
+    if args.ship_head:
+        r = next(x for x in rs if x.name == args.ship_recipe)
+        ship_head(data[0], r, Path(args.ship_head), results[r.name][data[0].name], log)  # type: ignore[index]
     return 0
 
 

@@ -18,11 +18,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def describe_all() -> dict[str, dict[str, object]]:
     """``{name: describe_model(...)}`` of every shipped model (:func:`denuc.modeldir.shipped_models`)."""
+    from denuc.errors import ModelError
     from denuc.modeldir import DEFAULT_MODEL, describe_model, load_model_dir, shipped_models
 
-    out = {}
+    out: dict[str, dict[str, object]] = {}
     for name, folder in shipped_models().items():
-        d = describe_model(load_model_dir(folder))
+        try:
+            d = describe_model(load_model_dir(folder))
+        except ModelError as e:  # a broken installation: said, and the others still listed
+            d = {"name": name, "error": str(e), "classes": []}
         d["default"] = name == DEFAULT_MODEL
         out[name] = d
     return out
@@ -38,6 +42,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     for name, d in models.items():
         print(f"{name}{'  (default)' if d['default'] else ''}: {d.get('description', '')}")
+        if "error" in d:
+            print(f"  unusable: {d['error']}")
+            continue
         print(f"  classes:  {', '.join(d['classes'])}")  # type: ignore[arg-type]
         print(f"  encoder:  {d['encoder']}; detector works at {d['mpp']} µm/px")
         for key in ("data", "license", "citation"):
