@@ -80,10 +80,7 @@ def recipes() -> list[Recipe]:
         Recipe("shipped, class balance sampled", replace(cfg, class_balance="sampled"), norm, aug),
         Recipe("shipped, no stain jitter", cfg, norm, 0),
         Recipe("shipped, no macenko", cfg, "none", aug),
-        Recipe("shipped, no macenko, no jitter", cfg, "none", 0),
         Recipe("shipped, wd 1e-2", replace(cfg, weight_decay=1e-2), norm, aug),
-        Recipe("shipped, wd 1e-2, weighted", replace(cfg, weight_decay=1e-2, class_balance="weighted"), norm, aug),
-        Recipe("shipped, 100 ep", replace(cfg, epochs=100), norm, aug),
     ]
     return out
 
@@ -229,6 +226,49 @@ def ship_head(d: Data, r: Recipe, out: Path, cv: dict[str, object], log: Callabl
     log(f"wrote {out}: {k} classes, temperature {head.temperature:.3f} (folds {[round(t, 3) for t in temps]})")
 
 
+def merge(paths: list[Path], name: str, report: bool) -> int:
+    """Combine per-dataset results (JSONs of runs with one ``--datasets`` each) into one table
+    and choose the recipe by the mean over the datasets of the held-out-fold mean class F1 at
+    detected points (``cv_det_mean``)."""
+    import json
+
+    parts = [json.loads(p.read_text()) for p in paths]
+    names = [n for n in parts[0]["recipes"]]
+    rows: dict[str, dict[str, object]] = {}
+    for n in names:
+        row: dict[str, object] = {}
+        for part in parts:
+            for ds_name, v in part["recipes"].get(n, {}).items():
+                if isinstance(v, dict) and "cv_det_mean" in v:
+                    row[ds_name] = {k: v[k] for k in ("cv_gt_mean", "cv_gt_std", "cv_det_mean", "cv_det_std",
+                                                      "val_gt", "val_det") if k in v}
+        ds_names = [d for part in parts for d in part["datasets"]]
+        for key in ("cv_gt_mean", "cv_det_mean"):
+            row[f"both_{key}"] = (float(np.mean([row[d][key] for d in ds_names]))  # type: ignore[index]
+                                  if all(d in row for d in ds_names) else None)
+        rows[n] = row
+    scored = [n for n in rows if rows[n]["both_cv_det_mean"] is not None]
+    best = max(scored, key=lambda n: rows[n]["both_cv_det_mean"])  # type: ignore[arg-type,return-value]
+    ds_names = [d for part in parts for d in part["datasets"]]
+
+    def f(v: object) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else "—"
+
+    print(f"{'recipe':36s} " + " ".join(f"{d + ' gt':>14s} {d + ' det':>14s}" for d in ds_names)
+          + "  both gt  both det")
+    for n, row in rows.items():
+        cells = " ".join(f"{f(row.get(d, {}).get('cv_gt_mean')):>14s} "  # type: ignore[union-attr]
+                         f"{f(row.get(d, {}).get('cv_det_mean')):>14s}" for d in ds_names)  # type: ignore[union-attr]
+        print(f"{n:36s} {cells}  {f(row['both_cv_gt_mean']):>7s}  {f(row['both_cv_det_mean']):>8s}"
+              + ("  <- best" if n == best else ""))
+    payload = {**run_info("finetune_recipe_cv.py"), "sources": [p.name for p in paths],
+               "source_commands": [part["command"] for part in parts], "datasets": ds_names,
+               "choice": "highest mean over the datasets of cv_det_mean (held-out folds, mean class F1 at the "
+                         "shipped detector's points)", "best": best, "recipes": rows}
+    write_result(name, payload, report)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["consep", "brca-m2c"], choices=["consep", "brca-m2c"],
@@ -245,8 +285,12 @@ def main() -> int:
                     help="also train the chosen recipe (--ship-recipe) on all of the first dataset's train+val and "
                          "write the head to FILE (default: none)")
     ap.add_argument("--ship-recipe", default="shipped", help="recipe for --ship-head (default: %(default)s)")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="combine the JSONs of per-dataset runs into --name and choose there (default: off)")
     ap.add_argument("--report", action="store_true", help="also copy the JSON to benchmarks/reported/")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.name, args.report)
     torch.set_num_threads(args.threads)
     log = print
     t0 = time.perf_counter()
