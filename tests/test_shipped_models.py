@@ -73,6 +73,7 @@ def test_the_registry_does_not_import_training_code() -> None:
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_finetune_report_compares_with_the_shipped_model_on_the_same_val_images(tmp_path: Path) -> None:
     from denuc.data.base import open_dataset
     from denuc.train.finetune import compare_shipped, shipped_for_classes
@@ -107,14 +108,16 @@ def test_consep_model_predicts_the_colon_classes_on_a_consep_tile() -> None:
     from denuc.evaluate import evaluate
 
     ds = open_dataset(root)
-    stem = ds.stems("val")[0]
+    stem = max(ds.stems("val"), key=lambda s: len(ds.points(s)))  # the densest val tile
     model = DeNuC.load(model="consep", device="cpu")
     assert model.class_names == tuple(COLON)
-    out = model(ds.read_image(stem), mpp=ds.mpp, name=stem)
+    out = model(ds.read_image(stem)[:256, :256], mpp=ds.mpp, name=stem)  # a quarter of the tile: faster
     gt = ds.points(stem)
+    gt = gt.select((gt.xy < 256).all(1))
     gt.mpp = ds.mpp
     assert out.class_names == tuple(COLON) and len(out) > 0.5 * len(gt)
     rep = evaluate({stem: gt}, {stem: out}, protocol="denuc", radius_um=3.0)
-    # floors, not reported numbers: a swapped class order or a wrong head drops far below them
+    # floors, not reported numbers (the head saw this tile in training): a swapped class order or a
+    # wrong head drops far below them
     assert rep.detection.f1 > 0.5 and rep.mean_f1 > 0.35
     assert "consep" in shipped_models()

@@ -548,6 +548,9 @@ def compare_shipped(classes: Sequence[str], gt: dict[str, Nuclei], images: dict[
         return {"model": name, "note": f"not compared: {e}"}
     same = set(model.class_names) == set(classes)
     pred = {st: model(img, mpp, name=st) for st, (img, mpp) in images.items()}
+    if not same:  # other classes: its points as class-agnostic detections
+        pred = {st: Nuclei(p.xy, p.scores, np.zeros(len(p), np.int64), ("nucleus",), None, p.mpp, None, st)
+                for st, p in pred.items()}
     ev = evaluate(gt, pred, protocol="denuc", radius_um=3.0)
     out = {"model": name, "classes": list(model.class_names), "classes_compared": same,
            "detection": ev.detection.to_dict(), "mean_class_f1": ev.mean_f1 if same else None,
