@@ -109,7 +109,8 @@ def tile_folds(stems: list[str], k: int) -> dict[str, list[str]]:
     return {f"fold{i}": order[i::k] for i in range(k)}
 
 
-def load_data(name: str, folds_k: int, norms: tuple[str, ...], log: Callable[[str], None]) -> Data:
+def load_data(name: str, folds_k: int, norms: tuple[str, ...], log: Callable[[str], None],
+              train_val_fold: bool = True) -> Data:
     if name == "consep":
         ds = open_dataset(shared_data_dir() / "consep")
     else:
@@ -122,7 +123,8 @@ def load_data(name: str, folds_k: int, norms: tuple[str, ...], log: Callable[[st
         folds = {}
         for s in stems:
             folds.setdefault(f"site {tcga_site(s)}", []).append(s)
-        folds["train->val"] = list(va)
+        if train_val_fold:
+            folds["train->val"] = list(va)
     enc = build_encoder("efficientnet-lite0")
     detect, det_id = load_detector(None)
     gt, det = {}, {}
@@ -277,6 +279,8 @@ def main() -> int:
     ap.add_argument("--plain", nargs="*", default=["consep"],
                     help="datasets that also get the plain (not normalised) features, for the 'no macenko' "
                          "recipes; the others skip those recipes (default: %(default)s)")
+    ap.add_argument("--no-train-val", action="store_true",
+                    help="BRCA-M2C: leave-one-site-out folds only, not the extra train -> val fold (default: off)")
     ap.add_argument("--only", nargs="*", default=None, help="recipe names to run (default: all)")
     ap.add_argument("--features-only", action="store_true", help="fill the feature cache and stop")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
@@ -294,8 +298,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     log = print
     t0 = time.perf_counter()
-    data = [load_data(n, args.folds, ("macenko", "none") if n in args.plain else ("macenko",), log)
-            for n in args.datasets]
+    data = [load_data(n, args.folds, ("macenko", "none") if n in args.plain else ("macenko",), log,
+                      train_val_fold=not args.no_train_val) for n in args.datasets]
     feat_s = time.perf_counter() - t0
     log(f"features ready in {feat_s:.0f} s")
     if args.features_only:
