@@ -18,9 +18,11 @@ through ``train-detector``'s ``--resume``):
    given) on the ground-truth points and labels of train, scoring val at the points the
    selected detector finds; fit its temperature on val (calibrated probabilities):
    ``OUT/head.safetensors``.
-4. **report**: run the finished model (detector + encoder + head) on the val images and
-   write ``OUT/report/`` (``report.json``, ``report.md``, training curves and the
-   reliability diagram as PNG), then ``OUT/model.yaml`` (:mod:`denuc.modeldir`), last.
+4. **report**: run the finished model (detector + encoder + head) on the val images, and the
+   shipped model with the same classes (else the default one, detection only) on the same
+   images for comparison (:func:`compare_shipped`); write ``OUT/report/`` (``report.json``,
+   ``report.md``, training curves and the reliability diagram as PNG), then ``OUT/model.yaml``
+   (:mod:`denuc.modeldir`), last.
 
 Val: each dataset's val split, or, for a dataset without one, a held-back share of its train
 images (``val_fraction``, by image, seeded; the same images for detector and head), said in
