@@ -206,6 +206,8 @@ def test_model_folder_with_separate_models_is_refused(tmp_path: Path, capsys: py
                      flag, "x"]) == 2
         err = capsys.readouterr().err
         assert f"--model {tmp_path} replaces {flag}" in err
+    assert main(["detect", str(tmp_path), "--out", str(tmp_path / "o"), "--model", "consep", "--detector", "x"]) == 2
+    assert "--model consep replaces --detector" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -71,6 +71,9 @@ def test_finetune_writes_a_loadable_model_folder_that_finds_the_planted_nuclei(
     assert cal["ece_after"] <= cal["ece_before"] + 1e-9 and cal["temperature"] == rep["head"]["temperature"]
     md = (out / "report" / "report.md").read_text()
     assert "Confusion matrix" in md and "ECE" in md and "reliability.png" in md
+    # compared with the shipped model on the same val images (other classes: detection only)
+    assert rep["shipped"]["model"] == "brca-m2c" and rep["shipped"]["classes_compared"] is False
+    assert 0 <= rep["shipped"]["detection"]["f1"] <= 1 and "Compared with the shipped model" in md
     # the head applies its calibration temperature when loaded
     head, meta, _ = load_head(m.head)
     assert head.temperature == pytest.approx(meta.temperature) and meta.temperature != 1.0

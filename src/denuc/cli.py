@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "embed": "denuc.query.embed_cli",
     "evaluate": "denuc.evaluate.cli",
     "summarize": "denuc.cohort.cli",
+    "models": "denuc.models_cli",
 }
 
 

@@ -1,6 +1,10 @@
 """Model folders: a detector and a classification head that belong together, with ``model.yaml``.
 
-``denuc finetune`` writes one; ``denuc predict --model DIR`` and ``DeNuC.load(DIR)`` read it::
+``denuc finetune`` writes one; ``denuc predict --model DIR`` and ``DeNuC.load(model=DIR)`` read
+it. The models shipped with the package are model folders too, one per tissue, under
+``assets/models/<name>/`` (:func:`shipped_models`; ``denuc models`` lists them), so
+``--model NAME`` and ``DeNuC.load(model=NAME)`` take a shipped model's name wherever they take
+a folder (:func:`resolve_model`)::
 
     DIR/model.yaml              # written last: a folder with it is complete
     DIR/detector.safetensors    # the point detector (self-describing checkpoint)
@@ -17,6 +21,11 @@
     classes: [lymphocyte, tumor, stromal]
     mpp: 0.25                        # µm/px the detector works at (inputs are resampled to it)
     thresholds: {detection: 0.35}    # detection score threshold chosen on val
+
+A shipped model's ``model.yaml`` may point at files outside its folder (``../../detector.safetensors``:
+the shipped models share one detector) and adds descriptive keys that :func:`load_model_dir`
+keeps in ``raw`` without checking: ``description``, ``tissue``, ``data``, ``scores``,
+``license`` and ``citation``; a ``NOTICE.md`` beside it names the data and the citation.
 """
 
 from __future__ import annotations
@@ -29,6 +38,10 @@ from typing import Any
 from denuc.errors import ModelError
 
 MODEL_YAML = "model.yaml"
+#: The shipped models' folders (``<name>/model.yaml``).
+SHIPPED_ROOT = Path(__file__).resolve().parent / "assets" / "models"
+#: The shipped model that ``DeNuC.load()`` and ``denuc predict`` use when none is named.
+DEFAULT_MODEL = "brca-m2c"
 MODEL_FORMAT = "denuc-model/1"
 #: Keys every model.yaml must have.
 REQUIRED_KEYS = ("detector", "head", "classes", "mpp")
@@ -125,3 +138,44 @@ def load_model_dir(path: str | os.PathLike[str]) -> ModelDir:
         raise ModelError(f"{src}: 'thresholds' must map names to numbers; got {thr!r}")
     return ModelDir(root=root, detector=det, head=head, encoder=enc, weights=weights, classes=tuple(classes),
                     mpp=mpp, thresholds={str(k): float(v) for k, v in thr.items()}, raw=raw)
+
+
+def shipped_models() -> dict[str, Path]:
+    """``{name: folder}`` of the models shipped with the package (every ``assets/models/<name>/``
+    holding a ``model.yaml``), in name order; the registry behind ``--model NAME``."""
+    if not SHIPPED_ROOT.is_dir():
+        return {}
+    return {d.name: d for d in sorted(SHIPPED_ROOT.iterdir()) if is_model_dir(d)}
+
+
+def resolve_model(model: str | os.PathLike[str]) -> ModelDir:
+    """The model folder ``model`` names: a folder holding ``model.yaml`` (it wins over a shipped
+    model of the same name), else a shipped model's name (:func:`shipped_models`).
+
+    :class:`ModelError` (one line) for a name that is neither, listing the shipped names.
+    """
+    p = Path(model)
+    if is_model_dir(p):
+        return load_model_dir(p)
+    known = shipped_models()
+    if isinstance(model, str) and model in known:
+        return load_model_dir(known[model])
+    if p.exists():
+        return load_model_dir(p)  # its own message: not a model folder
+    raise ModelError(f"--model {model}: neither a model folder nor a shipped model; shipped: "
+                     f"{', '.join(known) or '(none installed)'} (`denuc models` lists them)")
+
+
+def describe_model(md: ModelDir) -> dict[str, Any]:
+    """What ``denuc models`` prints of a model folder: name, classes, mpp, encoder, the shipped
+    models' descriptive keys (``description``, ``tissue``, ``data``, ``scores``, ``license``,
+    ``citation``) where present, and the notice file."""
+    out: dict[str, Any] = {"name": md.raw.get("name") or md.root.name, "classes": list(md.classes), "mpp": md.mpp,
+                           "encoder": md.encoder, "detector": md.detector.name, "head": md.head.name}
+    for k in ("description", "tissue", "data", "scores", "license", "citation"):
+        if k in md.raw:
+            out[k] = md.raw[k]
+    notice = md.root / "NOTICE.md"
+    if notice.is_file():
+        out["notice"] = str(notice)
+    return out

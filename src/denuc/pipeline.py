@@ -152,9 +152,11 @@ class DeNuC:
         """Build the pipeline.
 
         Args:
-            model: a model folder written by ``denuc finetune`` (``model.yaml`` + detector + head);
-                its detector, head, encoder and weights are used where the other arguments are None.
-                A folder given as the first argument (``DeNuC.load("mymodel/")``) is taken as this.
+            model: a model folder written by ``denuc finetune`` (``model.yaml`` + detector + head)
+                or a shipped model's name (``brca-m2c``, ``consep``; ``denuc models`` lists them);
+                its detector, head, encoder and weights are used where the other arguments are None
+                (default: the shipped detector and BRCA-M2C head, i.e. ``brca-m2c``). A folder given
+                as the first argument (``DeNuC.load("mymodel/")``) is taken as this.
             detector: detector checkpoint, a detector object, a model folder (see ``model``), or
                 None (the shipped detector).
             encoder: encoder name or built :class:`Encoder` (None = the head's encoder).
@@ -178,9 +180,9 @@ class DeNuC:
         device = pick_device(str(device) if device is not None else None)  # ModelError for unknown/unavailable
         det_threshold = threshold
         if model is not None:
-            from denuc.modeldir import load_model_dir
+            from denuc.modeldir import resolve_model
 
-            md = load_model_dir(model)
+            md = resolve_model(model)
             if detector is None and tta == 1 and threshold is None:  # the folder's val-chosen one (one pass)
                 det_threshold = md.thresholds.get("detection")
             detector = md.detector if detector is None else detector

@@ -117,11 +117,12 @@ def add_common_options(p: argparse.ArgumentParser, command: str = "predict") -> 
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    add_common_options(p)
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="a model folder written by `denuc finetune` (detector + head + model.yaml); replaces "
-                        "--detector/--head/--encoder/--weights, which it refuses alongside (default: the shipped "
-                        "models)")
+    add_common_options(p, "predict")
+    p.add_argument("--model", default=None, metavar="NAME|DIR",
+                   help="a shipped model's name (`denuc models`: brca-m2c, consep) or a model folder written by "
+                        "`denuc finetune` (detector + head + model.yaml); replaces --detector/--head/--encoder/"
+                        "--weights, which it refuses alongside (default: brca-m2c, the shipped detector and "
+                        "BRCA-M2C head)")
     p.add_argument("--encoder", default=None, help="encoder name (default: the head's encoder)")
     p.add_argument("--weights", default=None,
                    help="encoder weights: file, folder or hf-hub:org/name (default: the encoder's own)")
@@ -220,7 +221,7 @@ def check_model_options(args: argparse.Namespace) -> None:
 
     if args.model is None:
         return
-    given = [f"--{n}" for n in ("detector", "head", "encoder", "weights") if getattr(args, n) is not None]
+    given = [f"--{n}" for n in ("detector", "head", "encoder", "weights") if getattr(args, n, None) is not None]
     if given:
         raise InputError(f"--model {args.model} replaces {', '.join(given)}: give either the model folder or "
                          "the separate models, not both")

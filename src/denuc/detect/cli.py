@@ -8,6 +8,7 @@ error handling as ``denuc predict`` (:mod:`denuc.pipeline_cli`), with detection 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 HELP = ("detect nuclei (points) in images and whole slides -> <stem>.csv / .geojson(.gz) / .parquet, "
@@ -18,12 +19,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from denuc.pipeline_cli import add_common_options
 
     add_common_options(parser, "detect")
+    parser.add_argument("--model", default=None, metavar="NAME|DIR",
+                        help="use this model's detector and its val-chosen threshold: a shipped model's name "
+                             "(`denuc models`) or a folder written by `denuc finetune`; replaces --detector, which "
+                             "it refuses alongside; --threshold overrides its threshold (default: the shipped "
+                             "detector)")
+
+
+def model_detector(model: str | None, detector: str | None, threshold: float | None,
+                   tta: int) -> tuple[str | Path | None, float | None]:
+    """``(detector checkpoint, threshold)`` for ``--model``: the model's detector unless
+    ``detector`` is given, and its val-chosen detection threshold (one pass, ``tta == 1``) unless
+    ``threshold`` is given; without a model, the arguments unchanged."""
+    if model is None:
+        return detector, threshold
+    from denuc.modeldir import resolve_model
+
+    md = resolve_model(model)
+    if threshold is None and detector is None and tta == 1:
+        threshold = md.thresholds.get("detection")
+    return (md.detector if detector is None else detector), threshold
 
 
 def main(args: argparse.Namespace) -> int:
     from denuc.detect.api import check_threshold
-    from denuc.pipeline_cli import run_inputs
+    from denuc.pipeline_cli import check_model_options, run_inputs
 
+    check_model_options(args)
     if args.threshold is not None:
         check_threshold(args.threshold)
 
@@ -32,7 +54,8 @@ def main(args: argparse.Namespace) -> int:
         from denuc.pipeline_cli import process_device
         from denuc.stream.runner import TileStream
 
-        det = Detector.load(args.detector, device=process_device(args.device), threshold=args.threshold, tta=args.tta,
+        path, threshold = model_detector(args.model, args.detector, args.threshold, args.tta)
+        det = Detector.load(path, device=process_device(args.device), threshold=threshold, tta=args.tta,
                             window=args.detector_window, runtime=args.runtime)
         return TileStream(det, None, tile_px=args.tile_px, workers=args.workers), {"detector": det.describe()}, None
 

@@ -18,9 +18,11 @@ through ``train-detector``'s ``--resume``):
    given) on the ground-truth points and labels of train, scoring val at the points the
    selected detector finds; fit its temperature on val (calibrated probabilities):
    ``OUT/head.safetensors``.
-4. **report**: run the finished model (detector + encoder + head) on the val images and
-   write ``OUT/report/`` (``report.json``, ``report.md``, training curves and the
-   reliability diagram as PNG), then ``OUT/model.yaml`` (:mod:`denuc.modeldir`), last.
+4. **report**: run the finished model (detector + encoder + head) on the val images, and the
+   shipped model with the same classes (else the default one, detection only) on the same
+   images for comparison (:func:`compare_shipped`); write ``OUT/report/`` (``report.json``,
+   ``report.md``, training curves and the reliability diagram as PNG), then ``OUT/model.yaml``
+   (:mod:`denuc.modeldir`), last.
 
 Val: each dataset's val split, or, for a dataset without one, a held-back share of its train
 images (``val_fraction``, by image, seeded; the same images for detector and head), said in
@@ -35,7 +37,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from denuc.core.files import atomic_write_text, removed_if_failed
+from denuc.core.result import Nuclei
 from denuc.data.base import PointDataset
 from denuc.errors import InputError, ModelError
 from denuc.train.detector_config import SHIPPED, TrainConfig
@@ -476,13 +479,14 @@ def stage_report(s: FinetuneSettings, plan: DataPlan, out: Path, state: dict[str
     log(f"[4/4] report: the finished model on {len(val)} val images")
     model = DeNuC.load(detector=out / "detector.safetensors", head=out / "head.safetensors", device=s.device,
                        encoder=head_encoder(s), weights=s.weights, offline=True if s.offline else None)
-    gt, pred = {}, {}
+    gt, pred, images = {}, {}, {}
     t0 = time.perf_counter()
     for st in val:
         sample = ds.load(st)
         pts = sample.points
         pts.mpp = sample.mpp
         gt[st] = pts
+        images[st] = (sample.image, sample.mpp)
         pred[st] = model(sample.image, sample.mpp, name=st)
     seconds = time.perf_counter() - t0
     rep: dict[str, Any] = {"val_images": len(val), "held_back_val": [Path(h).name for h in plan.held_back],
@@ -495,6 +499,8 @@ def stage_report(s: FinetuneSettings, plan: DataPlan, out: Path, state: dict[str
     from denuc.classify.head import read_meta
 
     hm = read_meta(out / "head.safetensors")
+    if val:
+        rep["shipped"] = compare_shipped(plan.classes, gt, images, s.device, log)
     rep["head"] = {"encoder": hm.encoder, "temperature": hm.temperature, "calibration": hm.calibration,
                    "gt_points": hm.val_report, "val_scores": hm.val_scores}
     rep["detector"] = state["done"]["select"]
@@ -505,6 +511,56 @@ def stage_report(s: FinetuneSettings, plan: DataPlan, out: Path, state: dict[str
     det_hist = [json.loads(x) for x in det_log.read_text().splitlines()] if det_log.is_file() else []
     write_report(out / "report", rep, det_hist, state["done"]["head"].get("history", []))
     return rep
+
+
+def shipped_for_classes(classes: Sequence[str]) -> str:
+    """The shipped model to compare a fine-tuned one with: the first whose classes are the same
+    set as ``classes``, else the default one (:data:`denuc.modeldir.DEFAULT_MODEL`)."""
+    from denuc.modeldir import DEFAULT_MODEL, load_model_dir, shipped_models
+
+    for name, folder in shipped_models().items():
+        try:
+            if set(load_model_dir(folder).classes) == set(classes):
+                return name
+        except ModelError:
+            continue
+    return DEFAULT_MODEL
+
+
+def compare_shipped(classes: Sequence[str], gt: dict[str, Nuclei], images: dict[str, tuple[Any, float]],
+                    device: str | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """Score a shipped model (:func:`shipped_for_classes`) on the same val images as the new one.
+
+    Args:
+        gt: val ground truth per stem (points at the image's mpp); ``images``: ``(image (H, W, 3)
+            uint8, mpp)`` per stem.
+
+    Returns:
+        ``{"model", "classes", "detection", "mean_class_f1" (None when its classes are not the
+        user's), "classes_compared"}``, or ``{"model", "note"}`` when it cannot be loaded.
+    """
+    from denuc.evaluate.api import evaluate
+    from denuc.pipeline import DeNuC
+
+    name = shipped_for_classes(classes)
+    try:
+        model = DeNuC.load(model=name, device=device)
+    except ModelError as e:
+        log(f"  shipped model {name}: not compared ({e})")
+        return {"model": name, "note": f"not compared: {e}"}
+    same = set(model.class_names) == set(classes)
+    pred = {st: model(img, mpp, name=st) for st, (img, mpp) in images.items()}
+    if not same:  # other classes: its points as class-agnostic detections
+        pred = {st: Nuclei(p.xy, p.scores, np.zeros(len(p), np.int64), ("nucleus",), None, p.mpp, None, st)
+                for st, p in pred.items()}
+    ev = evaluate(gt, pred, protocol="denuc", radius_um=3.0)
+    out = {"model": name, "classes": list(model.class_names), "classes_compared": same,
+           "detection": ev.detection.to_dict(), "mean_class_f1": ev.mean_f1 if same else None,
+           "classes_f1": {c: v.f1 for c, v in ev.classes.items()} if same else {}}
+    log(f"  shipped model {name} on the same val images: detection F1 {ev.detection.f1:.4f}"
+        + (f", mean class F1 {ev.mean_f1:.4f}" if same else f" (its classes {list(model.class_names)} are not "
+           "yours: detection compared only)"))
+    return out
 
 
 def write_model_yaml(s: FinetuneSettings, plan: DataPlan, out: Path, state: dict[str, Any]) -> Path:

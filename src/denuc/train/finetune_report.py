@@ -225,6 +225,20 @@ def markdown(rep: dict[str, Any], images: Sequence[str]) -> str:
         for c, v in pl["classes"].items():
             lines.append(f"| {c} | {_prf(v)} |")
         lines += ["", f"Mean class F1: {pl['mean_class_f1']:.4f} ({pl['seconds_per_image']} s per image)."]
+    sh = rep.get("shipped")
+    if sh:
+        lines += ["", f"## Compared with the shipped model `{sh['model']}` (same val images)", ""]
+        if "detection" not in sh:
+            lines.append(sh.get("note", "not compared"))
+        else:
+            new_m = f"{pl['mean_class_f1']:.4f}" if pl else "—"
+            old_m = f"{sh['mean_class_f1']:.4f}" if sh.get("mean_class_f1") is not None else "— (other classes)"
+            lines += ["| model | detection F1 | mean class F1 |", "|---|---|---|",
+                      f"| this model | {pl['detection']['f1']:.4f} | {new_m} |" if pl else "| this model | — | — |",
+                      f"| shipped `{sh['model']}` | {sh['detection']['f1']:.4f} | {old_m} |"]
+            if not sh.get("classes_compared"):
+                lines += ["", f"The shipped model's classes ({', '.join(sh['classes'])}) are not this dataset's: "
+                          "only detection is compared."]
     gp = rep.get("head", {}).get("gt_points") or {}
     if gp:
         names = gp["classes"]
