@@ -186,7 +186,7 @@ def test_csv_round_trip_through_read_csv_is_exact(tmp_path: Path, k: int) -> Non
         for a in ("scores", "det_scores", "probs"):
             np.testing.assert_array_equal(getattr(back, a), getattr(want, a))  # float32 bit for bit
         assert back.roi.tolist() == want.roi.tolist()
-        df = pd.read_csv(p, keep_default_na=False)
+        df = pd.read_csv(p, keep_default_na=False, float_precision="round_trip")
         np.testing.assert_allclose(df["x_um"], want.xy[:, 0] * MPP, rtol=0, atol=0)
         assert df["y_um"].tolist() == (want.xy[:, 1] * MPP).tolist()
     else:
