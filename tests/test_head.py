@@ -22,7 +22,7 @@ from denuc.train.head import (
     split_train_val,
 )
 from denuc.train.head_run import train_head
-from denuc.train.head_synthetic import make_blob_dataset
+from synthetic import make_blob_dataset
 
 register_tiny()
 

@@ -91,7 +91,7 @@ def test_train_head_cli_options_reach_the_checkpoint(tmp_path: Path, monkeypatch
     from denuc.classify.head import read_meta
     from denuc.encode.tiny import register_tiny
     from denuc.train import head_cli
-    from denuc.train.head_synthetic import make_blob_dataset
+    from synthetic import make_blob_dataset
 
     register_tiny()
     ds = make_blob_dataset(tmp_path / "blobs", n_images=6)

@@ -16,6 +16,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 from model_fixtures import tiny_detector_checkpoint
+from synthetic import planted_nuclei_image as blobs
 
 from denuc.core.result import Nuclei
 from denuc.detect.api import Detector
@@ -23,28 +24,6 @@ from denuc.source.testslide import write_pyramidal_tiff
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def blobs(h: int, w: int, n: int, seed: int = 0, r: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
-    """An H&E-like image with ``n`` dark nuclei at known (x, y) centres (pixel-edge frame)."""
-    rng = np.random.default_rng(seed)
-    img = np.empty((h, w, 3), np.float32)
-    img[:] = (235, 200, 220)
-    yy, xx = np.mgrid[0:h, 0:w]
-    pts: list[np.ndarray] = []
-    while len(pts) < n:
-        p = rng.uniform([12, 12], [w - 12, h - 12])
-        if all(np.hypot(*(p - q)) > 4 * r for q in pts):
-            pts.append(p)
-    for x, y in pts:
-        a = np.exp(-((xx + 0.5 - x) ** 2 + (yy + 0.5 - y) ** 2) / (2 * (r / 1.5) ** 2))[..., None]
-        img = img * (1 - a) + np.array([70, 40, 120]) * a
-    return np.clip(img, 0, 255).astype(np.uint8), np.array(pts)
-
-
-#: The detector every CLI call here uses: a random-weight ``tiny`` one (0.5 µm/px, points all over
-#: the image, so every tile border is crossed); the stream's invariants hold for any detector.
-_DET: list[Path] = []
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -281,7 +260,7 @@ def test_python_api_streams_a_slide_and_matches_the_cli(slide, tmp_path: Path) -
     from denuc.pipeline import DeNuC
     from denuc.train.head import HeadTrainConfig
     from denuc.train.head_run import train_head
-    from denuc.train.head_synthetic import make_blob_dataset
+    from synthetic import make_blob_dataset
 
     register_tiny()
     path, img, _ = slide
