@@ -25,6 +25,10 @@ from denuc.source.testslide import write_pyramidal_tiff
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
+#: The detector every CLI call here uses: a random-weight ``tiny`` one (0.5 µm/px, points all over
+#: the image, so every tile border is crossed); the stream's invariants hold for any detector.
+_DET: list[Path] = []
+
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -254,28 +258,33 @@ def test_tiny_and_gray_images_are_processed_with_a_warning(tmp_path: Path) -> No
     assert (tmp_path / "o" / "dot.csv").is_file() and (tmp_path / "o" / "gray.csv").is_file()
 
 
-def test_python_api_streams_a_slide_and_matches_the_cli(slide, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_python_api_streams_a_slide_and_matches_the_cli(tmp_path: Path) -> None:
     from denuc.encode import build_encoder
     from denuc.encode.tiny import register_tiny
     from denuc.pipeline import DeNuC
+    from denuc.stream.job import RunOptions
     from denuc.train.head import HeadTrainConfig
     from denuc.train.head_run import train_head
     from synthetic import make_blob_dataset
 
     register_tiny()
-    path, img, _ = slide
+    img, _ = blobs(256, 320, 12, seed=3)  # a smaller slide than the others': every point is encoded
+    path = write_pyramidal_tiff(tmp_path / "planted.tif", img, 0.25, tile=128, downsamples=(1, 4),
+                                compression="none", flavor="generic")
     ds = make_blob_dataset(tmp_path / "blobs", n_images=4)
     enc = build_encoder("tiny-uni", weights="random")
     head = tmp_path / "head.safetensors"
     train_head(ds, enc, head, cache_dir=tmp_path / "cache", config=HeadTrainConfig(epochs=2), window=64,
                log=lambda m: None)
-    model = DeNuC.load(_DET[0], encoder="tiny-uni", head=head, weights="random", device="cpu")
+    # 128 px detector windows (stride 64), so that this small slide makes several tiles
+    model = DeNuC.load(_DET[0], encoder="tiny-uni", head=head, weights="random", device="cpu", detector_window=128)
     whole = model(img, mpp=0.25)  # the array as one image
-    nuc, summary = model.predict_slide(path, tile_px=192)  # the slide file, tiled
+    every = RunOptions(tissue="none")  # every tile: the random detector also finds points on glass
+    nuc, summary = model.predict_slide(path, tile_px=64, opts=every)  # the slide file, tiled
     assert summary["tiles"]["selected"] >= 4 and nuc.mpp == pytest.approx(0.25)
     ia, ib = np.lexsort(whole.xy.T[::-1]), np.lexsort(nuc.xy.T[::-1])
     np.testing.assert_array_equal(whole.xy[ia], nuc.xy[ib])
     assert whole.probs is not None and nuc.probs is not None
     np.testing.assert_allclose(whole.probs[ia], nuc.probs[ib], atol=1e-5)
-    chunks = list(model.iter_slide(path, tile_px=192))
+    chunks = list(model.iter_slide(path, tile_px=64, opts=every))
     assert sum(len(c) for c in chunks) == len(nuc) and len(chunks) >= 1
