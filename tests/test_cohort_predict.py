@@ -101,7 +101,8 @@ def test_killed_worker_then_rerun_loses_and_doubles_nothing(images: Path, tmp_pa
     deadline = time.time() + 600  # generous: the worker's start-up alone is slow on a loaded machine
     while time.time() < deadline and proc.poll() is None and not _outputs_written(out):
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:  # (a worker that ended already is reported below)
+        os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the worker ended before the kill"  # the kill interrupted it
     before = set(_outputs(out))

@@ -141,7 +141,8 @@ def test_kill_mid_slide_then_rerun_equals_an_uninterrupted_run(slide, tmp_path: 
     deadline = time.time() + 600  # generous: the worker's start-up alone is slow on a loaded machine
     while time.time() < deadline and proc.poll() is None and not list(journal.glob("chunk-*.npz")):
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:  # (a worker that ended already is reported below)
+        os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
     done_before = len(list(journal.glob("chunk-*.npz")))
