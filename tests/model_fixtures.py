@@ -11,11 +11,13 @@ from denuc.detect.checkpoint import save_detector
 from denuc.detect.model import DetectorConfig, build_detector
 
 
-def tiny_detector_checkpoint(path: Path, *, seed: int = 0, score_threshold: float = 0.5, **meta: Any) -> Path:
-    """A ``tiny``-backbone detector at 0.5 µm/px (NMS 3 µm = 6 px) with random offsets, saved at ``path``;
+def tiny_detector_checkpoint(path: Path, *, seed: int = 0, score_threshold: float = 0.5, mpp: float = 0.5,
+                             **meta: Any) -> Path:
+    """A ``tiny``-backbone detector at ``mpp`` µm/px (NMS 3 µm) with random offsets, saved at ``path``;
     ``meta`` adds checkpoint metadata (e.g. ``tta_thresholds``)."""
     torch.manual_seed(seed)
-    model = build_detector(DetectorConfig(backbone="tiny", score_threshold=score_threshold, nms_radius_px=6.0)).eval()
+    model = build_detector(DetectorConfig(backbone="tiny", score_threshold=score_threshold,
+                                          nms_radius_px=3.0 / mpp)).eval()
     torch.nn.init.normal_(model.head.offset.weight, std=0.05)
-    save_detector(path, model, {"mpp": 0.5, "nms_radius_um": 3.0, "window": 256, "stride": 192, "margin": 32, **meta})
+    save_detector(path, model, {"mpp": mpp, "nms_radius_um": 3.0, "window": 256, "stride": 192, "margin": 32, **meta})
     return path

@@ -23,7 +23,7 @@ from denuc.errors import InputError, ModelError
 from denuc.evaluate.api import evaluate
 from denuc.train.head import HeadTrainConfig
 from denuc.train.head_run import train_head
-from denuc.train.head_synthetic import make_blob_dataset
+from synthetic import make_blob_dataset
 
 register_tiny()
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "denuc" / "assets"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial import cKDTree
+from synthetic import blob_images
 
 from denuc.detect.checkpoint import load_detector, read_meta, save_detector
 from denuc.detect.matcher import MATCHERS, match_cost
@@ -21,21 +22,6 @@ def _one_thread():  # type: ignore[no-untyped-def]
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def blob_images(n: int, size: int, per_image: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Dark Gaussian blobs (sigma 2 px) on light noise; centres (x, y) in pixel-edge frame."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5
-    imgs, pts = [], []
-    for _ in range(n):
-        img = 200 + rng.normal(0, 6, (size, size))
-        c = rng.uniform(6, size - 6, (per_image, 2))
-        for x, y in c:
-            img -= 120 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 2.0 ** 2))
-        imgs.append(np.repeat(np.clip(img, 0, 255).astype(np.uint8)[..., None], 3, axis=2))
-        pts.append(c)
-    return np.stack(imgs), pts
 
 
 def tiny_config(**kw: object) -> DetectorConfig:

@@ -26,7 +26,7 @@ import torch
 from denuc.errors import InputError
 from denuc.train.detector import TrainConfig, train
 from denuc.train.distributed import DistContext, batch_share, launched_world, per_rank_batch
-from test_train_detector import write_blob_dataset
+from synthetic import write_blob_dataset
 
 TOL = 1e-5
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -120,8 +120,8 @@ def _head_run(ds: Any, out: Path, cache: Path, mode: str) -> int:
     enc = build_encoder("tiny-uni", weights="random")
     calls = [0]
     enc.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
-    train_head(ds, enc, out, mode=mode, cache_dir=cache, config=HeadTrainConfig(epochs=3), window=64,
-               finetune={"epochs": 2, "lr": 1e-3, "batch_windows": 3}, log=lambda m: None)
+    train_head(ds, enc, out, mode=mode, cache_dir=cache, config=HeadTrainConfig(epochs=1, lr=1e-4), window=64,
+               finetune={"epochs": 1, "lr": 1e-3, "head_lr": 1e-2, "batch_windows": 3}, log=lambda m: None)
     return calls[0]
 
 
@@ -137,9 +137,9 @@ def _head_worker(rank: int, world: int, port: int, ds: Any, tmp: Path) -> None:
 def test_two_process_head_training_shares_the_cache_and_matches_one_process(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from denuc.train.head_synthetic import make_blob_dataset
+    from synthetic import make_blob_dataset
 
-    ds = make_blob_dataset(tmp_path / "blobs", n_images=8)  # 6 train + 1 val images
+    ds = make_blob_dataset(tmp_path / "blobs", n_images=6)  # 4 train + 1 val images
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -149,10 +149,10 @@ def test_two_process_head_training_shares_the_cache_and_matches_one_process(tmp_
         torch.set_num_threads(threads)
     torch.multiprocessing.spawn(_head_worker, args=(2, free_port(), ds, tmp_path), nprocs=2)
 
-    # the feature cache: each process encoded its share of the 7 images once, the files are
+    # the feature cache: each process encoded its share of the 5 images once, the files are
     # the one-process files bit for bit
     calls = [json.loads((tmp_path / f"calls{r}.json").read_text()) for r in range(2)]
-    assert one_calls["linear"] == 7 and sorted(c["linear"] for c in calls) == [3, 4]
+    assert one_calls["linear"] == 5 and sorted(c["linear"] for c in calls) == [2, 3]
     one_files = sorted(p.name for p in (tmp_path / "cache1" / "features").glob("*.npz"))
     assert one_files and one_files == sorted(p.name for p in (tmp_path / "cache2" / "features").glob("*.npz"))
     for name in one_files:

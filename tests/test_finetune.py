@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from finetune_fixtures import make_points_dataset, tiny_start_detector
+from synthetic import make_points_dataset, tiny_start_detector
 
 import denuc.train.finetune as ft
 from denuc.classify.head import load_head

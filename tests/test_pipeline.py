@@ -17,7 +17,7 @@ from denuc.errors import ModelError, ResolutionError
 from denuc.pipeline import DeNuC
 from denuc.train.head import HeadTrainConfig
 from denuc.train.head_run import train_head
-from denuc.train.head_synthetic import make_blob_dataset
+from synthetic import make_blob_dataset
 
 register_tiny()
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "denuc" / "assets" / "sample"

@@ -24,6 +24,15 @@ class _Pool(torch.nn.Module):
         return F.avg_pool2d(x, self.k)
 
 
+class _BoxConv(_Pool):
+    """``avg_pool2d`` as a depthwise strided convolution: CPU autocast runs it in bf16 (it keeps
+    pooling in fp32), so the bf16 path really rounds."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = torch.full((x.shape[1], 1, self.k, self.k), 1.0 / self.k**2, device=x.device)
+        return F.conv2d(x, weight, stride=self.k, groups=x.shape[1])
+
+
 class CoordEncoder(Encoder):
     """Map cell = mean of its input block; with a ramp image this is the block centre's coordinate."""
 
@@ -34,10 +43,10 @@ class CoordEncoder(Encoder):
         return self.body(images)
 
 
-def coord_encoder(input_size: int = 128, stride: int = 8, window: int = 64) -> CoordEncoder:
+def coord_encoder(input_size: int = 128, stride: int = 8, window: int = 64, conv: bool = False) -> CoordEncoder:
     spec = EncoderSpec(name="coords", family="fake", dim=3, stride=stride, num_prefix_tokens=0, mean=(0, 0, 0),
                        std=(1, 1, 1), input_size=input_size, mpp=0.25, window=window)
-    return CoordEncoder(spec, _Pool(stride), WeightsSource(None, "fake", "fake"))
+    return CoordEncoder(spec, (_BoxConv if conv else _Pool)(stride), WeightsSource(None, "fake", "fake"))
 
 
 def ramp_image(h: int, w: int) -> np.ndarray:
@@ -131,7 +140,7 @@ def test_stain_norm_restains_the_working_image_and_enters_the_geometry() -> None
 
 
 def test_precision_option_and_bf16_autocast_stay_close_to_fp32() -> None:
-    enc = coord_encoder(input_size=64, window=64)
+    enc = coord_encoder(input_size=64, window=64, conv=True)
     img = ramp_image(100, 90)
     xy = np.array([[10.0, 20.0], [80.0, 95.0]])
     full = PointFeaturizer(enc, mpp=0.25, precision="fp32")
@@ -142,7 +151,9 @@ def test_precision_option_and_bf16_autocast_stay_close_to_fp32() -> None:
     half.set_image(img, 0.25)
     a, b = full.features_at(xy), half.features_at(xy)
     assert a.dtype == b.dtype == torch.float32
+    assert not torch.equal(a, b)  # the convolution really ran in bf16
     torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
+    np.testing.assert_allclose(a[:, :2].numpy() * 255, xy, atol=1.0)  # fp32 gives the coordinates back
     with pytest.raises(InputError, match="precision"):
         PointFeaturizer(enc, precision="fp8")
 

@@ -1,7 +1,7 @@
 """Integration on real BRCA-M2C val images: the shipped models must stay sane end to end.
 
-Floors, not reported numbers: the shipped detector scores val F1 0.862 over all 10 val images
-(benchmarks/reported/detector_brca_det_lite0_mpp025_ft.json); a broken resampling, window
+Floors, not reported numbers: the shipped detector scores val F1 0.884 over all 10 val images
+(benchmarks/reported/detector_brca_det_lite0_stain2.json); a broken resampling, window
 merge or class mapping drops these far below the floors.
 """
 

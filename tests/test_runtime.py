@@ -209,17 +209,17 @@ def test_featurizer_onnx_features_equal_torch(cache: Path) -> None:
 @needs_onnx
 @pytest.mark.slow
 def test_shipped_pipeline_onnx_equals_torch_on_the_sample(cache: Path, no_env: None) -> None:
-    """The default fast path (ONNX Runtime, float32) against the PyTorch reference on the bundled
-    BRCA-M2C sample: same points (1e-3 px), same classes, probabilities within 1e-4."""
+    """The default fast path (ONNX Runtime, float32) against the PyTorch reference on a corner of
+    the bundled BRCA-M2C sample: same points (1e-3 px), same classes, probabilities within 1e-4."""
     from denuc.data.image import read_image
     from denuc.pipeline import ASSETS, DeNuC
 
-    img = read_image(ASSETS / "sample" / "brca-m2c-sample.png")
+    img = read_image(ASSETS / "sample" / "brca-m2c-sample.png")[:320, :320]  # the exports are what is checked
     ref = DeNuC.load(device="cpu", runtime="torch")(img, 0.5)
     model = DeNuC.load(device="cpu")  # auto: ONNX Runtime here
     got = model(img, 0.5)
     assert model.detector.runner.runtime == "onnx" and model.featurizer.runner.runtime == "onnx"
-    assert model.models()["encoder_runtime"] == "onnx" and len(ref) > 100
+    assert model.models()["encoder_runtime"] == "onnx" and len(ref) > 50
     k = _pair(ref.xy, got.xy)
     np.testing.assert_array_equal(got.class_ids[k], ref.class_ids)
     np.testing.assert_allclose(got.probs[k], ref.probs, atol=1e-4, rtol=0)

@@ -10,7 +10,7 @@ import pytest
 
 from denuc.errors import InputError
 from denuc.train.features import PointFeatures
-from denuc.train.head import HeadTrainConfig
+from denuc.train.head import HeadTrainConfig, fit_head, macro_f1, predict_probs
 from denuc.train.site_cv import (
     leave_one_site_out,
     merge_features,
@@ -58,12 +58,20 @@ def test_leave_one_site_out_trains_without_the_held_out_site() -> None:
     assert all(f.macro_f1 > 0.9 for f in folds)  # separable along channel 0; chance is 0.5
     s = summarize(folds)
     assert s["min"] <= s["mean"] and s["std"] >= 0
-    # the held-out site's labels cannot leak: scrambling them changes only that fold's score
-    scr = PointFeatures(pool.feats, pool.labels.copy(), pool.image, pool.xy, pool.scores, pool.stems, pool.mpps)
+    # the held-out site's labels cannot leak. Site AC's labels are flipped, and AC's points also
+    # carry their class on channel 2 (noise elsewhere): a fit that saw AC can learn the flip there
+    # (the leaky control below scores high), a fit on A7 + A8 alone predicts the unflipped class.
+    scr = PointFeatures(pool.feats.copy(), pool.labels.copy(), pool.image, pool.xy, pool.scores, pool.stems,
+                        pool.mpps)
     ac = np.isin(scr.image, [i for i, s in enumerate(STEMS) if tcga_site(s) == "AC"])
+    scr.feats[ac, 2] += (2 * scr.labels[ac] - 1) * 3
     scr.labels[ac] = 1 - scr.labels[ac]
-    f2 = leave_one_site_out(scr, 2, HeadTrainConfig(epochs=20, lr=0.05, batch_size=32))
+    cfg = HeadTrainConfig(epochs=20, lr=0.05, batch_size=32)
+    f2 = leave_one_site_out(scr, 2, cfg)
     assert f2[2].macro_f1 < 0.1
+    assert min(f2[0].macro_f1, f2[1].macro_f1) > 0.6  # the other folds still learn (AC's flip is a minority)
+    leaky, _ = fit_head(scr, 2, cfg)  # the control: trained on all three sites, AC included
+    assert macro_f1(scr.labels[ac], predict_probs(leaky, scr.feats[ac]).argmax(1), 2)[0] > 0.9
     with pytest.raises(InputError, match="same images"):
         leave_one_site_out(pool, 2, HeadTrainConfig(epochs=1), aug=[pool.subset(STEMS[:3])])
     with pytest.raises(InputError, match="at least 2 sites"):
@@ -83,7 +91,7 @@ def test_train_head_cli_options_reach_the_checkpoint(tmp_path: Path, monkeypatch
     from denuc.classify.head import read_meta
     from denuc.encode.tiny import register_tiny
     from denuc.train import head_cli
-    from denuc.train.head_synthetic import make_blob_dataset
+    from synthetic import make_blob_dataset
 
     register_tiny()
     ds = make_blob_dataset(tmp_path / "blobs", n_images=6)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from finetune_fixtures import make_points_dataset
+from synthetic import make_points_dataset
 
 from denuc.classify.head import HeadMeta, PointHead, load_head, read_meta, save_head
 from denuc.cli import main as cli_main

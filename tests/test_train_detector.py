@@ -9,35 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from synthetic import write_blob_dataset
 
 from denuc.detect.checkpoint import read_meta
 from denuc.errors import InputError
 from denuc.train import detector_cli
 from denuc.train.detector import TrainConfig, cosine_lr, train
-
-
-def write_blob_dataset(root: Path, n_train: int = 3, n_val: int = 2, size: int = 96) -> Path:
-    """A BRCA-M2C-layout folder (0.5 µm/px) of dark blobs with ``y x class`` labels."""
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5
-    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for i in range(n_train + n_val):
-        stem = f"img{i}"
-        c = rng.uniform(8, size - 8, (8, 2))
-        img = 210 + rng.normal(0, 5, (size, size))
-        for x, y in c:
-            img -= 120 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)
-        Image.fromarray(np.repeat(np.clip(img, 0, 255).astype(np.uint8)[..., None], 3, 2)).save(
-            root / "images" / f"{stem}.png")
-        lines = [f"{y:.2f} {x:.2f} {1 + k % 3}" for k, (x, y) in enumerate(c)]
-        (root / "labels" / f"{stem}_gt_class_coords.txt").write_text("\n".join(lines) + "\n")
-        splits["train" if i < n_train else "val"].append(f"{stem}.png")
-    for s, names in splits.items():
-        (root / f"brca_ds_{s}.txt").write_text("\n".join(names) + ("\n" if names else ""))
-    return root
 
 
 def _cfg(ds: Path, out: Path, **kw: object) -> TrainConfig:

@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from test_train_detector import _cfg, write_blob_dataset
+from synthetic import write_blob_dataset
+from test_train_detector import _cfg
 
 from denuc.detect.checkpoint import read_meta
 from denuc.errors import InputError, ModelError, ResolutionError

@@ -8,9 +8,8 @@ Those are the settings of the last stage of the shipped detector's own training
 (``src/denuc/assets/detector.md``), the stage that started, like a user's fine-tuning, from a
 converged detector at the working mpp: the earlier stages changed the resolution (0.5 ->
 0.25 µm/px) or the augmentation, and the shipped detector has already been through them.
-Starting from it at its working mpp, 10 epochs reached val F1 0.79 on another organ where
-0.5 µm/px reached 0.68. ``quick`` is the former quick start (ShuffleNetV2 1.0x from ImageNet
-weights at 0.5 µm/px, 100 epochs, no stain jitter).
+``quick`` is the former quick start (ShuffleNetV2 1.0x from ImageNet weights at 0.5 µm/px,
+100 epochs, no stain jitter).
 """
 
 from __future__ import annotations
