@@ -13,7 +13,7 @@ from denuc.encode import build_encoder
 from denuc.encode.tiny import register_tiny
 from denuc.query import PointFeaturizer
 from denuc.train.features import cached_features
-from denuc.train.head_synthetic import make_blob_dataset
+from synthetic import make_blob_dataset
 
 register_tiny()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from finetune_fixtures import make_points_dataset
+from synthetic import make_points_dataset
 
 from denuc.train import detector as det_train
 from denuc.train.detector import load_items, train

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from finetune_fixtures import make_points_dataset
+from synthetic import make_points_dataset
 
 from denuc.cli import main as cli_main
 from denuc.data.paths import shared_data_dir
