@@ -333,7 +333,7 @@ class Nuclei:
             raise InputError(f"{source}: x/y contain NaN or empty cells")
         scores = _score_column(df, "score", source)
         det_scores = _score_column(df, "det_score", source)
-        roi = df["roi"].fillna("").astype(str).to_numpy(object) if "roi" in df.columns else None
+        roi = df["roi"].astype(object).fillna("").astype(str).to_numpy(object) if "roi" in df.columns else None
         ids = None
         names = tuple(class_names) if class_names is not None else ()
         # without a vocabulary, prob_<class> columns (as written by to_csv) give it, in their order
@@ -342,7 +342,7 @@ class Nuclei:
             names = from_probs
         if "class" in df.columns:
             # empty cells (read as NaN) mean "no class"
-            labels = df["class"].fillna("").astype(str).str.strip().tolist()
+            labels = df["class"].astype(object).fillna("").astype(str).str.strip().tolist()
             if class_names is None and not from_probs:
                 names = tuple(sorted(set(labels) - {""}))
             index = {c: i for i, c in enumerate(names)}
