@@ -293,6 +293,9 @@ def main(args: argparse.Namespace) -> int:
                            device=process_device(args.device),
                            weights=args.weights, offline=True if args.offline else None, tta=args.tta,
                            detector_window=args.detector_window, model=args.model, runtime=args.runtime)
+        from denuc.runtime import single_thread_glue
+
+        single_thread_glue([model.detector.runner, model.featurizer.runner])
         return model.stream(tile_px=args.tile_px, workers=args.workers), model.models(), model._colors()
 
     return run_inputs("predict", args, build)

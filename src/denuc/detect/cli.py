@@ -36,6 +36,9 @@ def main(args: argparse.Namespace) -> int:
 
         det = Detector.load(args.detector, device=process_device(args.device), threshold=args.threshold, tta=args.tta,
                             window=args.detector_window, runtime=args.runtime)
+        from denuc.runtime import single_thread_glue
+
+        single_thread_glue([det.runner])
         return TileStream(det, None, tile_px=args.tile_px, workers=args.workers), {"detector": det.describe()}, None
 
     return run_inputs("detect", args, build)

@@ -112,6 +112,6 @@ class OverlaySink(Sink):
                 xy = [(float(x), float(y)) for x, y in pts / self.downsample]
                 draw.line([*xy, xy[0]], fill=ROI_OUTLINE, width=width, joint="curve")
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
+        img.save(buf, format="PNG", compress_level=1)  # fast: same pixels, a larger file
         assert self._fh is not None
         self._fh.write(buf.getbuffer())
