@@ -187,7 +187,8 @@ def main() -> int:
             sys.exit(f"{f}: missing")
     srcs: dict[str, Path] = {}
     shas: dict[str, str] = {}
-    for b in dict.fromkeys([*args.bases, *args.busy_bases, *args.slide_bases]):
+    used = {"tiles": args.bases, "busy": args.busy_bases, "slide": args.slide_bases}
+    for b in dict.fromkeys([b for c in args.cases for b in used[c]]):  # only the sides the cases run
         srcs[b], shas[b] = side_src(b)
     srcs["new"], shas["new"] = REPO / "src", git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no", "src"))
