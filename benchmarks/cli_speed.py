@@ -115,9 +115,7 @@ def run_case(name: str, sides: dict[str, Path], argv_of: Any, reps: int, threads
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
     keys = list(sides)
     for rep in range(reps):
-        order = keys[rep % len(keys):] + keys[:rep % len(keys)]
-        if rep % 2:
-            order = order[::-1]
+        order = keys[rep % len(keys):] + keys[:rep % len(keys)]  # each side leads in turn
         for k in order:
             out = WORK / "out" / name / f"{k}-{rep}"
             shutil.rmtree(out, ignore_errors=True)
