@@ -239,12 +239,14 @@ def main(args: argparse.Namespace) -> int:
 
     def build() -> tuple[Any, dict[str, Any], dict[str, tuple[int, int, int]]]:
         from denuc.pipeline import DeNuC
+        from denuc.runtime import single_thread_glue
 
         model = DeNuC.load(detector=args.detector, encoder=args.encoder, head=args.head,
                            device=process_device(args.device),
                            weights=args.weights, offline=True if args.offline else None, tta=args.tta,
                            detector_window=args.detector_window, model=args.model, runtime=args.runtime,
                            threshold=args.threshold)
+        single_thread_glue([model.detector.runner, model.featurizer.runner])
         return model.stream(tile_px=args.tile_px, workers=args.workers), model.models(), model._colors()
 
     return run_inputs("predict", args, build)

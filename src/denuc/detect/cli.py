@@ -57,6 +57,9 @@ def main(args: argparse.Namespace) -> int:
         path, threshold = model_detector(args.model, args.detector, args.threshold, args.tta)
         det = Detector.load(path, device=process_device(args.device), threshold=threshold, tta=args.tta,
                             window=args.detector_window, runtime=args.runtime)
+        from denuc.runtime import single_thread_glue
+
+        single_thread_glue([det.runner])
         return TileStream(det, None, tile_px=args.tile_px, workers=args.workers), {"detector": det.describe()}, None
 
     return run_inputs("detect", args, build)

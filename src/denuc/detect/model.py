@@ -9,6 +9,7 @@ and those falling in the padding are dropped at inference.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -262,9 +263,28 @@ class PointDetector(nn.Module):
         return out
 
 
+@functools.lru_cache(maxsize=8)
+def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """``(3, 256)`` float32: the normalised value of every uint8 level per channel, computed with
+    the same float32 operations as :func:`normalise`'s tensor path (so lookups equal it exactly)."""
+    v = torch.arange(256, dtype=torch.uint8).float().div_(255.0)
+    m = torch.tensor(mean).view(3, 1)
+    s = torch.tensor(std).view(3, 1)
+    return ((v[None] - m) / s).numpy()
+
+
 def normalise(images: np.ndarray | torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
               device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 ``(B, H, W, 3)`` or ``(H, W, 3)`` RGB -> float ``(B, 3, H, W)`` normalised tensor."""
+    if (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim in (3, 4)
+            and images.shape[-1] == 3 and (device is None or torch.device(device).type == "cpu")):
+        # CPU: one table lookup per channel straight into a contiguous (B, 3, H, W) array
+        x = images if images.ndim == 4 else images[None]
+        table = _normalise_table(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+        out = np.empty((x.shape[0], 3, x.shape[1], x.shape[2]), np.float32)
+        for c in range(3):
+            np.take(table[c], x[..., c], out=out[:, c])
+        return torch.from_numpy(out)
     t = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
     if t.ndim == 3:
         t = t[None]

@@ -227,7 +227,7 @@ class PointFeaturizer:
         ph, pw = max(self.window - h, 0), max(self.window - w, 0)
         if ph or pw:
             t = F.pad(t, (0, pw, 0, ph), value=1.0)  # white, like slide background
-        self._img = t[0]
+        self._img = t[0].contiguous()  # (3, H, W) rows in memory order: window crops copy fast
         self.work_hw = (int(h), int(w))
         self._xs = window_origins(max(w, self.window), self.window, self.stride)
         self._ys = window_origins(max(h, self.window), self.window, self.stride)

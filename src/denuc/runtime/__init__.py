@@ -24,7 +24,8 @@ from denuc.runtime.base import (
     make_runner,
     onnx_available,
     resolve_runtime,
+    single_thread_glue,
 )
 
 __all__ = ["AUTO_MAX_PARAMS", "RUNTIMES", "RUNTIME_CHOICES", "RUNTIME_ENV", "ModuleRunner", "TorchRunner", "make_runner",
-           "onnx_available", "resolve_runtime"]
+           "onnx_available", "resolve_runtime", "single_thread_glue"]

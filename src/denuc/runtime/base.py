@@ -51,13 +51,23 @@ RUNTIMES.register("onnx", _build_onnx)
 
 @functools.cache
 def onnx_available() -> bool:
-    """Whether ``onnxruntime`` (to run) and ``onnx`` (which ``torch.onnx`` needs to export) import."""
+    """Whether ``onnxruntime`` (to run) imports and ``onnx`` (which ``torch.onnx`` needs to export)
+    is installed. ``onnx`` is only found, not imported: importing it costs a second or more at
+    every start, and it is needed only when a model is exported (a broken install then fails
+    that export, which ``auto`` answers by falling back to PyTorch)."""
+    import importlib.util
+    import sys
+
     try:
-        import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
         return False
-    return True
+    if "onnx" in sys.modules:
+        return sys.modules["onnx"] is not None
+    try:
+        return importlib.util.find_spec("onnx") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _n_values(module: nn.Module) -> int:
@@ -114,7 +124,43 @@ class _FallbackRunner:
                           "running it with PyTorch instead (pass runtime='torch' to skip the attempt)", stacklevel=2)
             self.inner = self.torch
             self.runtime = "torch"
+            _restore_torch_threads()
             return self.torch(x)
+
+
+def _restore_torch_threads() -> None:
+    """Give PyTorch back the threads :func:`single_thread_glue` moved to ONNX Runtime (a runner
+    that fell back to PyTorch needs them)."""
+    import sys
+
+    ort_runtime = sys.modules.get("denuc.runtime.onnx")
+    n = getattr(ort_runtime, "THREADS", None)
+    if n and torch.get_num_threads() < n:
+        torch.set_num_threads(n)
+
+
+def single_thread_glue(runners: list[Any]) -> int | None:
+    """When every runner in ``runners`` is ONNX Runtime: keep ``torch.get_num_threads()`` threads
+    for ONNX Runtime (:func:`denuc.runtime.onnx.set_threads`) and set PyTorch itself to one
+    thread. What PyTorch then still runs is small work around the networks (stacking crops,
+    resizing windows, sampling maps, the head), where its thread team costs more than it gains:
+    on two cores shared with other processes, stacking 16 encoder crops took 400 ms with two
+    threads (spinning at every barrier) and 10 ms with one. Process-wide; meant for the
+    command line (``denuc predict|detect``). Results are unchanged (the same operations, each
+    element computed alike).
+
+    Returns:
+        the thread count given to ONNX Runtime, or None when nothing was changed (some runner
+        is PyTorch, which needs the threads itself).
+    """
+    if not runners or any(getattr(r, "runtime", None) != "onnx" for r in runners):
+        return None
+    from denuc.runtime import onnx as ort_runtime
+
+    n = max(1, torch.get_num_threads())
+    ort_runtime.set_threads(n)
+    torch.set_num_threads(1)
+    return n
 
 
 def make_runner(module: nn.Module, runtime: str | None = "auto", *, method: str = "forward", name: str = "model",

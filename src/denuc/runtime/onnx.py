@@ -19,7 +19,7 @@ whenever it is used). A module whose weights change in place after the
 first call (e.g. loading a state dict) is re-exported on its next call (tensors replaced by
 new objects, rather than written in place, are not noticed: build a new runner then).
 
-Threads: ``torch.get_num_threads()`` (read at every call): a batch is split into that many parts
+Threads: ``torch.get_num_threads()`` (read at every call; :func:`set_threads` fixes another number): a batch is split into that many parts
 run in parallel on single-threaded sessions (:data:`SPLIT_BATCH`); a batch of one window runs on
 a session with that many intra-op threads. No spin-waiting (:data:`SPIN`; spinning wastes shared
 CPUs).
@@ -74,6 +74,16 @@ CACHE_MAX_BYTES = 2 * 1024**3
 #: seconds a process waits for another's export of the same file before giving up.
 LOCK_TIMEOUT_S = 1800.0
 
+#: ONNX Runtime's threads when set (:func:`set_threads`); None: ``torch.get_num_threads()`` at each call.
+THREADS: int | None = None
+
+
+def set_threads(n: int | None) -> None:
+    """Run every ONNX Runtime call on ``n`` threads (None: follow ``torch.get_num_threads()``), so
+    that PyTorch itself may be set to fewer (see :func:`denuc.runtime.base.single_thread_glue`)."""
+    global THREADS
+    THREADS = None if n is None else max(1, int(n))
+
 
 def cache_dir() -> Path:
     """``$DENUC_CACHE/onnx``, default ``~/.cache/denuc/onnx``."""
@@ -127,16 +137,22 @@ def _version(package: str) -> str:
         return "none"
 
 
+def _onnx_version() -> str:
+    """``onnx.__version__`` without importing onnx (a second or more) when it is not loaded yet."""
+    import sys
+
+    mod = sys.modules.get("onnx")
+    return str(mod.__version__) if mod is not None else _version("onnx")
+
+
 def module_key(module: nn.Module, method: str, shape: tuple[int, ...]) -> str:
     """sha256 hex of everything that determines the exported graph (see the module docstring)."""
-    import onnx
-
     from denuc import __version__
 
     h = hashlib.sha256()
     head = {"format": FORMAT, "opset": OPSET, "method": method, "shape": list(shape),
             "class": f"{type(module).__module__}.{type(module).__qualname__}", "torch": torch.__version__,
-            "onnx": onnx.__version__, "onnxscript": _version("onnxscript"), "denuc": __version__, "settings": _settings(module),
+            "onnx": _onnx_version(), "onnxscript": _version("onnxscript"), "denuc": __version__, "settings": _settings(module),
             "code": [_file_sha(f) for f in _code_files(module)]}
     h.update(json.dumps(head, sort_keys=True).encode())
     h.update(repr(module).encode())
@@ -356,7 +372,7 @@ class OnnxRunner:
             self._version = v
         shape = tuple(int(s) for s in x.shape[1:])
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        threads = max(1, torch.get_num_threads())
+        threads = THREADS or max(1, torch.get_num_threads())
         parts = min(threads, len(arr)) if SPLIT_BATCH else 1
         if parts <= 1:
             return tuple(torch.from_numpy(o) for o in self._session_for(shape, threads).run(None, {"x": arr}))

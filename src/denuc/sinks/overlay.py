@@ -138,7 +138,7 @@ class OverlaySink(Sink):
                 draw.line([*xy, xy[0]], fill=ROI_OUTLINE, width=width, joint="curve")
         img = self._with_legend(img)
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
+        img.save(buf, format="PNG", compress_level=1)  # fast: same pixels, a larger file
         assert self._fh is not None
         self._fh.write(buf.getbuffer())
 
