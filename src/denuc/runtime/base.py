@@ -155,10 +155,10 @@ def single_thread_glue(runners: list[Any]) -> int | None:
     """
     if not runners or any(getattr(r, "runtime", None) != "onnx" for r in runners):
         return None
-    from denuc.runtime import onnx as ort_runtime
+    from denuc.runtime.onnx import set_threads
 
     n = max(1, torch.get_num_threads())
-    ort_runtime.set_threads(n)
+    set_threads(n)
     torch.set_num_threads(1)
     return n
 
