@@ -18,4 +18,4 @@ demo: env
 	@echo "wrote outputs/demo/ (CSV, summary JSON and overlay PNG per image); try: $(BIN)/denuc --help"
 
 test: env
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2

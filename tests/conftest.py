@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+# One thread per test process: `make test` runs two pytest workers (pytest-xdist) on the two
+# cores, and the processes tests spawn inherit the setting (results compared across processes
+# are computed with the same thread count). Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
 
 import pytest
 

@@ -246,7 +246,7 @@ def main(args: argparse.Namespace) -> int:
                            weights=args.weights, offline=True if args.offline else None, tta=args.tta,
                            detector_window=args.detector_window, model=args.model, runtime=args.runtime,
                            threshold=args.threshold)
-        single_thread_glue([model.detector.runner, model.featurizer.runner])
+        single_thread_glue([getattr(model.detector, "runner", None), getattr(model.featurizer, "runner", None)])
         return model.stream(tile_px=args.tile_px, workers=args.workers), model.models(), model._colors()
 
     return run_inputs("predict", args, build)
