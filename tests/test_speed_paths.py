@@ -1,4 +1,4 @@
-"""Fast paths of the command line (issue 22) give exactly the reference path's values.
+"""Fast paths of the command line give exactly the reference path's values.
 
 * the detector's CPU input normalisation by table lookup equals the tensor arithmetic bit for bit;
 * the optical density by table lookup equals ``-log((I + 1) / 256)`` in float32 bit for bit;

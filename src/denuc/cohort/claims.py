@@ -39,6 +39,7 @@ from pathlib import Path
 from types import TracebackType
 
 from denuc.cohort.inputs import input_stem, shard
+from denuc.core.files import pid_alive
 from denuc.errors import InputError
 
 #: Seconds without heartbeat after which another process takes a claim over.
@@ -73,20 +74,6 @@ _HOST = socket.gethostname()
 _NODE = _node_id()
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    except OSError:
-        return True
-    return True
-
-
 @dataclass(frozen=True)
 class ClaimInfo:
     """What a claim file says, as read by any process. ``token`` is ``None`` for a file that is
@@ -109,7 +96,7 @@ class ClaimInfo:
     def owner_dead(self) -> bool:
         """The owner ran on this machine (same host, boot and PID namespace) and is gone."""
         return (self.host == _HOST and self.node == _NODE and self.pid is not None
-                and self.pid != os.getpid() and not _pid_alive(self.pid))
+                and self.pid != os.getpid() and not pid_alive(self.pid))
 
     def is_stale(self, stale_after: float = STALE_AFTER) -> bool:
         return self.owner_dead() or self.age() > stale_after

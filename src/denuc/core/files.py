@@ -223,7 +223,8 @@ def file_stem(path: str | os.PathLike[str]) -> str:
     return p.stem
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` lives on this host (another user's process counts as alive)."""
     if pid <= 0:
         return False
     try:
@@ -267,7 +268,7 @@ def remove_dead_temps(folder: str | os.PathLike[str], names: Iterable[str] | Non
         return removed
     for p in entries:
         pid = temp_owner(p.name)
-        if pid is None or pid == os.getpid() or _pid_alive(pid):
+        if pid is None or pid == os.getpid() or pid_alive(pid):
             continue
         final = p.name[1:].rpartition(".tmp")[0].rpartition(".")[0]
         if wanted is None or final in wanted:
