@@ -99,3 +99,17 @@ def test_frame_reads_the_coarsest_level_no_coarser_than_the_working_mpp() -> Non
     assert boxes.shape == (plan.count, 4)
     area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum()
     assert area == pytest.approx(40000 * 30000)
+
+
+def test_last_tile_holds_the_frames_flush_window() -> None:
+    """Every length (a deterministic sweep, beside the property test above): a tile whose range
+    reaches the frame's end holds the frame's last window, flush with the end (length 113 with
+    64 px windows once read [64, 113) and ran a padded window the whole pass never runs)."""
+    for length in range(1, 400):
+        for cells in range(1, 5):
+            ax = AxisPlan(length, 64, 32, 16.0, cells)
+            glob = window_origins(max(length, 64), 64, 32)
+            for k in range(ax.count):
+                start, end = ax.read_range(k)
+                local = window_origins(max(end - start, 64), 64, 32) + start
+                np.testing.assert_array_equal(local, glob[(glob >= start) & (glob + 64 <= max(end, 64))])

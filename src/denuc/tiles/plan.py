@@ -69,6 +69,8 @@ class AxisPlan:
         """Half-open working-frame range ``[start, end)`` tile ``k`` reads (its windows)."""
         start = max(0, (k * self.cells - 1) * self.stride)
         end = self.length if k == self.count - 1 else min(self.length, (k + 1) * self.cells * self.stride + self.window)
+        if end == self.length:  # a range reaching the end holds the frame's last window, flush with it
+            start = min(start, max(0, self.length - self.window))
         return start, end
 
 
