@@ -286,3 +286,9 @@ def test_python_api_streams_a_slide_and_matches_the_cli(tmp_path: Path) -> None:
     np.testing.assert_allclose(whole.probs[ia], nuc.probs[ib], atol=1e-5)
     chunks = list(model.iter_slide(path, tile_px=64, opts=every))
     assert sum(len(c) for c in chunks) == len(nuc) and len(chunks) >= 1
+    # a slide with no tissue: an empty result with zero counts, not a crash
+    glass = write_pyramidal_tiff(tmp_path / "glass.tif", np.full((256, 320, 3), 245, np.uint8), 0.25, tile=128,
+                                 downsamples=(1, 4), compression="none", flavor="generic")
+    empty, s = model.predict_slide(glass, tile_px=64)
+    assert len(empty) == 0 and s["tiles"]["selected"] == 0 and s["nuclei"] == 0
+    assert set(s["counts"].values()) == {0}

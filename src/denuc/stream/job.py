@@ -406,7 +406,8 @@ def _run_memory(runner: TileStream, source: Any, opts: RunOptions, timer: StageT
         bar.set_postfix(nuclei=n)
     bar.close()
     nuclei = _chunk_nuclei(parts, runner, source)
-    counts = {c: int((nuclei.class_ids == k).sum()) for k, c in enumerate(nuclei.class_names)}
+    ids_all = nuclei.class_ids if nuclei.class_ids is not None else np.zeros(len(nuclei), np.int64)
+    counts = {c: int((ids_all == k).sum()) for k, c in enumerate(nuclei.class_names)}
     from denuc.sinks.summary import density
 
     a = prep.area.analysed_area_um2
