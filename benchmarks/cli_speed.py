@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import run_info, write_result
+from common import cpu_name, run_info, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "runs" / "cli_speed"
@@ -204,7 +204,7 @@ def main() -> int:
     result: dict[str, Any] = {
         "benchmark": "cli_speed", "split": args.split, "images": len(stems), "reps": args.reps,
         "threads": args.threads or "default", "commits": shas, "new_has_uncommitted_src_changes": dirty,
-        "cpu": _cpu_name(), "load_avg_at_start": list(os.getloadavg()), **run_info("cli_speed.py"),
+        "cpu": cpu_name(), "load_avg_at_start": list(os.getloadavg()), **run_info("cli_speed.py"),
         "command_tiles": "denuc predict <images> --mpp 0.5 --format csv --out DIR", "warmup": warm, "cases": {}}
     gt = {s: ds.load(s).points for s in stems}
     if "tiles" in args.cases:
@@ -274,16 +274,6 @@ def main() -> int:
         print("slide points:", {k: v for k, v in result["cases"]["slide"].items() if k.startswith("same_points")})
     write_result(args.name, result, args.report)
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ README come from the copies in ``benchmarks/reported/``.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import sys
@@ -16,6 +17,17 @@ from typing import Any
 from denuc.core.files import atomic_copy, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
+
+
+def cpu_name() -> str:
+    """The CPU model and core count, for a result's record."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores"
 
 
 def run_info(script: str, one_thread: bool = False) -> dict[str, Any]:

@@ -155,7 +155,7 @@ def main() -> int:
         return worker(args)
 
     sys.path.insert(0, str(REPO / "src"))
-    from common import run_info, write_result
+    from common import cpu_name, run_info, write_result
 
     from denuc.data import open_dataset
     from denuc.data.paths import brca_m2c_dir
@@ -212,7 +212,7 @@ def main() -> int:
                                      text=True).stdout.strip(),
         "new_settings": {"runtime": args.runtime or "default", "detector_window": args.detector_window or "default",
                          "runtimes_used": infos["new"].get("runtimes", {})},
-        "protocol": "denuc", "radius_um": 3.0, "cpu": _cpu_name(), **run_info("cpu_speed.py"),
+        "protocol": "denuc", "radius_um": 3.0, "cpu": cpu_name(), **run_info("cpu_speed.py"),
         "speedup_wall": round(sums["base"]["wall"] / sums["new"]["wall"], 3),
         "speedup_cpu": round(sums["base"]["cpu"] / sums["new"]["cpu"], 3),
         "speedup_wall_median_per_image": round(float(np.median(ratios)), 3),
@@ -233,16 +233,6 @@ def main() -> int:
     name = args.name or ("cpu_speed" if args.split == "test" else f"cpu_speed_{args.split}")
     write_result(name, result, args.report)
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores"
 
 
 if __name__ == "__main__":
