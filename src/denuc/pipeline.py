@@ -272,7 +272,8 @@ class DeNuC:
     def predict_many(self, inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
                      mpp: float | None = None, mpp_default: float | None = None, opts: Any = None,
                      inputs_file: str | os.PathLike[str] | None = None, shard: tuple[int, int] | None = None,
-                     tile_px: int | None = None, workers: int = 2) -> Any:
+                     tile_px: int | None = None, workers: int = 2,
+                     jobs: int | str = "auto") -> Any:
         """Every input into ``out``, as ``denuc predict`` does (the same engine,
         :func:`denuc.cohort.runner.run_cohort`): skip inputs done with the same settings, refuse
         those done with others, share inputs with other processes on the same ``out``, report a
@@ -285,6 +286,8 @@ class DeNuC:
             mpp_default: level-0 µm per pixel of the inputs that carry none.
             opts: :class:`~denuc.stream.job.RunOptions` (formats, tissue, ROI or ROI folder,
                 overwrite, ...).
+            jobs: inputs run at once in threads of this process (``"auto"``: 2 on a CPU when two
+                or more inputs are to do; see :func:`denuc.cohort.runner.resolve_jobs`).
 
         Returns:
             :class:`~denuc.cohort.runner.CohortResult`: ``results`` holds one
@@ -296,7 +299,7 @@ class DeNuC:
             return self.stream(tile_px=tile_px, workers=workers), self.models(), self._colors()
 
         return run_cohort(inputs, out, build, opts=opts, inputs_file=inputs_file, mpp=mpp, mpp_default=mpp_default,
-                          shard=shard)
+                          shard=shard, jobs=jobs)
 
     def iter_slide(self, path: str | os.PathLike[str] | np.ndarray, mpp: float | None = None, *,
                    opts: Any = None, tile_px: int | None = None) -> Any:

@@ -87,6 +87,11 @@ def add_common_options(p: argparse.ArgumentParser, command: str = "predict") -> 
                         "(default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, metavar="N",
                    help="loader threads that read and resample tiles ahead of the models (default: %(default)s)")
+    p.add_argument("--jobs", default="auto", metavar="N|auto",
+                   help="inputs this process runs at once, each in a thread with an equal share of the CPU threads; "
+                        "outputs are the same whatever it is. auto: 2 on a CPU with two or more threads when two or "
+                        "more inputs are to do (small images keep the cores busier side by side), 1 on a GPU "
+                        "(default: %(default)s)")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="this process is worker I of N (e.g. SLURM array task $SLURM_ARRAY_TASK_ID/"
                         "$SLURM_ARRAY_TASK_COUNT): it starts with every N-th input from I, then helps with inputs "
@@ -198,7 +203,7 @@ def run_inputs(command: str, args: argparse.Namespace, build: Any) -> int:
     res = run_cohort(args.inputs, args.out, build, opts=opts, inputs_file=args.inputs_file, mpp=args.mpp,
                      mpp_default=args.mpp_default,
                      shard=parse_shard(args.shard) if args.shard is not None else None, shard_only=args.shard_only,
-                     on_result=lambda r: _print_result(command, r, args.profile), on_note=print)
+                     on_result=lambda r: _print_result(command, r, args.profile), on_note=print, jobs=args.jobs)
     line = res.message()
     if not res.ok:
         print(f"denuc {command}: {line}", file=sys.stderr)

@@ -345,17 +345,45 @@ def claimed_inputs(
         ``(input, claim)``; process the input, then call ``claim.release()`` (a claim still held
         when the caller asks for the next input, or leaves the loop, is released then).
     """
-    out_dir = Path(out_dir)
-    for i in claim_order(len(inputs), rank, world):
-        path = Path(inputs[i])
-        if is_done(path):
-            continue
-        claim = try_claim(out_dir, input_stem(path), stale_after)
-        if claim is None:
-            continue
+    queue = ClaimQueue(inputs, out_dir, is_done, rank, world, stale_after)
+    while (item := queue.next()) is not None:
+        path, claim = item
         try:
-            if is_done(path):
-                continue
             yield path, claim
         finally:
             claim.release()
+
+
+class ClaimQueue:
+    """The inputs of :func:`claimed_inputs` handed out one at a time to the threads of one
+    process: :meth:`next` is thread-safe, and the claim it returns stays held until its caller
+    releases it (so several threads each hold the claim of the input they run).
+
+    Args: as :func:`claimed_inputs`.
+    """
+
+    def __init__(self, inputs: Sequence[Path], out_dir: Path, is_done: Callable[[Path], bool], rank: int,
+                 world: int, stale_after: float = STALE_AFTER) -> None:
+        self.inputs = [Path(p) for p in inputs]
+        self.out_dir = Path(out_dir)
+        self.is_done = is_done
+        self.stale_after = stale_after
+        self._order = iter(claim_order(len(self.inputs), rank, world))
+        self._lock = threading.Lock()
+
+    def next(self) -> tuple[Path, Claim] | None:
+        """The next input not done and not held by another live process, claimed for this
+        process (release the claim when done with it); None when there is none left."""
+        with self._lock:
+            for i in self._order:
+                path = self.inputs[i]
+                if self.is_done(path):
+                    continue
+                claim = try_claim(self.out_dir, input_stem(path), self.stale_after)
+                if claim is None:
+                    continue
+                if self.is_done(path):  # another process finished it just before we claimed it
+                    claim.release()
+                    continue
+                return path, claim
+            return None

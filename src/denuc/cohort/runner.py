@@ -22,6 +22,7 @@ compute the fingerprint of outputs already there).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -168,7 +169,7 @@ def run_cohort(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
                opts: Any = None, inputs_file: str | os.PathLike[str] | None = None, mpp: float | None = None,
                mpp_default: float | None = None, shard: tuple[int, int] | None = None, shard_only: bool = False,
                on_result: Callable[[InputResult], None] | None = None,
-               on_note: Callable[[str], None] | None = None) -> CohortResult:
+               on_note: Callable[[str], None] | None = None, jobs: int | str | None = "auto") -> CohortResult:
     """Run every input into ``out`` (see the module docstring).
 
     Args:
@@ -183,6 +184,10 @@ def run_cohort(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
             world size, else the only one); ``shard_only``: only shard I's inputs.
         on_result: called with each input's result as it is known (for printing).
         on_note: called with lines worth telling the user (skipped inputs, missing ROI files).
+        jobs: inputs run at once by this process, each in a thread of its own with a share of
+            the CPU threads (:func:`resolve_jobs`; ``"auto"``: 2 on a CPU with two or more
+            threads when two or more inputs are to do, else 1). Each input's outputs are the same
+            whatever ``jobs`` is; ``on_result`` is called from those threads, one call at a time.
 
     Returns:
         :class:`CohortResult`; an input's failure is in its result, not raised.
@@ -192,7 +197,7 @@ def run_cohort(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
         ROI or mask path, an unwritable folder), before any input runs; a model that cannot be
         built.
     """
-    from denuc.cohort.claims import claimed_inputs
+    from denuc.cohort.claims import ClaimQueue
     from denuc.cohort.inputs import expand_inputs, parse_shard, world
     from denuc.core.files import check_out_dir
     from denuc.core.mpp import check_mpp
@@ -292,24 +297,138 @@ def run_cohort(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
     if missing:
         note(f"{len(missing)} input(s) have no ROI / tissue mask file and are not processed: "
              + ", ".join(f.name for f in missing))
-    for f, claim in claimed_inputs(todo, out_dir, is_done, rank, size, stale_after=opts.stale_after):
-        runner, models, colors = get_engine()  # loaded once, before the first input's clock starts
+    queue = ClaimQueue(todo, out_dir, is_done, rank, size, stale_after=opts.stale_after)
+    lock = threading.RLock()  # the claim queue, fingerprints, results and on_result, one thread at a time
+
+    def run_one(stream: Any, f: Path, claim: Any) -> None:
+        _runner, models, colors = get_engine()
         t0 = time.perf_counter()
         try:  # any failure is this input's: report it and go on (Ctrl-C still stops the run)
-            res = run_source(runner, f, mpp=mpp, mpp_default=mpp_default, name=input_stem(f), out_dir=out_dir,
+            res = run_source(stream, f, mpp=mpp, mpp_default=mpp_default, name=input_stem(f), out_dir=out_dir,
                              opts=per[f], models=models, colors=colors, claim=claim)
         except Exception as e:
-            report(InputResult(f, input_stem(f), "failed", error=error_line(f, e), seconds=time.perf_counter() - t0))
+            with lock:
+                report(InputResult(f, input_stem(f), "failed", error=error_line(f, e),
+                                   seconds=time.perf_counter() - t0))
             del e  # frees a MemoryError's traceback now
-            continue
+            return
+        finally:
+            claim.release()
         status = {"done": "done", "skipped": "skipped", "busy": "busy"}[res.status]
-        report(InputResult(f, res.name, status, res.summary, res.paths, seconds=time.perf_counter() - t0))
+        with lock:
+            report(InputResult(f, res.name, status, res.summary, res.paths, seconds=time.perf_counter() - t0))
+
+    def next_input() -> tuple[Path, Any] | None:
+        with lock:
+            return queue.next()
+
+    first = next_input()
+    if first is not None:
+        stream = get_engine()[0]  # loaded once, before the first input's clock starts
+        n_jobs = resolve_jobs(jobs, len(todo), stream)
+        if n_jobs <= 1:
+            item: tuple[Path, Any] | None = first
+            while item is not None:
+                run_one(stream, *item)
+                item = next_input()
+        else:
+            _run_threads(n_jobs, stream, first, next_input, run_one)
     for f in todo:  # held by another live process, or finished by one meanwhile
         if f not in results:
             report(InputResult(f, input_stem(f), "skipped" if is_done(f) else "busy"))
     _sweep_claims(out_dir, files, is_done, opts.stale_after)
     refresh_summary_table(out_dir)
     return CohortResult(out_dir, [results[f] for f in files])
+
+
+def resolve_jobs(jobs: int | str | None, n_todo: int, stream: Any) -> int:
+    """How many inputs run at once in this process.
+
+    Args:
+        jobs: a number >= 1, or ``"auto"`` / None: 2 when the models run on the CPU with two or
+            more threads (ONNX Runtime's or PyTorch's) and two or more inputs are to do, else 1
+            (a GPU runs one input at a time: its batches fill it).
+        n_todo: inputs left to do.
+        stream: the :class:`~denuc.stream.runner.TileStream` (its detector's device).
+
+    Raises:
+        InputError: ``jobs`` is neither ``auto`` nor a whole number >= 1.
+    """
+    import torch
+
+    if jobs is None or jobs == "auto":
+        on_cpu = torch.device(getattr(stream.detector, "device", "cpu")).type == "cpu"
+        return 2 if on_cpu and _cpu_threads() >= 2 and n_todo >= 2 else 1
+    try:
+        n = int(jobs)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or str(jobs).strip() != str(n):
+        raise InputError(f"--jobs must be 'auto' or a whole number >= 1; got {jobs!r}")
+    return max(1, min(n, n_todo))
+
+
+def _cpu_threads() -> int:
+    """The CPU threads the networks may use: ONNX Runtime's process-wide number when set, else
+    PyTorch's."""
+    import sys
+
+    import torch
+
+    ort_runtime = sys.modules.get("denuc.runtime.onnx")
+    return int(getattr(ort_runtime, "THREADS", None) or torch.get_num_threads())
+
+
+def _run_threads(n_jobs: int, stream: Any, first: tuple[Path, Any],
+                 next_input: Callable[[], tuple[Path, Any] | None],
+                 run_one: Callable[[Any, Path, Any], None]) -> None:
+    """Run the queue's inputs in ``n_jobs`` threads (this one and ``n_jobs - 1`` more), each
+    with a fork of ``stream`` and ``threads // n_jobs`` of the CPU threads for its networks.
+
+    The extra threads are daemons: Ctrl-C stops the process at once (an input cut short leaves
+    only temporary files, removed by the next run, and a claim that the next run takes over).
+    An exception other than an input's own failure, in any thread, is raised here.
+    """
+    import torch
+
+    from denuc.runtime.onnx import set_thread_threads
+
+    total = _cpu_threads()
+    share = max(1, total // n_jobs)
+    torch_threads = torch.get_num_threads()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def work(own: Any, item: tuple[Path, Any] | None, catch: bool) -> None:
+        set_thread_threads(share)
+        try:
+            while item is not None and not stop.is_set():
+                run_one(own, *item)
+                item = None if stop.is_set() else next_input()
+            if item is not None:  # taken but not run: another process may have it
+                item[1].release()
+        except BaseException as e:
+            stop.set()  # the other threads take no new input
+            if not catch:
+                raise
+            errors.append(e)  # handed to the calling thread
+        finally:
+            set_thread_threads(None)
+
+    if torch_threads > 1:  # PyTorch's own threads (a PyTorch runtime, or glue) shared the same way
+        torch.set_num_threads(max(1, torch_threads // n_jobs))
+    try:
+        others = [threading.Thread(target=work, args=(stream.fork(), next_input(), True), daemon=True,
+                                   name=f"denuc-input-{k + 1}") for k in range(n_jobs - 1)]
+        for t in others:
+            t.start()
+        work(stream, first, False)  # Ctrl-C here stops the process now, without waiting for the others
+        for t in others:
+            t.join()
+    finally:
+        torch.set_num_threads(torch_threads)
+    if errors:
+        raise errors[0]
 
 
 def _sweep_claims(out: Path, files: list[Path], is_done: Callable[[Path], bool], stale_after: float) -> None:

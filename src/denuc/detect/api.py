@@ -213,7 +213,8 @@ class Detector:
     def detect_cohort(self, inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
                       mpp: float | None = None, mpp_default: float | None = None, opts: Any = None,
                       inputs_file: str | os.PathLike[str] | None = None, shard: tuple[int, int] | None = None,
-                      tile_px: int | None = None, workers: int = 2) -> Any:
+                      tile_px: int | None = None, workers: int = 2,
+                      jobs: int | str = "auto") -> Any:
         """Every input (files, folders, globs) into output files in ``out``, as ``denuc detect``
         does: the same engine and arguments as :meth:`denuc.pipeline.DeNuC.predict_many`.
 
@@ -228,7 +229,7 @@ class Detector:
             return stream, {"detector": self.describe()}, None
 
         return run_cohort(inputs, out, build, opts=opts, inputs_file=inputs_file, mpp=mpp, mpp_default=mpp_default,
-                          shard=shard)
+                          shard=shard, jobs=jobs)
 
     def detect_works(self, works: Sequence[np.ndarray]) -> list[Any]:
         """Raw detections (:class:`~denuc.detect.windows.RawDetections`, points in each image's

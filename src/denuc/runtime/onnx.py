@@ -19,7 +19,8 @@ whenever it is used). A module whose weights change in place after the
 first call (e.g. loading a state dict) is re-exported on its next call (tensors replaced by
 new objects, rather than written in place, are not noticed: build a new runner then).
 
-Threads: ``torch.get_num_threads()`` (read at every call; :func:`set_threads` fixes another number): a batch is split into that many parts
+Threads: :func:`threads` (read at every call: a number of the calling thread's, set by
+:func:`set_thread_threads`, else :func:`set_threads`'s, else ``torch.get_num_threads()``): a batch is split into that many parts
 run in parallel on single-threaded sessions (:data:`SPLIT_BATCH`); a batch of one window runs on
 a session with that many intra-op threads. No spin-waiting (:data:`SPIN`; spinning wastes shared
 CPUs).
@@ -36,6 +37,7 @@ import json
 import os
 import re
 import sys
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -83,6 +85,22 @@ def set_threads(n: int | None) -> None:
     that PyTorch itself may be set to fewer (see :func:`denuc.runtime.base.single_thread_glue`)."""
     global THREADS
     THREADS = None if n is None else max(1, int(n))
+
+
+_LOCAL = threading.local()
+
+
+def set_thread_threads(n: int | None) -> None:
+    """Run the ONNX Runtime calls made from the calling thread on ``n`` threads (None: the
+    process-wide number, :func:`threads`). Lets inputs that run at once in several threads of one
+    process share the cores (:func:`denuc.cohort.runner.run_cohort`)."""
+    _LOCAL.threads = None if n is None else max(1, int(n))
+
+
+def threads() -> int:
+    """Threads an ONNX Runtime call from the calling thread runs on: the thread's own number
+    (:func:`set_thread_threads`), else :data:`THREADS`, else ``torch.get_num_threads()``."""
+    return getattr(_LOCAL, "threads", None) or THREADS or max(1, torch.get_num_threads())
 
 
 def cache_dir() -> Path:
@@ -340,6 +358,7 @@ class OnnxRunner:
         self._tensors = module_tensors(module)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
+        self._lock = threading.Lock()  # calls from several threads share the sessions
 
     def file_for(self, shape: tuple[int, ...]) -> Path:
         """The cached ONNX file of input shape ``shape`` = ``(C, H, W)``, exported if missing
@@ -363,25 +382,28 @@ class OnnxRunner:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.module.training or x.shape[0] == 0:
             return self._torch(x)
-        v = weights_version(self._tensors)
-        if v != self._version:  # first call, or weights written since: export again
-            self._tensors = module_tensors(self.module)
-            v = weights_version(self._tensors)
-            self._sessions.clear()
-            self.paths.clear()
-            self._version = v
         shape = tuple(int(s) for s in x.shape[1:])
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        threads = THREADS or max(1, torch.get_num_threads())
-        parts = min(threads, len(arr)) if SPLIT_BATCH else 1
+        n_threads = threads()
+        parts = min(n_threads, len(arr)) if SPLIT_BATCH else 1
+        with self._lock:  # sessions are made once; their runs are thread-safe
+            v = weights_version(self._tensors)
+            if v != self._version:  # first call, or weights written since: export again
+                self._tensors = module_tensors(self.module)
+                v = weights_version(self._tensors)
+                self._sessions.clear()
+                self.paths.clear()
+                self._version = v
+            sess = self._session_for(shape, n_threads if parts <= 1 else 1)
+            if parts > 1 and (self._pool is None or self._pool_size < parts):
+                self._pool, self._pool_size = ThreadPoolExecutor(parts, thread_name_prefix="denuc-onnx"), parts
+            pool = self._pool
         if parts <= 1:
-            return tuple(torch.from_numpy(o) for o in self._session_for(shape, threads).run(None, {"x": arr}))
+            return tuple(torch.from_numpy(o) for o in sess.run(None, {"x": arr}))
         # one single-threaded run per part of the batch, in parallel (runs release the GIL)
-        sess = self._session_for(shape, 1)
         chunks = np.array_split(arr, parts)
-        if self._pool is None or self._pool_size < parts:
-            self._pool, self._pool_size = ThreadPoolExecutor(parts, thread_name_prefix="denuc-onnx"), parts
-        outs = list(self._pool.map(lambda c: sess.run(None, {"x": c}), chunks))
+        assert pool is not None
+        outs = list(pool.map(lambda c: sess.run(None, {"x": c}), chunks))
         return tuple(torch.from_numpy(np.concatenate(o)) for o in zip(*outs, strict=True))
 
     def _session_for(self, shape: tuple[int, ...], threads: int) -> Any:

@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -170,6 +170,19 @@ class TileStream:
         self.batch_tiles = int(batch_tiles if batch_tiles is not None else (4 if on_gpu else 1))
         self.workers = max(1, int(workers))
         self.prefetch = max(0, int(prefetch))
+
+    def fork(self) -> TileStream:
+        """A stream over the same networks (their weights, runners and ONNX sessions shared) with
+        state of its own (the source being run, the encoder's current image), so that another
+        thread can run another source at the same time (:func:`denuc.cohort.runner.run_cohort`)."""
+        det = self.detector
+        if isinstance(det, WholeImageDetector):  # it keeps the source's mpp
+            det = WholeImageDetector(det.inner)
+        cls = self.classifier
+        if cls is not None:
+            cls = replace(cls, featurizer=cls.featurizer.with_stain_norm(cls.featurizer.stain_norm))
+        return TileStream(det, cls, tile_px=self.tile_px, batch_tiles=self.batch_tiles, workers=self.workers,
+                          prefetch=self.prefetch)
 
     @property
     def class_names(self) -> tuple[str, ...]:
