@@ -20,6 +20,7 @@ finished chunk (same nuclei as an uninterrupted run). A claim file per input
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -103,7 +104,18 @@ def _kind(source: Any) -> str:
     return "slide" if source.backend in ("openslide", "tiffslide") else "image"
 
 
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> tuple[tuple[str, str], ...]:
+    """Versions of the packages the outputs depend on (read once per process: package metadata
+    costs about 10 ms a read)."""
+    return tuple(_versions_now().items())
+
+
 def _versions() -> dict[str, str]:
+    return dict(_package_versions())
+
+
+def _versions_now() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
