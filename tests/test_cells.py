@@ -64,8 +64,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     Image.fromarray(img).save(root / "planted.png")
     s = {"root": root, "det": det, "head": root / "head.safetensors", "slide": slide, "png": root / "planted.png"}
     s["tiled"] = root / "tiled"
+    s["whole"] = root / "whole"
     assert predict(s, [str(slide), "--out", str(s["tiled"]), "--tile-px", "96", "--format", "csv,h5ad",
                        "--embeddings", "float32", "--density-grid", "40"]) == 0
+    assert predict(s, [str(s["png"]), "--out", str(s["whole"]), "--mpp", "0.5", "--format", "h5ad",
+                       "--embeddings", "float32"]) == 0
     return s
 
 
@@ -109,6 +112,66 @@ def test_h5ad_rows_positions_and_features_are_what_the_head_classified(setup: di
     assert u["summary"]["tiles"] == summary["tiles"]
 
 
+def test_tile_column_holds_plan_indices_whose_cores_hold_the_nuclei(setup: dict[str, Any]) -> None:
+    """obs['tile'] is the plan index of the tile whose core owns each nucleus: the cores in
+    uns are the plan's, every nucleus lies in its own tile's core and strictly inside no other.
+    (The kill-and-resume test below compares whole obs tables, tile included, between a run in
+    chunks of 8 tiles and a resumed one in chunks of 1: the ids depend on neither.)"""
+    from denuc.detect.api import Detector
+    from denuc.source import open_source
+    from denuc.stream.runner import TileStream
+
+    got = read_h5ad_table(setup["tiled"] / "planted.h5ad")
+    tiles = got["obs"]["tile"].to_numpy()
+    u = got["uns"]["denuc"]["tiles"]
+    with open_source(setup["slide"]) as src:
+        plan = TileStream(Detector.load(setup["det"], device="cpu"), tile_px=96).plan(src)
+    cores = plan.core_boxes_level0()
+    np.testing.assert_array_equal(u["core_level0"], cores)
+    assert list(u["grid"]) == [plan.xs.count, plan.ys.count] and plan.count >= 4
+    assert tiles.dtype.kind == "i" and len(tiles) == len(got["spatial"])
+    assert tiles.min() >= 0 and tiles.max() < plan.count
+    assert len(np.unique(tiles)) >= 2  # nuclei from several tiles
+    x, y = got["spatial"].T
+    own = cores[tiles]
+    assert ((x >= own[:, 0]) & (x <= own[:, 2]) & (y >= own[:, 1]) & (y <= own[:, 3])).all()
+    strictly = ((x[:, None] > cores[None, :, 0]) & (x[:, None] < cores[None, :, 2])
+                & (y[:, None] > cores[None, :, 1]) & (y[:, None] < cores[None, :, 3]))  # (N, T)
+    strictly[np.arange(len(tiles)), tiles] = False
+    assert not strictly.any()
+    whole = read_h5ad_table(setup["whole"] / "planted.h5ad")  # one tile
+    assert set(whole["obs"]["tile"]) == {0} and list(whole["uns"]["denuc"]["tiles"]["grid"]) == [1, 1]
+
+
+def test_h5ad_tile_column_needs_tile_ids_in_range() -> None:
+    from denuc.errors import InputError
+    from denuc.sinks import OutputInfo
+    from denuc.sinks.anndata import AnnDataSink
+
+    def sink(tmp: Path) -> AnnDataSink:
+        info = OutputInfo("s", tmp, "image", ("x",), {}, 0.5, (100, 100),
+                          sink_options={"tile_cores": np.array([[0, 0, 50, 100], [50, 0, 100, 100.0]]),
+                                        "tile_grid": (2, 1)})
+        return AnnDataSink(info)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        pts = Nuclei(np.array([[10.0, 10.0], [60.0, 10.0]]), class_ids=np.array([0, 0]), class_names=("x",))
+        for bad in (None, np.array([0, 2]), np.array([0])):
+            chunk = pts.select(slice(None))
+            if bad is not None:
+                chunk.meta["tile"] = bad
+            with pytest.raises(InputError, match="tile"):
+                sink(Path(d)).write(chunk)
+        s = sink(Path(d))
+        pts.meta["tile"] = np.array([0, 1])
+        s.write(pts)
+        s.write(Nuclei.empty(("x",)))  # an empty chunk needs no tile ids
+        got = read_h5ad_table(s.close({}))
+        assert list(got["obs"]["tile"]) == [0, 1]
+
+
 def test_h5ad_opens_with_anndata(setup: dict[str, Any]) -> None:
     ad = pytest.importorskip("anndata", reason="pip install 'denuc[anndata]' (the dev extra installs it)")
     a = ad.read_h5ad(setup["tiled"] / "planted.h5ad")
@@ -122,9 +185,7 @@ def test_h5ad_opens_with_anndata(setup: dict[str, Any]) -> None:
 
 
 def test_tiled_slide_and_whole_image_give_the_same_table(setup: dict[str, Any]) -> None:
-    whole = setup["root"] / "whole"
-    assert predict(setup, [str(setup["png"]), "--out", str(whole), "--mpp", "0.5", "--format", "h5ad",
-                           "--embeddings", "float32"]) == 0
+    whole = setup["whole"]
     a, b = read_h5ad_table(setup["tiled"] / "planted.h5ad"), read_h5ad_table(whole / "planted.h5ad")
     assert json.loads((whole / "planted.summary.json").read_text())["tiles"]["selected"] == 1
     ia, ib = order(a["spatial"]), order(b["spatial"])

@@ -34,6 +34,15 @@ from denuc.errors import DenucError, InputError
 #: ``OutputInfo.kind`` values: a whole-slide image, or an ordinary image (PNG/JPEG/TIFF tile).
 KINDS = ("slide", "image")
 
+#: Key of a chunk's ``meta`` that holds the tile of each nucleus: ``(N,)`` int64 index of the
+#: tile of the input's tile plan (:class:`denuc.tiles.plan.TilePlan`, row-major over the
+#: detector frame's tile cells) whose core the nucleus lies in, i.e. the streaming window that
+#: produced it. The stream's chunks carry it; a sink that stores it (``h5ad``, ``spatialdata``)
+#: gets the plan's level-0 core boxes as ``OutputInfo.sink_options["tile_cores"]``. Like every
+#: ``meta`` entry it describes the chunk as made: :meth:`Nuclei.select` and
+#: :meth:`Nuclei.concat` do not carry it along.
+TILE_KEY = "tile"
+
 
 @dataclass
 class OutputInfo:
@@ -132,6 +141,8 @@ class Sink(ABC):
     """
 
     suffix: ClassVar[str] = ""
+    #: whether the output keeps each nucleus's point features (the run then asks the stream for them)
+    stores_features: ClassVar[bool] = False
 
     def __init__(self, info: OutputInfo) -> None:
         self.info = info
