@@ -358,3 +358,103 @@ def test_density_grid_area_is_tissue_and_roi() -> None:
     got = DensitySink(info).area_um2()
     np.testing.assert_allclose(got, [[625.0, 0.0], [0.0, 0.0]])
     assert got.sum() == pytest.approx(area.analysed_area_um2)
+
+
+# --------------------------------------------------------------------------- spatialdata
+def roi_with_hole(path: Path) -> Path:
+    """A QuPath GeoJSON of one region with a hole over the left part of the planted slide
+    (400 x 384 px; the random detector's points lie along its edges, the hole cuts some off)."""
+    outer = [[0.0, 0.0], [250.0, 0.0], [250.0, 384.0], [0.0, 384.0], [0.0, 0.0]]
+    hole = [[100.0, 8.0], [200.0, 8.0], [200.0, 16.0], [100.0, 16.0], [100.0, 8.0]]
+    feat = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [outer, hole]},
+            "properties": {"objectType": "annotation", "name": "ring"}}
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [feat]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sdata_run(setup: dict[str, Any]) -> dict[str, Any]:
+    pytest.importorskip("spatialdata", reason="pip install 'denuc[spatialdata]' (the dev extra installs it)")
+    roi = roi_with_hole(setup["root"] / "ring.geojson")
+    out = setup["root"] / "sdata"
+    argv = [str(setup["slide"]), "--out", str(out), "--tile-px", "96", "--format", "csv,h5ad,spatialdata",
+            "--embeddings", "float32", "--roi", str(roi)]
+    assert predict(setup, argv) == 0
+    return {"out": out, "argv": argv, "roi": roi}
+
+
+def test_spatialdata_store_holds_the_points_the_linked_table_and_the_shapes(setup: dict[str, Any],
+                                                                             sdata_run: dict[str, Any]) -> None:
+    import shapely
+    import spatialdata
+    from spatialdata.models import get_table_keys
+    from spatialdata.transformations import get_transformation
+
+    from denuc.source.roi import load_rois
+
+    out = sdata_run["out"]
+    sd = spatialdata.read_zarr(out / "planted.zarr")
+    csv = Nuclei.read_csv(out / "planted.csv", class_names=CLASSES)
+    h5 = read_h5ad_table(out / "planted.h5ad")
+    assert len(csv) > 10
+    pts = sd.points["nuclei"].compute()
+    np.testing.assert_array_equal(pts[["x", "y"]].to_numpy(), csv.xy)  # level-0 px, the CSV's order
+    table = sd.tables["table"]
+    assert list(table.obs["class"].astype(str)) == csv.classes  # the CSV's rows, in order
+    for c in h5["obs"].columns:  # the h5ad's obs, tile included
+        np.testing.assert_array_equal(table.obs[c].to_numpy(), h5["obs"][c].to_numpy())
+    np.testing.assert_array_equal(table.obsm["spatial"], csv.xy)
+    np.testing.assert_array_equal(table.obsm["X_denuc"], h5["X_denuc"])
+    region, region_key, instance_key = get_table_keys(table)
+    assert region == "nuclei" and set(table.obs[region_key]) == {"nuclei"}
+    _, joined = spatialdata.join_spatialelement_table(sdata=sd, spatial_element_names="nuclei", table_name="table",
+                                                      how="left", match_rows="left")
+    np.testing.assert_array_equal(joined.obs[instance_key].to_numpy(), pts.index.to_numpy())
+    np.testing.assert_array_equal(joined.obsm["spatial"], pts[["x", "y"]].to_numpy())  # row i is point i
+    mpp = json.loads((out / "planted.summary.json").read_text())["mpp"]
+    for name in ("global", "micrometers"):
+        m = get_transformation(sd.points["nuclei"], to_coordinate_system=name).to_affine_matrix(
+            input_axes=("x", "y"), output_axes=("x", "y"))
+        np.testing.assert_allclose(m, np.diag([1.0, 1.0, 1.0]) if name == "global" else np.diag([mpp, mpp, 1.0]))
+    assert table.uns["denuc"]["slide"] == str(setup["slide"]) == sd.attrs["denuc"]["slide"]
+    assert table.uns["denuc"]["encoder"] == "tiny-uni"
+    roi = sd.shapes["rois"]
+    given = load_rois(sdata_run["roi"]).geoms[0]
+    assert list(roi["name"]) == ["ring"] and shapely.equals(roi.geometry.iloc[0], given)
+    assert len(roi.geometry.iloc[0].interiors) == 1  # the hole is kept
+    assert not shapely.contains_xy(shapely.Polygon(given.interiors[0]), csv.xy[:, 0], csv.xy[:, 1]).any()
+    tissue = sd.shapes["tissue"]  # --tissue none: the whole slide
+    assert shapely.union_all(tissue.geometry.to_numpy()).area == pytest.approx(400 * 384)
+
+
+def test_spatialdata_rerun_is_skipped_a_failed_store_leaves_nothing_and_resumes(
+        setup: dict[str, Any], sdata_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import spatialdata
+
+    from denuc.sinks.spatialdata import SpatialDataSink
+
+    out, argv = sdata_run["out"], sdata_run["argv"]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert predict(setup, argv) == 0  # finished with the same settings: skipped
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    again = setup["root"] / "sdata-again"
+    argv2 = [again if a == str(out) else a for a in argv] + ["--chunk-tiles", "1"]
+    argv2 = [str(a) for a in argv2]
+    real = SpatialDataSink._write_store
+
+    def half_then_fail(self: SpatialDataSink, summary: dict[str, Any]) -> None:
+        real(self, summary)  # the temporary store is complete ...
+        raise OSError("disk full")  # ... but the close fails
+
+    monkeypatch.setattr(SpatialDataSink, "_write_store", half_then_fail)
+    assert predict(setup, argv2) != 0
+    assert sorted(p.name for p in again.iterdir()) == [".planted.partial"]  # no output, no temporary left
+    monkeypatch.setattr(SpatialDataSink, "_write_store", real)
+    assert predict(setup, argv2) == 0
+    assert json.loads((again / "planted.summary.json").read_text())["resumed_tiles"] > 0
+    a, b = spatialdata.read_zarr(out / "planted.zarr"), spatialdata.read_zarr(again / "planted.zarr")
+    np.testing.assert_array_equal(a.points["nuclei"].compute().to_numpy(), b.points["nuclei"].compute().to_numpy())
+    assert a.tables["table"].obs.equals(b.tables["table"].obs)
+    np.testing.assert_array_equal(a.tables["table"].obsm["X_denuc"], b.tables["table"].obsm["X_denuc"])
+    assert sorted(p.name for p in again.iterdir() if p.name.startswith(".")) == []

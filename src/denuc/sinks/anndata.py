@@ -90,6 +90,7 @@ class AnnDataSink(TableSink):
         self._extra: dict[str, list[str]] = {str(k): [str(c) for c in v]
                                              for k, v in (info.sink_options.get("extra_obs") or {}).items()}
         self._tiles = tile_plan_of(info)
+        self._h5_path = self._tmp  # where the HDF5 file is written (a subclass may write it elsewhere)
 
     @classmethod
     def check_available(cls) -> None:
@@ -133,7 +134,7 @@ class AnnDataSink(TableSink):
     def _start(self) -> None:
         h5py = _require_h5py()
         try:
-            self._h5 = h5py.File(self._tmp, "w")
+            self._h5 = h5py.File(self._h5_path, "w")
         except OSError as e:
             raise InputError(f"{self._path}: cannot write ({e})") from None
         f = self._h5

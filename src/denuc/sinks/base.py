@@ -193,8 +193,7 @@ class Sink(ABC):
             if self._fh is not None:
                 self._fh.close()
                 self._fh = None
-            os.chmod(self._tmp, file_mode())
-            os.replace(self._tmp, self._path)
+            self._commit()
         except BaseException:
             self.abort()
             raise
@@ -229,6 +228,11 @@ class Sink(ABC):
         return f"{type(self).__name__}({str(self._path)!r}, {self._state})"
 
     # ------------------------------------------------------------ for subclasses
+    def _commit(self) -> None:
+        """Move the complete temporary output into place (an atomic rename over the final path)."""
+        os.chmod(self._tmp, file_mode())
+        os.replace(self._tmp, self._path)
+
     def _open_tmp(self) -> IO[bytes]:
         """Open the temporary file for binary writing (it is closed and moved on close)."""
         try:

@@ -476,7 +476,8 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
         roi_outlines=getattr(prep.rois, "outlines", lambda: None)() if prep.rois is not None else None,
         sink_options={"embeddings": opts.embeddings, "density_grid_um": opts.density_grid_um,
                       "tile_cores": prep.plan.core_boxes_level0(), "tile_grid": (prep.plan.xs.count,
-                                                                                prep.plan.ys.count)})
+                                                                                prep.plan.ys.count),
+                      "roi_shapes": list(zip(prep.rois.names, prep.rois.geoms)) if prep.rois is not None else None})
     sinks = output_sinks(info, opts.formats, overlay=opts.overlay)
     ctx = RunContext(stain=prep.stain, rois=prep.rois, timer=timer, area=prep.area, features=features)
     bar = _progress(len(prep.plan.selected), source.name, opts.progress)
@@ -527,9 +528,15 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
 
 
 def _uncommit(paths: Sequence[Path]) -> None:
-    """Remove an input's final outputs, its summary (the commit marker) first."""
+    """Remove an input's final outputs (files, or folders such as a ``.zarr`` store), its summary
+    (the commit marker) first."""
+    import shutil
+
     for p in sorted(paths, key=lambda p: not p.name.endswith(".summary.json")):
         try:
-            p.unlink(missing_ok=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
         except OSError:
             pass
