@@ -69,7 +69,10 @@ class OutputInfo:
             were given, else None.
         roi_outlines: level-0 ``(K, 2)`` (x, y) rings to draw on the overlay, or None.
         sink_options: settings of particular sinks (e.g. ``embeddings`` for ``h5ad``,
-            ``density_grid_um`` for ``density``); each sink reads its own keys with defaults.
+            ``density_grid_um`` for ``density``; from a streamed run also ``tile_cores``, the
+            plan's ``(T, 4)`` level-0 tile cores, and ``tile_grid``, its ``(nx, ny)``, see
+            :data:`TILE_KEY`; with ROIs ``roi_shapes``, ``(name, shapely geometry)`` pairs in
+            level-0 px); each sink reads its own keys with defaults.
     """
 
     stem: str

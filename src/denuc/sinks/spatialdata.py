@@ -107,7 +107,7 @@ class SpatialDataSink(AnnDataSink):
             obs, uns = _read_elem(f["obs"]), _read_elem(f["uns"])
             xy = np.asarray(f["obsm/spatial"][()], dtype=np.float64).reshape(-1, 2)
             n = len(xy)
-            obs[REGION_KEY] = pd.Categorical([POINTS] * n, categories=[POINTS])
+            obs[REGION_KEY] = pd.Categorical.from_codes(np.zeros(n, np.int8), categories=[POINTS])
             obs[INSTANCE_KEY] = np.arange(n, dtype=np.int64)
             slide = str(summary.get("input") or "")
             uns.setdefault("denuc", {})["slide"] = slide
@@ -135,8 +135,8 @@ class SpatialDataSink(AnnDataSink):
                 src = f["obsm/X_denuc"]
                 obsm = zarr.open_group(str(self._tmp / "tables" / TABLE / "obsm"), mode="a")
                 rows = max(1, min(COPY_ROWS, len(src)))
-                dst = obsm.create_array("X_denuc", shape=src.shape, dtype=src.dtype,
-                                        chunks=(rows, src.shape[1]) if src.shape[1] else (rows, 1))
+                create = getattr(obsm, "create_array", None) or obsm.create_dataset  # zarr 3, zarr 2
+                dst = create("X_denuc", shape=src.shape, dtype=src.dtype, chunks=(rows, max(1, src.shape[1])))
                 dst.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
                 for s0 in range(0, len(src), COPY_ROWS):
                     dst[s0:s0 + COPY_ROWS] = src[s0:s0 + COPY_ROWS]
