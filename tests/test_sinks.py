@@ -382,6 +382,21 @@ def test_spatialdata_abort_leaves_nothing(tmp_path: Path) -> None:
     assert names(tmp_path) == []
 
 
+def test_spatialdata_is_imported_only_when_its_format_is_opened() -> None:
+    """Importing the sinks and the CLI and choosing other formats loads no spatialdata module (a
+    fresh interpreter, so that other tests' imports do not count)."""
+    import os
+    import subprocess
+
+    code = ("import sys; import denuc.cli, denuc.sinks; denuc.sinks.parse_formats('csv,h5ad'); "
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('spatialdata', 'zarr', 'dask', 'geopandas')))")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": src})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_dead_temporary_folders_are_removed(tmp_path: Path) -> None:
     from denuc.core.files import remove_dead_temps
 
