@@ -11,8 +11,8 @@ from denuc.sinks.anndata import AnnDataSink
 from denuc.sinks.base import KINDS, OutputInfo, Sink
 from denuc.sinks.density import DensitySink
 from denuc.sinks.geojson import GeoJsonSink
-from denuc.sinks.spatialdata import SpatialDataSink
 from denuc.sinks.overlay import OverlaySink
+from denuc.sinks.spatialdata import SpatialDataSink
 from denuc.sinks.summary import SummarySink
 from denuc.sinks.tabular import CsvSink, ParquetSink
 
