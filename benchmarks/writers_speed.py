@@ -18,9 +18,12 @@ not grow with the number of nuclei (it is bounded by one chunk).
     python benchmarks/writers_speed.py [--nuclei 1000000] [--chunk 50000] [--check-nuclei 200000] [--report]
     python benchmarks/writers_speed.py --formats 'h5ad (no embeddings)' 'h5ad (float16 embeddings)' \
         'h5ad (float32 embeddings)' 'density (50 µm grid)' --name writers_speed_cells --report
+    python benchmarks/writers_speed.py --formats 'spatialdata (no embeddings)' \
+        'spatialdata (float16 embeddings)' --name writers_speed_spatialdata --report
 
-The h5ad rows carry ``--feature-dim`` (472) random float32 features per nucleus, stored as the
-row's dtype; ``bytes_per_nucleus`` is the file size over the nuclei.
+The h5ad and spatialdata rows carry ``--feature-dim`` (472) random float32 features per nucleus,
+stored as the row's dtype; ``bytes_per_nucleus`` is the file size over the nuclei (a ``.zarr``
+store's size is the sum of its files).
 
 Prints a table and writes ``benchmarks/results/writers_speed.json`` (with ``--report`` also
 ``benchmarks/reported/writers_speed.json``).
@@ -49,6 +52,8 @@ FORMATS = {
     "h5ad (float16 embeddings)": ("AnnDataSink", "slide", "float16"),
     "h5ad (float32 embeddings)": ("AnnDataSink", "slide", "float32"),
     "density (50 µm grid)": ("DensitySink", "slide"),
+    "spatialdata (no embeddings)": ("SpatialDataSink", "slide", "none"),
+    "spatialdata (float16 embeddings)": ("SpatialDataSink", "slide", "float16"),
 }
 
 CHILD = r"""
@@ -56,11 +61,14 @@ import json, resource, sys, tempfile, time, tracemalloc
 from pathlib import Path
 import numpy as np, pandas, pyarrow.parquet, PIL.Image, PIL.ImageDraw, scipy.ndimage, torch  # imports before the baseline
 import denuc.sinks as sinks
-import denuc.sinks.anndata, denuc.sinks.density
+import denuc.sinks.anndata, denuc.sinks.density, denuc.sinks.spatialdata
 from denuc.core.result import Nuclei
 cls_name, kind, n_total, chunk, trace = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 emb, dim = sys.argv[6], int(sys.argv[7])
-SINK = {"AnnDataSink": denuc.sinks.anndata.AnnDataSink, "DensitySink": denuc.sinks.density.DensitySink}.get(cls_name)
+SINK = {"AnnDataSink": denuc.sinks.anndata.AnnDataSink, "DensitySink": denuc.sinks.density.DensitySink,
+        "SpatialDataSink": denuc.sinks.spatialdata.SpatialDataSink}.get(cls_name)
+if cls_name == "SpatialDataSink":  # its libraries are imported before the baseline too
+    import anndata, geopandas, spatialdata, spatialdata.models, zarr
 CLS = ("lymphocyte", "tumor", "stromal")
 W, H, MPP = 100_000, 75_000, 0.25
 ROIS = np.array(["", "", "tumour bed", "margin"], dtype=object)
@@ -101,8 +109,9 @@ with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()
     path = sink.close({"benchmark": True})
     spent += time.perf_counter() - t0
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
     out = {"seconds": round(spent, 2), "rss_rise_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, 1),
-           "file": path.name, "file_mb": round(path.stat().st_size / 2**20, 1)}
+           "file": path.name, "file_mb": round(size / 2**20, 1)}
     if trace:
         out = {"traced_peak_mb": round(tracemalloc.get_traced_memory()[1] / 2**20, 1)}
 print(json.dumps(out))

@@ -64,8 +64,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     Image.fromarray(img).save(root / "planted.png")
     s = {"root": root, "det": det, "head": root / "head.safetensors", "slide": slide, "png": root / "planted.png"}
     s["tiled"] = root / "tiled"
+    s["whole"] = root / "whole"
     assert predict(s, [str(slide), "--out", str(s["tiled"]), "--tile-px", "96", "--format", "csv,h5ad",
                        "--embeddings", "float32", "--density-grid", "40"]) == 0
+    assert predict(s, [str(s["png"]), "--out", str(s["whole"]), "--mpp", "0.5", "--format", "h5ad",
+                       "--embeddings", "float32"]) == 0
     return s
 
 
@@ -109,6 +112,66 @@ def test_h5ad_rows_positions_and_features_are_what_the_head_classified(setup: di
     assert u["summary"]["tiles"] == summary["tiles"]
 
 
+def test_tile_column_holds_plan_indices_whose_cores_hold_the_nuclei(setup: dict[str, Any]) -> None:
+    """obs['tile'] is the plan index of the tile whose core owns each nucleus: the cores in
+    uns are the plan's, every nucleus lies in its own tile's core and strictly inside no other.
+    (The kill-and-resume test below compares whole obs tables, tile included, between a run in
+    chunks of 8 tiles and a resumed one in chunks of 1: the ids depend on neither.)"""
+    from denuc.detect.api import Detector
+    from denuc.source import open_source
+    from denuc.stream.runner import TileStream
+
+    got = read_h5ad_table(setup["tiled"] / "planted.h5ad")
+    tiles = got["obs"]["tile"].to_numpy()
+    u = got["uns"]["denuc"]["tiles"]
+    with open_source(setup["slide"]) as src:
+        plan = TileStream(Detector.load(setup["det"], device="cpu"), tile_px=96).plan(src)
+    cores = plan.core_boxes_level0()
+    np.testing.assert_array_equal(u["core_level0"], cores)
+    assert list(u["grid"]) == [plan.xs.count, plan.ys.count] and plan.count >= 4
+    assert tiles.dtype.kind == "i" and len(tiles) == len(got["spatial"])
+    assert tiles.min() >= 0 and tiles.max() < plan.count
+    assert len(np.unique(tiles)) >= 2  # nuclei from several tiles
+    x, y = got["spatial"].T
+    own = cores[tiles]
+    assert ((x >= own[:, 0]) & (x <= own[:, 2]) & (y >= own[:, 1]) & (y <= own[:, 3])).all()
+    strictly = ((x[:, None] > cores[None, :, 0]) & (x[:, None] < cores[None, :, 2])
+                & (y[:, None] > cores[None, :, 1]) & (y[:, None] < cores[None, :, 3]))  # (N, T)
+    strictly[np.arange(len(tiles)), tiles] = False
+    assert not strictly.any()
+    whole = read_h5ad_table(setup["whole"] / "planted.h5ad")  # one tile
+    assert set(whole["obs"]["tile"]) == {0} and list(whole["uns"]["denuc"]["tiles"]["grid"]) == [1, 1]
+
+
+def test_h5ad_tile_column_needs_tile_ids_in_range() -> None:
+    from denuc.errors import InputError
+    from denuc.sinks import OutputInfo
+    from denuc.sinks.anndata import AnnDataSink
+
+    def sink(tmp: Path) -> AnnDataSink:
+        info = OutputInfo("s", tmp, "image", ("x",), {}, 0.5, (100, 100),
+                          sink_options={"tile_cores": np.array([[0, 0, 50, 100], [50, 0, 100, 100.0]]),
+                                        "tile_grid": (2, 1)})
+        return AnnDataSink(info)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        pts = Nuclei(np.array([[10.0, 10.0], [60.0, 10.0]]), class_ids=np.array([0, 0]), class_names=("x",))
+        for bad in (None, np.array([0, 2]), np.array([0])):
+            chunk = pts.select(slice(None))
+            if bad is not None:
+                chunk.meta["tile"] = bad
+            with pytest.raises(InputError, match="tile"):
+                sink(Path(d)).write(chunk)
+        s = sink(Path(d))
+        pts.meta["tile"] = np.array([0, 1])
+        s.write(pts)
+        s.write(Nuclei.empty(("x",)))  # an empty chunk needs no tile ids
+        got = read_h5ad_table(s.close({}))
+        assert list(got["obs"]["tile"]) == [0, 1]
+
+
 def test_h5ad_opens_with_anndata(setup: dict[str, Any]) -> None:
     ad = pytest.importorskip("anndata", reason="pip install 'denuc[anndata]' (the dev extra installs it)")
     a = ad.read_h5ad(setup["tiled"] / "planted.h5ad")
@@ -122,9 +185,7 @@ def test_h5ad_opens_with_anndata(setup: dict[str, Any]) -> None:
 
 
 def test_tiled_slide_and_whole_image_give_the_same_table(setup: dict[str, Any]) -> None:
-    whole = setup["root"] / "whole"
-    assert predict(setup, [str(setup["png"]), "--out", str(whole), "--mpp", "0.5", "--format", "h5ad",
-                           "--embeddings", "float32"]) == 0
+    whole = setup["whole"]
     a, b = read_h5ad_table(setup["tiled"] / "planted.h5ad"), read_h5ad_table(whole / "planted.h5ad")
     assert json.loads((whole / "planted.summary.json").read_text())["tiles"]["selected"] == 1
     ia, ib = order(a["spatial"]), order(b["spatial"])
@@ -297,3 +358,103 @@ def test_density_grid_area_is_tissue_and_roi() -> None:
     got = DensitySink(info).area_um2()
     np.testing.assert_allclose(got, [[625.0, 0.0], [0.0, 0.0]])
     assert got.sum() == pytest.approx(area.analysed_area_um2)
+
+
+# --------------------------------------------------------------------------- spatialdata
+def roi_with_hole(path: Path) -> Path:
+    """A QuPath GeoJSON of one region with a hole over the left part of the planted slide
+    (400 x 384 px; the random detector's points lie along its edges, the hole cuts some off)."""
+    outer = [[0.0, 0.0], [250.0, 0.0], [250.0, 384.0], [0.0, 384.0], [0.0, 0.0]]
+    hole = [[100.0, 8.0], [200.0, 8.0], [200.0, 16.0], [100.0, 16.0], [100.0, 8.0]]
+    feat = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [outer, hole]},
+            "properties": {"objectType": "annotation", "name": "ring"}}
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [feat]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sdata_run(setup: dict[str, Any]) -> dict[str, Any]:
+    pytest.importorskip("spatialdata", reason="pip install 'denuc[spatialdata]' (the dev extra installs it)")
+    roi = roi_with_hole(setup["root"] / "ring.geojson")
+    out = setup["root"] / "sdata"
+    argv = [str(setup["slide"]), "--out", str(out), "--tile-px", "96", "--format", "csv,h5ad,spatialdata",
+            "--embeddings", "float32", "--roi", str(roi)]
+    assert predict(setup, argv) == 0
+    return {"out": out, "argv": argv, "roi": roi}
+
+
+def test_spatialdata_store_holds_the_points_the_linked_table_and_the_shapes(setup: dict[str, Any],
+                                                                             sdata_run: dict[str, Any]) -> None:
+    import shapely
+    import spatialdata
+    from spatialdata.models import get_table_keys
+    from spatialdata.transformations import get_transformation
+
+    from denuc.source.roi import load_rois
+
+    out = sdata_run["out"]
+    sd = spatialdata.read_zarr(out / "planted.zarr")
+    csv = Nuclei.read_csv(out / "planted.csv", class_names=CLASSES)
+    h5 = read_h5ad_table(out / "planted.h5ad")
+    assert len(csv) > 10
+    pts = sd.points["nuclei"].compute()
+    np.testing.assert_array_equal(pts[["x", "y"]].to_numpy(), csv.xy)  # level-0 px, the CSV's order
+    table = sd.tables["table"]
+    assert list(table.obs["class"].astype(str)) == csv.classes  # the CSV's rows, in order
+    for c in h5["obs"].columns:  # the h5ad's obs, tile included
+        np.testing.assert_array_equal(table.obs[c].to_numpy(), h5["obs"][c].to_numpy())
+    np.testing.assert_array_equal(table.obsm["spatial"], csv.xy)
+    np.testing.assert_array_equal(table.obsm["X_denuc"], h5["X_denuc"])
+    region, region_key, instance_key = get_table_keys(table)
+    assert region == "nuclei" and set(table.obs[region_key]) == {"nuclei"}
+    _, joined = spatialdata.join_spatialelement_table(sdata=sd, spatial_element_names="nuclei", table_name="table",
+                                                      how="left", match_rows="left")
+    np.testing.assert_array_equal(joined.obs[instance_key].to_numpy(), pts.index.to_numpy())
+    np.testing.assert_array_equal(joined.obsm["spatial"], pts[["x", "y"]].to_numpy())  # row i is point i
+    mpp = json.loads((out / "planted.summary.json").read_text())["mpp"]
+    for name in ("global", "micrometers"):
+        m = get_transformation(sd.points["nuclei"], to_coordinate_system=name).to_affine_matrix(
+            input_axes=("x", "y"), output_axes=("x", "y"))
+        np.testing.assert_allclose(m, np.diag([1.0, 1.0, 1.0]) if name == "global" else np.diag([mpp, mpp, 1.0]))
+    assert table.uns["denuc"]["slide"] == str(setup["slide"]) == sd.attrs["denuc"]["slide"]
+    assert table.uns["denuc"]["encoder"] == "tiny-uni"
+    roi = sd.shapes["rois"]
+    given = load_rois(sdata_run["roi"]).geoms[0]
+    assert list(roi["name"]) == ["ring"] and shapely.equals(roi.geometry.iloc[0], given)
+    assert len(roi.geometry.iloc[0].interiors) == 1  # the hole is kept
+    assert not shapely.contains_xy(shapely.Polygon(given.interiors[0]), csv.xy[:, 0], csv.xy[:, 1]).any()
+    tissue = sd.shapes["tissue"]  # --tissue none: the whole slide
+    assert shapely.union_all(tissue.geometry.to_numpy()).area == pytest.approx(400 * 384)
+
+
+def test_spatialdata_rerun_is_skipped_a_failed_store_leaves_nothing_and_resumes(
+        setup: dict[str, Any], sdata_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import spatialdata
+
+    from denuc.sinks.spatialdata import SpatialDataSink
+
+    out, argv = sdata_run["out"], sdata_run["argv"]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert predict(setup, argv) == 0  # finished with the same settings: skipped
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    again = setup["root"] / "sdata-again"
+    argv2 = [again if a == str(out) else a for a in argv] + ["--chunk-tiles", "1"]
+    argv2 = [str(a) for a in argv2]
+    real = SpatialDataSink._write_store
+
+    def half_then_fail(self: SpatialDataSink, summary: dict[str, Any]) -> None:
+        real(self, summary)  # the temporary store is complete ...
+        raise OSError("disk full")  # ... but the close fails
+
+    monkeypatch.setattr(SpatialDataSink, "_write_store", half_then_fail)
+    assert predict(setup, argv2) != 0
+    assert sorted(p.name for p in again.iterdir()) == [".planted.partial"]  # no output, no temporary left
+    monkeypatch.setattr(SpatialDataSink, "_write_store", real)
+    assert predict(setup, argv2) == 0
+    assert json.loads((again / "planted.summary.json").read_text())["resumed_tiles"] > 0
+    a, b = spatialdata.read_zarr(out / "planted.zarr"), spatialdata.read_zarr(again / "planted.zarr")
+    np.testing.assert_array_equal(a.points["nuclei"].compute().to_numpy(), b.points["nuclei"].compute().to_numpy())
+    assert a.tables["table"].obs.equals(b.tables["table"].obs)
+    np.testing.assert_array_equal(a.tables["table"].obsm["X_denuc"], b.tables["table"].obsm["X_denuc"])
+    assert sorted(p.name for p in again.iterdir() if p.name.startswith(".")) == []

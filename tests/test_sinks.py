@@ -329,6 +329,86 @@ def test_parquet_without_pyarrow_says_how_to_install(tmp_path: Path, monkeypatch
     assert names(tmp_path) == []
 
 
+# ------------------------------------------------------------------ spatialdata
+def test_spatialdata_without_the_extra_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from denuc.sinks.spatialdata import SpatialDataSink
+
+    monkeypatch.setitem(sys.modules, "spatialdata", None)
+    with pytest.raises(InputError, match=r"pip install 'denuc\[spatialdata\]'"):
+        SpatialDataSink(info(tmp_path, rois=False))
+    with pytest.raises(InputError, match=r"pip install 'denuc\[spatialdata\]'"):
+        parse_formats("csv,spatialdata")
+    assert names(tmp_path) == []
+
+
+@pytest.mark.parametrize("k", [0, 1, 4])
+def test_spatialdata_store_of_chunks_with_tissue_shapes(tmp_path: Path, k: int) -> None:
+    """The store holds the chunks' points in order, a linked table and the tissue mask as
+    polygons (two parts, one with a hole); only the final folder is left."""
+    sd = pytest.importorskip("spatialdata", reason="pip install 'denuc[spatialdata]'")
+    import shapely
+
+    from denuc.sinks.spatialdata import SpatialDataSink
+
+    mask = np.zeros((30, 40), bool)  # 100 level-0 px per mask pixel: 4000 x 3000 px
+    mask[5:25, 5:20] = True
+    mask[10:15, 10:15] = False  # a hole
+    mask[5:10, 30:35] = True  # a second part
+    parts = chunks(k, rois=False)
+    [path] = run([SpatialDataSink(info(tmp_path, rois=False, tissue_mask=mask, tissue_downsample=100.0))], parts,
+                 {"input": "/slides/s1.svs"})
+    assert path == tmp_path / "s1.zarr" and path.is_dir() and names(tmp_path) == ["s1.zarr"]
+    store = sd.read_zarr(path)
+    want = expected(parts)
+    np.testing.assert_array_equal(store.points["nuclei"].compute()[["x", "y"]].to_numpy().reshape(-1, 2), want.xy)
+    table = store.tables["table"]
+    assert table.n_obs == len(want) and list(table.obs["class"].astype(str)) == want.classes
+    assert list(table.obs["instance_id"]) == list(range(len(want))) and table.uns["denuc"]["slide"] == "/slides/s1.svs"
+    geoms = store.shapes["tissue"].geometry.to_numpy()
+    assert len(geoms) == 2 and sorted(len(g.interiors) for g in geoms) == [0, 1]
+    assert shapely.union_all(geoms).area == pytest.approx(mask.sum() * 100.0**2)
+    assert "rois" not in store.shapes
+
+
+def test_spatialdata_abort_leaves_nothing(tmp_path: Path) -> None:
+    pytest.importorskip("spatialdata", reason="pip install 'denuc[spatialdata]'")
+    from denuc.sinks.spatialdata import SpatialDataSink
+
+    sink = SpatialDataSink(info(tmp_path, rois=False))
+    for c in chunks(3, rois=False):
+        sink.write(c)
+    assert names(tmp_path)  # the temporary table
+    sink.abort()
+    assert names(tmp_path) == []
+
+
+def test_spatialdata_is_imported_only_when_its_format_is_opened() -> None:
+    """Importing the sinks and the CLI and choosing other formats loads no spatialdata module (a
+    fresh interpreter, so that other tests' imports do not count)."""
+    import os
+    import subprocess
+
+    code = ("import sys; import denuc.cli, denuc.sinks; denuc.sinks.parse_formats('csv,h5ad'); "
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('spatialdata', 'zarr', 'dask', 'geopandas')))")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": src})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_dead_temporary_folders_are_removed(tmp_path: Path) -> None:
+    from denuc.core.files import remove_dead_temps
+
+    dead = tmp_path / ".s1.zarr.999999999.tmp"  # a pid above any pid_max: its writer is gone
+    (dead / "points").mkdir(parents=True)
+    (dead / "points" / "part.parquet").write_bytes(b"x")
+    (tmp_path / ".s1.zarr.999999999.tmp.h5ad").write_bytes(b"x")
+    assert sorted(p.name for p in remove_dead_temps(tmp_path, ["s1.zarr"])) == [
+        ".s1.zarr.999999999.tmp", ".s1.zarr.999999999.tmp.h5ad"]
+    assert names(tmp_path) == []
+
+
 # ------------------------------------------------------------------ summary
 def read_summary(p: Path) -> dict[str, Any]:
     text = p.read_text()

@@ -304,7 +304,9 @@ class DeNuC:
     def iter_slide(self, path: str | os.PathLike[str] | np.ndarray, mpp: float | None = None, *,
                    opts: Any = None, tile_px: int | None = None) -> Any:
         """Streaming form of :meth:`predict_slide`: yields one :class:`Nuclei` per chunk of tiles
-        (level-0 px), so a caller never holds the whole slide's nuclei."""
+        (level-0 px), so a caller never holds the whole slide's nuclei. Each chunk's
+        ``meta["tile"]`` is the ``(N,)`` tile-plan index of the tile each nucleus came from
+        (:data:`denuc.sinks.base.TILE_KEY`)."""
         from denuc.source import open_source
         from denuc.stream.job import RunOptions, _Prepared, iter_chunks
         from denuc.stream.runner import RunContext

@@ -46,11 +46,14 @@ def add_common_options(p: argparse.ArgumentParser, command: str = "predict") -> 
                         "`denuc evaluate` reads), geojson (QuPath detections; .geojson.gz for slides), parquet "
                         "(needs pyarrow: pip install 'denuc[parquet]'), h5ad (AnnData for scanpy/squidpy: obs = class, "
                         "scores, probabilities, roi; obsm['spatial'] = level-0 (x, y) px; obsm['X_denuc'] = the point "
-                        "features the head saw; needs h5py: pip install 'denuc[anndata]'; docs/spatial.md), density "
+                        "features the head saw; needs h5py: pip install 'denuc[anndata]'; docs/spatial.md), "
+                        "spatialdata (a SpatialData store <stem>.zarr for napari-spatialdata: the nuclei as points, "
+                        "the h5ad's table linked to them, tissue and ROI polygons; needs pip install "
+                        "'denuc[spatialdata]'), density "
                         "(per-class counts and densities on a grid of --density-grid µm: <stem>.density.geojson for "
                         "QuPath and a <stem>.density.<class>.png heat map per class) (default: %(default)s)")
     p.add_argument("--embeddings", default="float16", choices=("float16", "float32", "none"),
-                   help="point features in the h5ad output: float16 (half the size), float32 (exactly what the head "
+                   help="point features in the h5ad and spatialdata outputs: float16 (half the size), float32 (exactly what the head "
                         "classified) or none (obs and positions only) (default: %(default)s)")
     p.add_argument("--density-grid", type=float, default=None, metavar="UM",
                    help="write the density output on a grid of UM x UM µm cells (adds 'density' to --format) "

@@ -273,7 +273,10 @@ def remove_dead_temps(folder: str | os.PathLike[str], names: Iterable[str] | Non
         final = p.name[1:].rpartition(".tmp")[0].rpartition(".")[0]
         if wanted is None or final in wanted:
             try:
-                p.unlink()
+                if p.is_dir() and not p.is_symlink():  # a store written as a folder (``.zarr``)
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
                 removed.append(p)
             except OSError:
                 pass

@@ -401,10 +401,15 @@ class Nuclei:
             mpp = _mpp_from_um(df, p)
         return cls.from_pandas(df, class_names, mpp=mpp, name=p.stem, source=str(p))
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Save everything losslessly as ``.npz`` (atomic)."""
+    def save(self, path: str | os.PathLike[str], extra: dict[str, np.ndarray] | None = None) -> Path:
+        """Save everything losslessly as ``.npz`` (atomic). ``extra``: more named arrays to store
+        in the same archive (:meth:`load` ignores them; names must not clash with the fields')."""
         p = Path(path)
         arrays = self.numpy()
+        for k, v in (extra or {}).items():
+            if k in arrays or k == "header":
+                raise InputError(f"{p}: extra array {k!r} clashes with a field of the saved nuclei")
+            arrays[k] = np.asarray(v)
         header = {
             "class_names": list(self.class_names),
             "mpp": self.mpp,

@@ -6,7 +6,17 @@ write it; ``anndata.read_h5ad`` reads it):
 * ``obs`` (one row per nucleus, in the order of the CSV's rows; index ``"0", "1", ...``):
   ``class`` (categorical over the run's class names), ``score``, ``det_score``,
   ``prob_<class>`` (float32, when the chunks carry them), ``roi`` (categorical, when the input
-  has regions of interest; ``""`` = none).
+  has regions of interest; ``""`` = none), ``tile`` (int32, when the run streams tiles: a
+  ``predict``/``detect`` run, not ``embed``).
+* ``tile``: the index of the tile (streaming window) that produced the nucleus, in the input's
+  tile plan (:class:`denuc.tiles.plan.TilePlan`): tiles are cells of the detector's working
+  frame numbered row-major, ``tile = ky * nx + kx`` with ``(nx, ny) = uns['denuc']['tiles']
+  ['grid']``; every nucleus lies in the **core** of its tile, the part of the tile that owns its
+  points (each point of the frame has exactly one owner), whose level-0 box (x0, y0, x1, y1),
+  half-open, is row ``tile`` of ``uns['denuc']['tiles']['core_level0']`` (``(nx * ny, 4)``
+  float64, every tile of the plan, also those not run for lack of tissue). A tile reads one
+  detector window of context beyond its core on each side; that context is not its box here.
+  The ids depend on ``--tile-px`` (the core side), not on ``--chunk-tiles`` or a resume.
 * ``obsm['spatial']``: ``(N, 2)`` float64 (x, y) in **level-0 pixels** of the input (pixel-edge
   frame, as the CSV's ``x, y``); multiply by ``uns['denuc']['mpp']`` for µm.
 * ``obsm['X_denuc']``: ``(N, C)`` the point features the head classified (the encoder's features
@@ -16,8 +26,9 @@ write it; ``anndata.read_h5ad`` reads it):
 * ``uns['denuc']``: ``encoder``, ``taps``, ``working_mpp`` (µm/px the features were sampled
   at), ``encoder_weights_sha256``, ``head_sha256``, ``classes``, ``mpp`` (level-0 µm/px),
   ``size`` (level-0 width, height), ``embeddings`` (dtype or ``none``), ``summary`` (the run
-  summary as JSON text, as ``<stem>.summary.json`` less its counts) and ``fingerprint``
-  (sha256 of the models description).
+  summary as JSON text, as ``<stem>.summary.json`` less its counts), ``fingerprint``
+  (sha256 of the models description) and, with the ``tile`` column, ``tiles`` (``grid``,
+  ``core_level0``).
 
 Memory: each chunk is appended to resizable (chunked) HDF5 datasets as it arrives, so the sink
 holds one chunk, never the slide's features (1e5 nuclei x 1536 float16 channels would be
@@ -34,7 +45,7 @@ import numpy as np
 
 from denuc.core.result import Nuclei
 from denuc.errors import InputError
-from denuc.sinks.base import OutputInfo
+from denuc.sinks.base import TILE_KEY, OutputInfo
 from denuc.sinks.tabular import TableSink
 
 #: ``--embeddings`` choices: the stored dtype of ``obsm['X_denuc']``, or ``none`` to omit it.
@@ -64,6 +75,7 @@ class AnnDataSink(TableSink):
     """Writes ``<stem>.h5ad`` chunk by chunk (see the module docstring)."""
 
     suffix = ".h5ad"
+    stores_features = True
 
     def __init__(self, info: OutputInfo) -> None:
         super().__init__(info)
@@ -77,6 +89,8 @@ class AnnDataSink(TableSink):
         #: ``chunk.meta["extra_obs"][name]`` (``(N,)`` strings), e.g. the labels of given points
         self._extra: dict[str, list[str]] = {str(k): [str(c) for c in v]
                                              for k, v in (info.sink_options.get("extra_obs") or {}).items()}
+        self._tiles = tile_plan_of(info)
+        self._h5_path = self._tmp  # where the HDF5 file is written (a subclass may write it elsewhere)
 
     @classmethod
     def check_available(cls) -> None:
@@ -84,7 +98,7 @@ class AnnDataSink(TableSink):
 
     # ------------------------------------------------------------------ writing
     def column_names(self) -> list[str]:
-        return super().column_names() + list(self._extra)
+        return super().column_names() + list(self._extra) + [TILE_KEY] * (self._tiles is not None)
 
     def columns_of(self, chunk: Nuclei) -> dict[str, np.ndarray]:
         cols = super().columns_of(chunk)
@@ -97,6 +111,8 @@ class AnnDataSink(TableSink):
                 cols[name] = np.array([lut[str(v)] for v in given[name]], dtype=np.int64)
             except KeyError as e:
                 raise InputError(f"{self._path}: {name} {e.args[0]!r} is not one of {cats}") from None
+        if self._tiles is not None:
+            cols[TILE_KEY] = tile_ids_of(chunk, len(self._tiles[0]), self._path)
         return cols
 
     def _write(self, chunk: Nuclei) -> None:
@@ -118,7 +134,7 @@ class AnnDataSink(TableSink):
     def _start(self) -> None:
         h5py = _require_h5py()
         try:
-            self._h5 = h5py.File(self._tmp, "w")
+            self._h5 = h5py.File(self._h5_path, "w")
         except OSError as e:
             raise InputError(f"{self._path}: cannot write ({e})") from None
         f = self._h5
@@ -141,7 +157,7 @@ class AnnDataSink(TableSink):
                 _enc(d, "string-array")
                 self._grow(g, "codes", (), np.int16 if len(cats) < 2**15 else np.int32, "array")
             else:
-                self._grow(obs, c, (), np.float32, "array")
+                self._grow(obs, c, (), np.int32 if c == TILE_KEY else np.float32, "array")
         var = f.create_group("var")
         _enc(var, "dataframe")
         var.attrs["_index"] = "_index"
@@ -185,7 +201,7 @@ class AnnDataSink(TableSink):
                     raise InputError(f"{self._path}: ROI {e.args[0]!r} is not one of the run's regions") from None
                 self._append(f["obs/roi/codes"], codes)
             else:
-                self._append(f[f"obs/{c}"], np.asarray(v, dtype=np.float32))
+                self._append(f[f"obs/{c}"], np.asarray(v, dtype=f[f"obs/{c}"].dtype))
         self._append(f["obsm/spatial"], np.stack([cols["x"], cols["y"]], axis=1).astype(np.float64))
 
     def _end(self) -> None:
@@ -205,6 +221,7 @@ class AnnDataSink(TableSink):
     def _uns(self, summary: dict[str, Any]) -> dict[str, Any]:
         models = summary.get("models") or {}
         stored = "X_denuc" in self._h5["obsm"]
+        tiles = {} if self._tiles is None else {"tiles": {"grid": list(self._tiles[1]), "core_level0": self._tiles[0]}}
         return {
             "encoder": str(models.get("encoder") or ""),
             "taps": [str(t) for t in (models.get("encoder_taps") or [])],
@@ -217,6 +234,7 @@ class AnnDataSink(TableSink):
             "embeddings": self.embeddings if stored else "none",
             "summary": json.dumps(summary, sort_keys=True, default=str),
             "fingerprint": hashlib.sha256(json.dumps(models, sort_keys=True, default=str).encode()).hexdigest(),
+            **tiles,
         }
 
     def abort(self) -> None:
@@ -237,6 +255,35 @@ def _as_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
 
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.float16).numpy()
     return x.astype(dtype, copy=False)
+
+
+def tile_plan_of(info: OutputInfo) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """``(core_level0 (T, 4) float64, (nx, ny))`` of the input's tile plan from
+    ``info.sink_options`` (``tile_cores``, ``tile_grid``), or None when the run gave none."""
+    cores = info.sink_options.get("tile_cores")
+    if cores is None:
+        return None
+    cores = np.asarray(cores, dtype=np.float64).reshape(-1, 4)
+    nx, ny = (int(v) for v in info.sink_options.get("tile_grid") or (len(cores), 1))
+    if nx * ny != len(cores):
+        raise InputError(f"{info.stem}: a tile grid of {nx} x {ny} does not match {len(cores)} tile cores")
+    return cores, (nx, ny)
+
+
+def tile_ids_of(chunk: Nuclei, count: int, where: Any) -> np.ndarray:
+    """``(N,)`` int32 tile index of each nucleus of ``chunk`` (``chunk.meta[TILE_KEY]``), checked
+    to be one per nucleus and in ``[0, count)``."""
+    ids = chunk.meta.get(TILE_KEY)
+    if ids is None:
+        if not len(chunk):
+            return np.zeros(0, np.int32)
+        raise InputError(f"{where}: a chunk lacks the tile index of its nuclei (meta[{TILE_KEY!r}])")
+    ids = np.asarray(ids).reshape(-1)
+    if len(ids) != len(chunk) or ids.dtype.kind not in "iu":
+        raise InputError(f"{where}: a chunk has {len(ids)} tile indices ({ids.dtype}) for {len(chunk)} nuclei")
+    if len(ids) and (ids.min() < 0 or ids.max() >= count):
+        raise InputError(f"{where}: tile indices must lie in [0, {count}); got {ids.min()}..{ids.max()}")
+    return ids.astype(np.int32)
 
 
 def _feature_dim(summary: dict[str, Any]) -> int | None:

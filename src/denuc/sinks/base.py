@@ -34,6 +34,15 @@ from denuc.errors import DenucError, InputError
 #: ``OutputInfo.kind`` values: a whole-slide image, or an ordinary image (PNG/JPEG/TIFF tile).
 KINDS = ("slide", "image")
 
+#: Key of a chunk's ``meta`` that holds the tile of each nucleus: ``(N,)`` int64 index of the
+#: tile of the input's tile plan (:class:`denuc.tiles.plan.TilePlan`, row-major over the
+#: detector frame's tile cells) whose core the nucleus lies in, i.e. the streaming window that
+#: produced it. The stream's chunks carry it; a sink that stores it (``h5ad``, ``spatialdata``)
+#: gets the plan's level-0 core boxes as ``OutputInfo.sink_options["tile_cores"]``. Like every
+#: ``meta`` entry it describes the chunk as made: :meth:`Nuclei.select` and
+#: :meth:`Nuclei.concat` do not carry it along.
+TILE_KEY = "tile"
+
 
 @dataclass
 class OutputInfo:
@@ -60,7 +69,10 @@ class OutputInfo:
             were given, else None.
         roi_outlines: level-0 ``(K, 2)`` (x, y) rings to draw on the overlay, or None.
         sink_options: settings of particular sinks (e.g. ``embeddings`` for ``h5ad``,
-            ``density_grid_um`` for ``density``); each sink reads its own keys with defaults.
+            ``density_grid_um`` for ``density``; from a streamed run also ``tile_cores``, the
+            plan's ``(T, 4)`` level-0 tile cores, and ``tile_grid``, its ``(nx, ny)``, see
+            :data:`TILE_KEY`; with ROIs ``roi_shapes``, ``(name, shapely geometry)`` pairs in
+            level-0 px); each sink reads its own keys with defaults.
     """
 
     stem: str
@@ -132,6 +144,8 @@ class Sink(ABC):
     """
 
     suffix: ClassVar[str] = ""
+    #: whether the output keeps each nucleus's point features (the run then asks the stream for them)
+    stores_features: ClassVar[bool] = False
 
     def __init__(self, info: OutputInfo) -> None:
         self.info = info
@@ -182,8 +196,7 @@ class Sink(ABC):
             if self._fh is not None:
                 self._fh.close()
                 self._fh = None
-            os.chmod(self._tmp, file_mode())
-            os.replace(self._tmp, self._path)
+            self._commit()
         except BaseException:
             self.abort()
             raise
@@ -218,6 +231,11 @@ class Sink(ABC):
         return f"{type(self).__name__}({str(self._path)!r}, {self._state})"
 
     # ------------------------------------------------------------ for subclasses
+    def _commit(self) -> None:
+        """Move the complete temporary output into place (an atomic rename over the final path)."""
+        os.chmod(self._tmp, file_mode())
+        os.replace(self._tmp, self._path)
+
     def _open_tmp(self) -> IO[bytes]:
         """Open the temporary file for binary writing (it is closed and moved on close)."""
         try:

@@ -12,12 +12,13 @@ from denuc.sinks.base import KINDS, OutputInfo, Sink
 from denuc.sinks.density import DensitySink
 from denuc.sinks.geojson import GeoJsonSink
 from denuc.sinks.overlay import OverlaySink
+from denuc.sinks.spatialdata import SpatialDataSink
 from denuc.sinks.summary import SummarySink
 from denuc.sinks.tabular import CsvSink, ParquetSink
 
 #: ``--format`` name -> sink class (the nucleus tables / detections a user chooses).
 SINKS: dict[str, type[Sink]] = {"csv": CsvSink, "geojson": GeoJsonSink, "parquet": ParquetSink, "h5ad": AnnDataSink,
-                                "density": DensitySink}
+                                "density": DensitySink, "spatialdata": SpatialDataSink}
 #: Sinks every input gets besides the chosen formats (the overlay unless turned off).
 ALWAYS: tuple[type[Sink], ...] = (SummarySink, OverlaySink)
 

@@ -165,4 +165,4 @@ def output_state(finals: list[Path], fingerprint: Mapping[str, Any], overwrite: 
     if overwrite or summary is None or not summary.is_file():
         return "todo"
     check_same(recorded_fingerprint(summary), fingerprint, f"the outputs of {summary.name[:-13]} in {summary.parent}")
-    return "done" if all(p.is_file() for p in finals) else "partial-done"
+    return "done" if all(p.is_file() or p.is_dir() for p in finals) else "partial-done"  # a .zarr is a folder

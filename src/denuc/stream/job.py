@@ -35,6 +35,7 @@ import numpy as np
 
 from denuc.core.result import Nuclei
 from denuc.errors import InputError
+from denuc.sinks.base import TILE_KEY
 from denuc.stream.runner import RunContext, TileStream
 from denuc.stream.timing import StageTimer
 
@@ -253,13 +254,21 @@ class _Prepared:
         return f
 
 
-def _chunk_nuclei(parts: Sequence[Nuclei], runner: TileStream, source: Any) -> Nuclei:
+def _chunk_nuclei(parts: Sequence[Nuclei], runner: TileStream, source: Any,
+                  tiles: Sequence[int] | None = None) -> Nuclei:
+    """One :class:`Nuclei` of ``parts`` in order. With ``tiles`` (the plan index of the tile each
+    part came from, one per part) it also carries ``meta[TILE_KEY]``: ``(N,)`` int64, the tile
+    of every nucleus (see :data:`denuc.sinks.base.TILE_KEY`)."""
     names = runner.class_names
     w, h = source.level_dimensions[0]
     if not parts:
-        return Nuclei.empty(names, mpp=float(source.mpp), image_size=(h, w), name=source.name)
-    out = Nuclei.concat(list(parts))
-    out.name, out.image_size = source.name, (h, w)
+        out = Nuclei.empty(names, mpp=float(source.mpp), image_size=(h, w), name=source.name)
+    else:
+        out = Nuclei.concat(list(parts))
+        out.name, out.image_size = source.name, (h, w)
+    if tiles is not None:
+        ids = [np.full(len(p), t, dtype=np.int64) for p, t in zip(parts, tiles, strict=True)]
+        out.meta[TILE_KEY] = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     return out
 
 
@@ -280,7 +289,7 @@ def iter_chunks(runner: TileStream, prep: _Prepared, ctx: RunContext, skip: set[
             got, nuc = next(stream)
             assert got == t, (got, t)
             parts.append(nuc)
-        yield k, _chunk_nuclei(parts, runner, prep.source)
+        yield k, _chunk_nuclei(parts, runner, prep.source, tiles=ch)
 
 
 def _progress(total: int, name: str, enabled: bool | None) -> Any:
@@ -452,15 +461,16 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
     import json
 
     from denuc.core.palette import resolve_colors
-    from denuc.sinks import OutputInfo, output_sinks
+    from denuc.sinks import SINKS, OutputInfo, output_sinks
     from denuc.stream.journal import Journal
 
     prep = _Prepared(runner, source, opts, timer)
     names = runner.class_names
     cmap = {k: tuple(int(v) for v in c) for k, c in resolve_colors(names, colors).items()}
-    features = "h5ad" in opts.formats and opts.embeddings != "none" and runner.classifier is not None
+    features = (any(SINKS[f].stores_features for f in opts.formats) and opts.embeddings != "none"
+                and runner.classifier is not None)
     key = {"plan": prep.plan.key(), "models": models or {}, "chunk_tiles": opts.chunk_tiles, "mpp": source.mpp,
-           "classes": list(names)}
+           "classes": list(names), "tile_ids": True}  # chunks saved with each nucleus's tile index
     if features:  # chunks saved with point features are not those saved without
         key["features"] = True
     key_src = json.dumps(key, sort_keys=True, default=str)
@@ -476,7 +486,10 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
         tissue_area_um2=prep.area.tissue_area_um2, analysed_area_um2=prep.area.analysed_area_um2,
         roi_areas_um2=prep.area.roi_areas_um2,
         roi_outlines=getattr(prep.rois, "outlines", lambda: None)() if prep.rois is not None else None,
-        sink_options={"embeddings": opts.embeddings, "density_grid_um": opts.density_grid_um})
+        sink_options={"embeddings": opts.embeddings, "density_grid_um": opts.density_grid_um,
+                      "tile_cores": prep.plan.core_boxes_level0(), "tile_grid": (prep.plan.xs.count,
+                                                                                prep.plan.ys.count),
+                      "roi_shapes": list(zip(prep.rois.names, prep.rois.geoms)) if prep.rois is not None else None})
     sinks = output_sinks(info, opts.formats, overlay=opts.overlay)
     ctx = RunContext(stain=prep.stain, rois=prep.rois, timer=timer, area=prep.area, features=features)
     bar = _progress(len(prep.plan.selected), source.name, opts.progress)
@@ -527,9 +540,15 @@ def _run_files(runner: TileStream, source: Any, out: Path, kind: str, opts: RunO
 
 
 def _uncommit(paths: Sequence[Path]) -> None:
-    """Remove an input's final outputs, its summary (the commit marker) first."""
+    """Remove an input's final outputs (files, or folders such as a ``.zarr`` store), its summary
+    (the commit marker) first."""
+    import shutil
+
     for p in sorted(paths, key=lambda p: not p.name.endswith(".summary.json")):
         try:
-            p.unlink(missing_ok=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
         except OSError:
             pass

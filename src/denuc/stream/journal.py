@@ -2,7 +2,8 @@
 
 Folder ``<out>/.<stem>.partial/``: ``plan.json`` (the key of the plan and models that produced
 the chunks, and the run's fingerprint, :mod:`denuc.stream.fingerprint`) and ``chunk-<k>.npz``
-per finished chunk (:meth:`denuc.core.result.Nuclei.save`). A rerun with the same key reuses the
+per finished chunk (:meth:`denuc.core.result.Nuclei.save`, plus the chunk's tile index per
+nucleus, ``meta[TILE_KEY]``, as the array ``tile`` when it has one). A rerun with the same key reuses the
 finished chunks; a rerun with another fingerprint is refused (:class:`SettingsChanged`, naming
 the changes) unless it overwrites; any other key (same settings, another chunk size) starts
 afresh. The folder is removed once the input's outputs are in place.
@@ -15,8 +16,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from denuc.core.files import atomic_write_text
 from denuc.core.result import Nuclei
+from denuc.sinks.base import TILE_KEY
+
+#: name of the tile-index array in a chunk's ``.npz`` (beside :meth:`Nuclei.save`'s arrays)
+_TILE_ARRAY = "tile"
 
 
 class Journal:
@@ -74,7 +81,9 @@ class Journal:
         if not (self.dir / "plan.json").is_file():
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.dir / "plan.json", json.dumps({"key": self.key, "fingerprint": self.fingerprint}))
-        nuclei.save(self._path(k))
+        tiles = nuclei.meta.get(TILE_KEY)
+        extra = None if tiles is None else {_TILE_ARRAY: np.asarray(tiles, dtype=np.int64)}
+        nuclei.save(self._path(k), extra=extra)
 
     def readable(self, k: int) -> bool:
         """Whether chunk ``k``'s file is a complete archive (a damaged one is recomputed)."""
@@ -83,7 +92,13 @@ class Journal:
         return zipfile.is_zipfile(self._path(k))
 
     def load(self, k: int) -> Nuclei:
-        return Nuclei.load(self._path(k))
+        """Chunk ``k`` as saved, ``meta[TILE_KEY]`` included when it was saved with one."""
+        p = self._path(k)
+        nuc = Nuclei.load(p)
+        with np.load(p, allow_pickle=False) as z:
+            if _TILE_ARRAY in z.files:
+                nuc.meta[TILE_KEY] = z[_TILE_ARRAY].astype(np.int64)
+        return nuc
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
