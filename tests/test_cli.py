@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,13 @@ def test_console_script_runs() -> None:
         pytest.skip("denuc console script not installed in this environment")
     r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "predict" in r.stdout
+
+
+def test_help_does_not_import_torch() -> None:
+    """Building the parser (every ``--help``, every command's start) imports no subcommand's heavy
+    dependencies: a fresh interpreter, as ``denuc --help`` starts."""
+    code = "import sys; from denuc.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "False"

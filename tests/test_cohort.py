@@ -7,11 +7,12 @@ import multiprocessing as mp
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
+from claim_workers import ROUNDS, beat_then_fall_silent, claim_and_die, claim_and_report, race, worker
 
 from denuc.cli import main as cli_main
 from denuc.cohort.claims import claim_order, claim_path, claimed_inputs, read_claim, try_claim
@@ -140,62 +141,11 @@ def test_world_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---------------------------------------------------------------- claims (helpers run in spawned processes)
 
 
-def _claim_and_report(out: str, stem: str, q: mp.Queue, done: Any = None) -> None:
-    c = try_claim(Path(out), stem)
-    q.put(None if c is None else c.token)
-    if c is not None and done is not None:
-        done.wait(30)
-        q.put(c.heartbeat())
-        c.release()
-
-
-def _beat_then_fall_silent(out: str, stem: str, q: mp.Queue, beating: Any, done: Any) -> None:
-    c = try_claim(Path(out), stem)
-    q.put(None if c is None else c.token)
-    if c is not None:
-        beating.set()
-        for _ in range(10):
-            time.sleep(0.1)
-            c.heartbeat()
-        beating.clear()
-        done.wait(30)
-        c.release()
-
-
-def _claim_and_die(out: str, stem: str) -> None:
-    c = try_claim(Path(out), stem)
-    assert c is not None
-    os._exit(0)  # no release
-
-
-ROUNDS = 40
-
-
-def _race(out: str, stale_after: float, barrier: Any, q: mp.Queue) -> None:
-    won = []
-    for r in range(ROUNDS):
-        barrier.wait(30)
-        won.append(try_claim(Path(out), f"s{r}", stale_after=stale_after) is not None)
-    q.put(won)
-
-
-def _worker(inputs: list[str], out: str, rank: int, world_size: int) -> None:
-    def done(p: Path) -> bool:
-        return (Path(out) / f"{p.stem}.done").exists()
-
-    for p, claim in claimed_inputs([Path(x) for x in inputs], Path(out), done, rank, world_size):
-        with open(Path(out) / "log.txt", "a") as f:  # appends of one short line are atomic
-            f.write(f"{rank} {p.stem}\n")
-        time.sleep(0.01)
-        (Path(out) / f"{p.stem}.done").write_text("ok")
-        claim.release()
-
-
 def test_claim_is_exclusive_between_processes(tmp_path: Path) -> None:
     q: mp.Queue = CTX.Queue()
     mine = try_claim(tmp_path, "s1")
     assert mine is not None and mine.held()
-    p = CTX.Process(target=_claim_and_report, args=(str(tmp_path), "s1", q))
+    p = CTX.Process(target=claim_and_report, args=(str(tmp_path), "s1", q))
     p.start()
     p.join(30)
     assert q.get(timeout=5) is None  # held by us, alive
@@ -203,14 +153,14 @@ def test_claim_is_exclusive_between_processes(tmp_path: Path) -> None:
     assert info is not None and info.pid == os.getpid() and info.token == mine.token
     assert mine.release() and not mine.release()
     assert not claim_path(tmp_path, "s1").exists()
-    p = CTX.Process(target=_claim_and_report, args=(str(tmp_path), "s1", q))
+    p = CTX.Process(target=claim_and_report, args=(str(tmp_path), "s1", q))
     p.start()
     p.join(30)
     assert q.get(timeout=5) is not None
 
 
 def test_claim_of_dead_process_is_taken_over(tmp_path: Path) -> None:
-    p = CTX.Process(target=_claim_and_die, args=(str(tmp_path), "s1"))
+    p = CTX.Process(target=claim_and_die, args=(str(tmp_path), "s1"))
     p.start()
     p.join(30)
     dead = read_claim(claim_path(tmp_path, "s1"))
@@ -223,7 +173,7 @@ def test_claim_of_dead_process_is_taken_over(tmp_path: Path) -> None:
 def test_heartbeat_keeps_claim_and_silence_loses_it(tmp_path: Path) -> None:
     q: mp.Queue = CTX.Queue()
     beating, done = CTX.Event(), CTX.Event()
-    p = CTX.Process(target=_beat_then_fall_silent, args=(str(tmp_path), "s1", q, beating, done))
+    p = CTX.Process(target=beat_then_fall_silent, args=(str(tmp_path), "s1", q, beating, done))
     p.start()
     try:
         assert q.get(timeout=30) is not None
@@ -244,7 +194,7 @@ def test_timeout_takeover_and_loser_notices(tmp_path: Path) -> None:
     q: mp.Queue = CTX.Queue()
     done = CTX.Event()
     # a live owner in another process; with a tiny stale_after its silent claim is taken over
-    p = CTX.Process(target=_claim_and_report, args=(str(tmp_path), "s1", q, done))
+    p = CTX.Process(target=claim_and_report, args=(str(tmp_path), "s1", q, done))
     p.start()
     try:
         token = q.get(timeout=30)
@@ -270,7 +220,7 @@ def test_racing_takers_exactly_one_wins(tmp_path: Path) -> None:
         os.utime(claim_path(tmp_path, f"s{r}"), (old, old))
     q: mp.Queue = CTX.Queue()
     barrier = CTX.Barrier(4)
-    procs = [CTX.Process(target=_race, args=(str(tmp_path), 600.0, barrier, q)) for _ in range(4)]
+    procs = [CTX.Process(target=race, args=(str(tmp_path), 600.0, barrier, q)) for _ in range(4)]
     for p in procs:
         p.start()
     wins = [q.get(timeout=60) for _ in procs]
@@ -285,7 +235,7 @@ def test_claimed_inputs_two_processes_each_input_once(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "s03.done").write_text("ok")  # already done: skipped
-    procs = [CTX.Process(target=_worker, args=(inputs, str(out), r, 2)) for r in range(2)]
+    procs = [CTX.Process(target=worker, args=(inputs, str(out), r, 2)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

@@ -32,10 +32,16 @@ TOL = 1e-5
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """``n`` different ports free on 127.0.0.1 now (all bound at once, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -72,25 +78,69 @@ def _cfg(ds: Path, out: Path, **kw: Any) -> TrainConfig:
     return TrainConfig(**base)
 
 
-@pytest.mark.slow
-def test_torchrun_detector_matches_one_process_and_resumes_on_another_world_size(tmp_path: Path) -> None:
-    # 3 train images of 96 px, crop 64: 9 crops an epoch in batches of 4, 4 and 1, so the last
-    # step leaves rank 1 with an empty share
-    ds = write_blob_dataset(tmp_path / "ds")
-    train(_cfg(ds, tmp_path / "one", stop_after=1), log=lambda s: None)
-    one_epoch1 = torch.load(tmp_path / "one" / "state.pt", weights_only=True)
-    train(_cfg(ds, tmp_path / "one", resume=True), log=lambda s: None)
-    one_final = torch.load(tmp_path / "one" / "state.pt", weights_only=True)
+def head_run(ds: Any, out: Path, cache: Path, mode: str) -> int:
+    """Train a head with a tiny random ViT; returns the encoder's forward calls."""
+    from denuc.encode import build_encoder
+    from denuc.encode.tiny import register_tiny
+    from denuc.train.head import HeadTrainConfig
+    from denuc.train.head_run import train_head
 
+    register_tiny()
+    enc = build_encoder("tiny-uni", weights="random")
+    calls = [0]
+    enc.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    train_head(ds, enc, out, mode=mode, cache_dir=cache, config=HeadTrainConfig(epochs=1, lr=1e-4), window=64,
+               finetune={"epochs": 1, "lr": 1e-3, "head_lr": 1e-2, "batch_windows": 3}, log=lambda m: None)
+    return calls[0]
+
+
+@pytest.mark.slow
+def test_torchrun_trains_detector_and_head_like_one_process(tmp_path: Path) -> None:
+    """One ``torchrun`` launch of two processes (tests/distributed_worker.py) runs the detector
+    training command line, then the head training of both modes; the one-process references
+    run here meanwhile."""
+    from synthetic import make_blob_dataset
+
+    # detector: 3 train images of 96 px, crop 64: 9 crops an epoch in batches of 4, 4 and 1, so
+    # the last step leaves rank 1 with an empty share
+    ds = write_blob_dataset(tmp_path / "ds")
+    head_ds = make_blob_dataset(tmp_path / "blobs", n_images=6)  # 4 train + 1 val images
+    agent_port, head_port = free_ports(2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "denuc", "train-detector", str(ds), "--out", str(tmp_path / "two"),
+           "--master-port", str(agent_port), str(Path(__file__).with_name("distributed_worker.py")), str(tmp_path),
+           str(head_port), "--", str(ds), "--out", str(tmp_path / "two"),
            "--backbone", "tiny", "--epochs", "2", "--batch-size", "4", "--crop", "64", "--no-progress", "--init", "", "--work-mpp", "0.5",
            "--threads", "1", "--workers", "0", "--device", "cpu", "--crops-per-epoch", "1.0", "--stop-after", "1"]
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("epoch 1/2 loss") == 1  # rank 0 alone logs
-    assert "data-parallel: 2 processes (gloo), 2 of the 4 crops" in r.stdout
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(Path(__file__).parent)])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        train(_cfg(ds, tmp_path / "one", stop_after=1), log=lambda s: None)
+        one_epoch1 = torch.load(tmp_path / "one" / "state.pt", weights_only=True)
+        train(_cfg(ds, tmp_path / "one", resume=True), log=lambda s: None)
+        one_final = torch.load(tmp_path / "one" / "state.pt", weights_only=True)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            one_calls = {m: head_run(head_ds, tmp_path / f"one-{m}.safetensors", tmp_path / "cache1", m)
+                         for m in ("linear", "full")}
+        finally:
+            torch.set_num_threads(threads)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:  # a failure here: torchrun passes SIGTERM on to its workers
+            proc.terminate()
+            proc.wait(60)
+    assert proc.returncode == 0, err[-3000:]
+    _check_detector(tmp_path, out, one_epoch1, one_final)
+    _check_head(tmp_path, one_calls)
+
+
+def _check_detector(tmp_path: Path, stdout: str, one_epoch1: dict[str, Any], one_final: dict[str, Any]) -> None:
+    """The two-process detector run equals the one-process one after epoch 1, and resumed in
+    one process it ends where the one-process run ended."""
+    ds = tmp_path / "ds"
+    assert stdout.count("epoch 1/2 loss") == 1  # rank 0 alone logs
+    assert "data-parallel: 2 processes (gloo), 2 of the 4 crops" in stdout
     # one writer: one set of run files, nothing half-written
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["best.safetensors", "last.safetensors",
                                                                     "log.jsonl", "state.pt"]
@@ -109,45 +159,9 @@ def test_torchrun_detector_matches_one_process_and_resumes_on_another_world_size
     assert max_diff(two_final["model"], one_final["model"]) < TOL
 
 
-def _head_run(ds: Any, out: Path, cache: Path, mode: str) -> int:
-    """Train a head with a tiny random ViT; returns the encoder's forward calls."""
-    from denuc.encode import build_encoder
-    from denuc.encode.tiny import register_tiny
-    from denuc.train.head import HeadTrainConfig
-    from denuc.train.head_run import train_head
-
-    register_tiny()
-    enc = build_encoder("tiny-uni", weights="random")
-    calls = [0]
-    enc.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
-    train_head(ds, enc, out, mode=mode, cache_dir=cache, config=HeadTrainConfig(epochs=1, lr=1e-4), window=64,
-               finetune={"epochs": 1, "lr": 1e-3, "head_lr": 1e-2, "batch_windows": 3}, log=lambda m: None)
-    return calls[0]
-
-
-def _head_worker(rank: int, world: int, port: int, ds: Any, tmp: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    calls = {mode: _head_run(ds, tmp / f"two-{mode}.safetensors", tmp / "cache2", mode) for mode in ("linear", "full")}
-    (tmp / f"calls{rank}.json").write_text(json.dumps(calls))
-
-
-@pytest.mark.slow
-def test_two_process_head_training_shares_the_cache_and_matches_one_process(tmp_path: Path) -> None:
+def _check_head(tmp_path: Path, one_calls: dict[str, int]) -> None:
+    """The two processes shared the head's feature cache and trained the heads of one process."""
     from safetensors.torch import load_file
-
-    from synthetic import make_blob_dataset
-
-    ds = make_blob_dataset(tmp_path / "blobs", n_images=6)  # 4 train + 1 val images
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one_calls = {m: _head_run(ds, tmp_path / f"one-{m}.safetensors", tmp_path / "cache1", m)
-                     for m in ("linear", "full")}
-    finally:
-        torch.set_num_threads(threads)
-    torch.multiprocessing.spawn(_head_worker, args=(2, free_port(), ds, tmp_path), nprocs=2)
 
     # the feature cache: each process encoded its share of the 5 images once, the files are
     # the one-process files bit for bit
