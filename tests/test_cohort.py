@@ -159,6 +159,34 @@ def test_claim_is_exclusive_between_processes(tmp_path: Path) -> None:
     assert q.get(timeout=5) is not None
 
 
+def test_a_claim_appears_complete_and_an_empty_one_goes_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import denuc.cohort.claims as claims
+
+    seen: list[bytes] = []
+    link = os.link
+
+    def watch(src: str, dst: str) -> None:  # the claim's name appears with its contents, at once
+        link(src, dst)
+        seen.append(Path(dst).read_bytes())
+
+    monkeypatch.setattr(claims.os, "link", watch)
+    c = try_claim(tmp_path, "a")
+    assert c is not None and seen and json.loads(seen[0])["token"] == c.token
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.claim"]  # no temporary file left
+    assert try_claim(tmp_path, "a") is None
+    c.release()
+    # a claim file left empty by a process killed between creating and writing it (file
+    # systems without hard links) blocks the input only for a short grace, not for stale_after
+    empty = claim_path(tmp_path, "b")
+    empty.write_bytes(b"")
+    assert try_claim(tmp_path, "b", stale_after=600) is None  # just created: maybe being written
+    old = time.time() - claims.EMPTY_CLAIM_GRACE_S - 5
+    os.utime(empty, (old, old))
+    taken = try_claim(tmp_path, "b", stale_after=600)
+    assert taken is not None and read_claim(empty).token == taken.token
+    taken.release()
+
+
 def test_claim_of_dead_process_is_taken_over(tmp_path: Path) -> None:
     p = CTX.Process(target=claim_and_die, args=(str(tmp_path), "s1"))
     p.start()

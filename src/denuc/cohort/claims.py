@@ -44,6 +44,8 @@ from denuc.errors import InputError
 
 #: Seconds without heartbeat after which another process takes a claim over.
 STALE_AFTER = 600.0
+#: Seconds after which a claim file that holds no valid claim (its writer died) is stale.
+EMPTY_CLAIM_GRACE_S = 30.0
 
 
 def claim_path(out_dir: Path, stem: str) -> Path:
@@ -99,6 +101,8 @@ class ClaimInfo:
                 and self.pid != os.getpid() and not pid_alive(self.pid))
 
     def is_stale(self, stale_after: float = STALE_AFTER) -> bool:
+        if self.token is None and self.age() > min(stale_after, EMPTY_CLAIM_GRACE_S):
+            return True  # never completed: its creator died between creating and writing it
         return self.owner_dead() or self.age() > stale_after
 
 
@@ -228,14 +232,34 @@ class Claim:
 
 
 def _create(out_dir: Path, stem: str) -> Claim | None:
-    """Create the claim file with ``O_EXCL``; ``None`` when it exists."""
+    """Create the claim file, complete, or ``None`` when it exists.
+
+    The payload is written to a file of this process's own (``.<stem>.claim.<token>.<pid>.tmp``)
+    and hard-linked to the claim's name, which fails when the name exists: the claim appears
+    with its contents, so a process killed while claiming never leaves an empty claim that others
+    would wait on. Where the file system has no hard links, the claim is created with
+    ``O_EXCL`` and then written (an empty claim left by a kill is stale after
+    :data:`EMPTY_CLAIM_GRACE_S`).
+    """
     claim = Claim(out_dir=Path(out_dir), stem=stem, token=secrets.token_hex(16), started=time.time())
+    tmp = claim.path.with_name(f"{claim.path.name}.{claim.token}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(claim._payload())
+    except FileNotFoundError:
+        raise InputError(f"{out_dir}: output folder does not exist") from None
+    try:
+        os.link(tmp, claim.path)
+        return claim
+    except FileExistsError:
+        return None
+    except OSError:  # no hard links here: exclusive create, then write
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
     try:
         fd = os.open(claim.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
         return None
-    except FileNotFoundError:
-        raise InputError(f"{out_dir}: output folder does not exist") from None
     try:
         os.write(fd, claim._payload())
     finally:
