@@ -115,7 +115,7 @@ BACKBONES.register("resnet50", lambda pretrained_path=None: ResNet50Backbone(pre
 
 
 class EfficientNetLite0Backbone(Backbone):
-    """timm ``tf_efficientnet_lite0`` features at strides 8/16/32 (40/112/320 channels)."""
+    """EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``'s layout) features at strides 8/16/32 (40/112/320 channels)."""
 
     def __init__(self, pretrained: bool = True, pretrained_path: str | None = None) -> None:
         super().__init__()
@@ -130,7 +130,7 @@ class EfficientNetLite0Backbone(Backbone):
                                              out_indices=(2, 3, 4))
         if pretrained_path:  # ModelError naming the file when it does not fit
             load_efficientnet_lite0_weights(self.body, pretrained_path)
-        self.out_channels = tuple(self.body.feature_info.channels())  # type: ignore[assignment]
+        self.out_channels = tuple(self.body.out_channels)  # type: ignore[assignment]
         self.mean, self.std = LITE0_MEAN, LITE0_STD
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
