@@ -70,3 +70,15 @@ def test_help_does_not_import_torch() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "False"
+
+
+def test_a_command_builds_only_its_own_parser() -> None:
+    """``denuc predict ...`` imports the predict command's module, not the others' (``evaluate``
+    pulls in scipy's matching code), while ``denuc --help`` still lists every command."""
+    code = ("import sys; from denuc.cli import build_parser, COMMANDS; p = build_parser(only='predict'); "
+            "print(sorted(k for k in COMMANDS.values() if k in sys.modules)); "
+            "build_parser(); print(sorted(k for k in COMMANDS.values() if k in sys.modules) == sorted(COMMANDS.values()))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:2] == ["['denuc.pipeline_cli']", "True"]
