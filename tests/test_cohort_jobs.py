@@ -201,6 +201,11 @@ def test_onnx_threads_per_calling_thread() -> None:
     onnx.set_thread_threads(2)
     try:
         assert onnx.threads() == 2
+        box = [1]
+        onnx.set_thread_threads(lambda: box[0])  # read at each call
+        assert onnx.threads() == 1
+        box[0] = 3
+        assert onnx.threads() == 3
     finally:
         onnx.set_thread_threads(None)
     assert onnx.threads() == base

@@ -383,7 +383,9 @@ def _run_threads(n_jobs: int, stream: Any, first: tuple[Path, Any],
                  next_input: Callable[[], tuple[Path, Any] | None],
                  run_one: Callable[[Any, Path, Any], None]) -> None:
     """Run the queue's inputs in ``n_jobs`` threads (this one and ``n_jobs - 1`` more), each
-    with a fork of ``stream`` and ``threads // n_jobs`` of the CPU threads for its networks.
+    with a fork of ``stream`` and an equal share of the CPU threads for its networks (a thread
+    that finds the queue empty leaves its share to those still running, from their next
+    network call).
 
     The extra threads are daemons: Ctrl-C stops the process at once (an input cut short leaves
     only temporary files, removed by the next run, and a claim that the next run takes over).
@@ -394,10 +396,14 @@ def _run_threads(n_jobs: int, stream: Any, first: tuple[Path, Any],
     from denuc.runtime.onnx import set_thread_threads
 
     total = _cpu_threads()
-    share = max(1, total // n_jobs)
     torch_threads = torch.get_num_threads()
     stop = threading.Event()
     errors: list[BaseException] = []
+    busy = [n_jobs]  # threads still taking inputs: the last one left gets every thread
+    busy_lock = threading.Lock()
+
+    def share() -> int:
+        return max(1, total // max(1, busy[0]))
 
     def work(own: Any, item: tuple[Path, Any] | None, catch: bool) -> None:
         set_thread_threads(share)
@@ -413,6 +419,8 @@ def _run_threads(n_jobs: int, stream: Any, first: tuple[Path, Any],
                 raise
             errors.append(e)  # handed to the calling thread
         finally:
+            with busy_lock:
+                busy[0] -= 1
             set_thread_threads(None)
 
     if torch_threads > 1:  # PyTorch's own threads (a PyTorch runtime, or glue) shared the same way

@@ -39,6 +39,7 @@ import re
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -90,17 +91,21 @@ def set_threads(n: int | None) -> None:
 _LOCAL = threading.local()
 
 
-def set_thread_threads(n: int | None) -> None:
-    """Run the ONNX Runtime calls made from the calling thread on ``n`` threads (None: the
-    process-wide number, :func:`threads`). Lets inputs that run at once in several threads of one
-    process share the cores (:func:`denuc.cohort.runner.run_cohort`)."""
-    _LOCAL.threads = None if n is None else max(1, int(n))
+def set_thread_threads(n: int | Callable[[], int] | None) -> None:
+    """Run the ONNX Runtime calls made from the calling thread on ``n`` threads, or on ``n()``
+    read at each call (None: the process-wide number, :func:`threads`). Lets inputs that run at
+    once in several threads of one process share the cores, and the last one left take them all
+    (:func:`denuc.cohort.runner.run_cohort`)."""
+    _LOCAL.threads = n if n is None or callable(n) else max(1, int(n))
 
 
 def threads() -> int:
     """Threads an ONNX Runtime call from the calling thread runs on: the thread's own number
     (:func:`set_thread_threads`), else :data:`THREADS`, else ``torch.get_num_threads()``."""
-    return getattr(_LOCAL, "threads", None) or THREADS or max(1, torch.get_num_threads())
+    own = getattr(_LOCAL, "threads", None)
+    if callable(own):
+        own = max(1, int(own()))
+    return own or THREADS or max(1, torch.get_num_threads())
 
 
 def cache_dir() -> Path:
