@@ -231,17 +231,24 @@ class Detector:
         return run_cohort(inputs, out, build, opts=opts, inputs_file=inputs_file, mpp=mpp, mpp_default=mpp_default,
                           shard=shard, jobs=jobs)
 
-    def detect_works(self, works: Sequence[np.ndarray]) -> list[Any]:
+    #: :meth:`detect_works` takes ``regions`` (windows away from them are skipped)
+    skips_windows = True
+
+    def detect_works(self, works: Sequence[np.ndarray], regions: Sequence[Any] | None = None) -> list[Any]:
         """Raw detections (:class:`~denuc.detect.windows.RawDetections`, points in each image's
         pixels at the model's mpp, after the margin rule, NMS and the threshold) of images already
-        at :attr:`mpp` (``(H, W, 3)`` uint8 each), with test-time augmentation when set."""
+        at :attr:`mpp` (``(H, W, 3)`` uint8 each), with test-time augmentation when set.
+
+        ``regions``: per image, None or a test of boxes (:data:`denuc.detect.windows.RegionTest`):
+        windows far from every region are not run (:func:`~denuc.detect.windows.detect_images`);
+        ignored with test-time augmentation."""
         from denuc.detect.windows import detect_images
 
         if self.tta > 1:
             return self._detect_tta(list(works))
         return detect_images(self.model, list(works), threshold=self.threshold, window=self.window,
                              stride=self.stride, margin=self.margin, batch_size=self.batch_size, device=self.device,
-                             forward=self.runner)
+                             forward=self.runner, regions=regions)
 
     def _detect_tta(self, works: list[np.ndarray]) -> list[Any]:
         """Fused detections of every pass of :attr:`passes` on each working-mpp image."""

@@ -54,15 +54,32 @@ def _pad(img: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
+#: A window is skipped (``regions``) only when its box grown by this many NMS radii touches no
+#: region: its points, and those of every suppression chain this long that reaches a region,
+#: are then outside the regions.
+SKIP_NMS_LINKS = 3
+
+#: ``(K, 4)`` boxes ``x0, y0, x1, y1`` in an image's pixels -> ``(K,)`` bool: the box touches a
+#: region whose nuclei are wanted (e.g. tissue).
+RegionTest = Callable[[np.ndarray], np.ndarray]
+
+
 @torch.no_grad()
 def detect_images(model: PointDetector, images: Sequence[np.ndarray], *, threshold: float | None = None,
                   window: int = WINDOW, stride: int = STRIDE, margin: float = MARGIN, batch_size: int = 16,
                   device: torch.device | str | None = None,
-                  forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None) -> list[RawDetections]:
+                  forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None,
+                  regions: Sequence[RegionTest | None] | None = None) -> list[RawDetections]:
     """Detect nuclei in ``images`` (each ``(H, W, 3)`` uint8 at the model's mpp).
 
     ``forward``: what runs the model's :meth:`~denuc.detect.model.PointDetector.raw` on a
     ``(B, 3, window, window)`` batch (default: the model itself; a :mod:`denuc.runtime` runner).
+
+    ``regions``: per image, None (every window runs) or a :data:`RegionTest`: windows whose box,
+    grown by :data:`SKIP_NMS_LINKS` x the NMS radius, touches no region are not run (for the
+    glass between tissue pieces: the caller keeps only points in the regions, and those come
+    out as without skipping unless a chain of more than :data:`SKIP_NMS_LINKS` suppressions
+    links them to a skipped window).
 
     Returns one :class:`RawDetections` per image, coordinates in that image's pixels,
     sorted by descending score.
@@ -70,8 +87,15 @@ def detect_images(model: PointDetector, images: Sequence[np.ndarray], *, thresho
     cfg = model.config
     device = device if device is not None else next(model.parameters()).device
     padded = [_pad(np.asarray(im), window) for im in images]
-    jobs = [(i, (int(x0), int(y0))) for i, im in enumerate(padded)
-            for x0, y0 in window_grid(im.shape[0], im.shape[1], window, stride)]
+    grow = SKIP_NMS_LINKS * float(cfg.nms_radius_px)
+    jobs = []
+    for i, im in enumerate(padded):
+        grid = np.asarray(window_grid(im.shape[0], im.shape[1], window, stride), dtype=np.int64).reshape(-1, 2)
+        test = regions[i] if regions is not None else None
+        if test is not None and len(grid):
+            boxes = np.concatenate([grid - grow, grid + window + grow], axis=1).astype(np.float64)
+            grid = grid[np.asarray(test(boxes), dtype=bool)]
+        jobs += [(i, (int(x0), int(y0))) for x0, y0 in grid]
     parts: list[list[tuple[np.ndarray, ...]]] = [[] for _ in images]
     for b in range(0, len(jobs), batch_size):
         chunk = jobs[b:b + batch_size]

@@ -250,6 +250,22 @@ class TileStream:
             out.roi = np.asarray(roi[roi != ""], dtype=object)
         return out
 
+    @staticmethod
+    def _tissue_test(plan: TilePlan, td: TileData, ctx: RunContext) -> Any:
+        """Boxes in the tile's working image -> whether they touch the tissue mask, when nuclei
+        outside tissue are dropped (else None: every detector window runs)."""
+        area = ctx.area
+        if area is None or not area.filters_tissue:
+            return None
+        tissue = area.tissue
+        origin = np.array([td.tile.read[0], td.tile.read[1]] * 2, dtype=np.float64)
+        scale = float(plan.det.to_level0)
+
+        def touches(boxes: np.ndarray) -> np.ndarray:
+            return tissue.boxes_touching((np.asarray(boxes, dtype=np.float64) + origin) * scale)
+
+        return touches
+
     def _classify(self, plan: TilePlan, td: TileData, det: Nuclei, ctx: RunContext) -> Nuclei:
         c = self.classifier
         assert c is not None and plan.enc is not None and td.enc_raw is not None
@@ -295,7 +311,12 @@ class TileStream:
     def process(self, plan: TilePlan, batch: Sequence[TileData], ctx: RunContext) -> list[Nuclei]:
         """Detect (one call for the batch) and classify the tiles of ``batch``."""
         with ctx.timer("detect"):
-            raws = self.detector.detect_works([td.work for td in batch])
+            works = [td.work for td in batch]
+            tests = [self._tissue_test(plan, td, ctx) for td in batch]
+            if getattr(self.detector, "skips_windows", False) and any(t is not None for t in tests):
+                raws = self.detector.detect_works(works, regions=tests)
+            else:
+                raws = self.detector.detect_works(works)
             dets = [self._core_points(plan, td, r, ctx) for td, r in zip(batch, raws, strict=True)]
         out = []
         for td, det in zip(batch, dets, strict=True):
