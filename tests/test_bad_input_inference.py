@@ -109,11 +109,11 @@ def test_unexpected_error_in_one_image_is_reported_and_the_rest_is_done(
     orig = Detector.detect_works
     calls = [0]
 
-    def flaky(self: Detector, works: list[np.ndarray]) -> list[object]:
+    def flaky(self: Detector, works: list[np.ndarray], **kw: object) -> list[object]:
         calls[0] += 1
         if calls[0] == 2:  # inputs run in name order: the second is b.png
             raise exc
-        return orig(self, works)
+        return orig(self, works, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Detector, "detect_works", flaky)
     out = tmp_path / "out"
@@ -152,7 +152,7 @@ def test_keyboard_interrupt_still_stops_the_run(tmp_path: Path, tiny_ckpt: Path,
     for s in ("a", "b"):
         Image.fromarray(_rgb(32, 32)).save(d / f"{s}.png")
 
-    def interrupt(self: Detector, works: list[np.ndarray]) -> list[object]:
+    def interrupt(self: Detector, works: list[np.ndarray], **kw: object) -> list[object]:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Detector, "detect_works", interrupt)
