@@ -145,6 +145,13 @@ def test_resolve_jobs() -> None:
             resolve_jobs(bad, 3, cpu)
 
 
+def test_a_bad_jobs_value_fails_before_any_work(setup: dict[str, Any], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert _predict(setup, tmp_path / "o", "--jobs", "0") == 2
+    assert "--jobs must be 'auto' or a whole number >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
 def test_claim_queue_hands_each_thread_its_own_held_claim(tmp_path: Path) -> None:
     from denuc.cohort.claims import ClaimQueue, claim_path
 

@@ -210,6 +210,8 @@ def run_cohort(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
 
     if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of characters
         inputs = [inputs]
+    if jobs is not None and jobs != "auto":
+        resolve_jobs(jobs, 1, None)  # a bad --jobs fails before any work
     opts = opts if opts is not None else RunOptions(progress=False)
     if mpp is not None:
         mpp = check_mpp(mpp, "--mpp")
