@@ -21,3 +21,15 @@ def tiny_detector_checkpoint(path: Path, *, seed: int = 0, score_threshold: floa
     torch.nn.init.normal_(model.head.offset.weight, std=0.05)
     save_detector(path, model, {"mpp": mpp, "nms_radius_um": 3.0, "window": 256, "stride": 192, "margin": 32, **meta})
     return path
+
+
+def noise_images(folder: Path, n: int, stem: str) -> Path:
+    """``folder`` (created) holding ``n`` 96 x 128 px RGB noise PNGs ``<stem><k>.png``, seeded by ``k``."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        arr = np.random.default_rng(k).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"{stem}{k}.png")
+    return folder

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_fixtures import tiny_detector_checkpoint
-from PIL import Image
+from model_fixtures import noise_images, tiny_detector_checkpoint
 
 from denuc.core.result import Nuclei
 
@@ -30,12 +29,7 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def images(tmp_path: Path) -> Path:
-    d = tmp_path / "in"
-    d.mkdir()
-    for k in range(6):
-        arr = np.random.default_rng(k).integers(0, 256, (96, 128, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(d / f"img{k}.png")
-    return d
+    return noise_images(tmp_path / "in", 6, "img")
 
 
 def _env() -> dict[str, str]:

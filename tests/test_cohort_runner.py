@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from model_fixtures import tiny_detector_checkpoint
+from model_fixtures import noise_images, tiny_detector_checkpoint
 from PIL import Image
 
 from denuc.cli import main
@@ -28,12 +28,7 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def images(tmp_path: Path) -> Path:
-    d = tmp_path / "in"
-    d.mkdir()
-    for k in range(2):
-        arr = np.random.default_rng(k).integers(0, 256, (96, 128, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(d / f"c{k}.png")
-    return d
+    return noise_images(tmp_path / "in", 2, "c")
 
 
 def _detect(inputs: Path | str, out: Path, ckpt: Path, *extra: str) -> int:
