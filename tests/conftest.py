@@ -28,3 +28,11 @@ def brca_dir() -> Path:
     if not (d / "brca_ds_test.txt").is_file():
         pytest.skip(f"real data not found at {d} (set DENUC_DATA to the folder holding brca-m2c/)")
     return d
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random detector checkpoint (score threshold 0.3), one per test module."""
+    from model_fixtures import tiny_detector_checkpoint
+
+    return tiny_detector_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", score_threshold=0.3)

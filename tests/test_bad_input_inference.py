@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from model_fixtures import tiny_detector_checkpoint
 from PIL import Image
 
 from denuc.cli import main
@@ -21,11 +20,6 @@ from denuc.core.result import Nuclei
 from denuc.data.image import read_image
 from denuc.detect.api import Detector
 from denuc.errors import InputError, ModelError, ResolutionError
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_detector_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", score_threshold=0.3)
 
 
 def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -14,17 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_fixtures import noise_images, tiny_detector_checkpoint
+from model_fixtures import noise_images
 
 from denuc.core.result import Nuclei
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_detector_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", score_threshold=0.3)
 
 
 @pytest.fixture()

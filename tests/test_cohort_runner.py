@@ -15,15 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from model_fixtures import noise_images, tiny_detector_checkpoint
+from model_fixtures import noise_images
 from PIL import Image
 
 from denuc.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_detector_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", score_threshold=0.3)
 
 
 @pytest.fixture()
