@@ -121,7 +121,8 @@ class DeNuC:
         head: the :class:`PointHead`; ``meta``: its checkpoint metadata.
         batch_size: windows per encoder call (default: the featurizer's for the device).
         runtime: what runs the encoder's forward pass (:mod:`denuc.runtime`): ``auto`` (ONNX
-            Runtime on the CPU when installed, else PyTorch), ``torch`` (the reference) or ``onnx``.
+            Runtime on the CPU when installed, 8-bit for a CNN encoder, else PyTorch), ``torch``
+            (the reference), ``onnx`` (float32) or ``onnx-int8``.
     """
 
     def __init__(self, detector: PointDetector, encoder: Encoder, head: PointHead, meta: HeadMeta,
@@ -168,8 +169,9 @@ class DeNuC:
             detector_window: the detector's inference window in px at its mpp (default: the
                 checkpoint's), likewise.
             runtime: what runs the detector's and the encoder's forward passes: ``auto`` (ONNX
-                Runtime on the CPU when ``denuc[onnx]`` is installed, else PyTorch), ``torch``
-                (the reference) or ``onnx`` (:mod:`denuc.runtime`).
+                Runtime on the CPU when ``denuc[onnx]`` is installed: the detector in float32, a
+                CNN encoder in 8 bits; else PyTorch), ``torch`` (the reference), ``onnx`` (both
+                float32) or ``onnx-int8`` (both 8-bit) (:mod:`denuc.runtime`).
             threshold: the detector's score threshold in [0, 1) (default: the model folder's, else
                 the checkpoint's), for a detector given as a checkpoint or None.
         """

@@ -98,17 +98,21 @@ class Detector:
             if self.stride < 1 or self.window % 32:
                 raise InputError(f"detector window must be a multiple of 32 larger than twice the margin "
                                  f"({self.margin:g} px); got {window}")
-        #: what runs the model's forward pass (:mod:`denuc.runtime`; results equal PyTorch's within
-        #: float32 rounding): ``runner.runtime`` is ``torch`` or ``onnx``
-        self.runner = make_runner(model, runtime, method="raw", name="detector", device=device)
+        #: what runs the model's forward pass (:mod:`denuc.runtime`): ``runner.runtime`` is ``torch``,
+        #: ``onnx`` (PyTorch's results within float32 rounding) or ``onnx-int8`` (quantized,
+        #: calibrated on :meth:`calibration_inputs`)
+        self.runner = make_runner(model, runtime, method="raw", name="detector", device=device,
+                                  calibration=self.calibration_inputs)
         if batch_size is None:  # about 4 Mpx per forward pass on a GPU; on a CPU 0.25 Mpx with PyTorch,
             # where larger batches leave the caches and run slower (benchmarks/detector_speed.py --batch),
             # and 1 Mpx with ONNX Runtime, whose time per window does not grow with the batch and which
             # splits a batch over the threads (larger batches keep them busy together)
             import torch
 
+            from denuc.runtime.base import ONNX_RUNTIMES
+
             on_gpu = torch.device(device).type == "cuda"
-            px = 2**22 if on_gpu else 2**20 if self.runner.runtime == "onnx" else 2**18
+            px = 2**22 if on_gpu else 2**20 if self.runner.runtime in ONNX_RUNTIMES else 2**18
             batch_size = max(1, px // self.window**2)
         self.batch_size = int(batch_size)
         self.path: Path | None = None
@@ -141,6 +145,29 @@ class Detector:
         det = cls(model, meta, dev, threshold, batch_size=batch_size, tta=tta, window=window, runtime=runtime)
         det.path = p
         return det
+
+    def calibration_inputs(self, shape: tuple[int, ...]) -> np.ndarray:
+        """``(N, *shape)`` float32 model inputs that calibrate the ``onnx-int8`` runtime: the
+        windows of the bundled sample image (:func:`denuc.runtime.int8.sample_rgb`) at the model's
+        mpp, cut and normalised as :func:`~denuc.detect.windows.detect_images` does.
+
+        Args:
+            shape: ``(3, H, W)`` of one window.
+        """
+        from denuc.data.resample import resample, resample_factor
+        from denuc.detect.model import normalise
+        from denuc.detect.windows import _pad
+        from denuc.merge.tiling import window_origins
+        from denuc.runtime.int8 import sample_rgb
+
+        _, h, w = shape
+        rgb, mpp = sample_rgb()
+        img = _pad(resample(rgb, resample_factor(mpp, self.mpp)), max(h, w))
+        ys = window_origins(img.shape[0], h, max(1, h - 2 * int(self.margin)))
+        xs = window_origins(img.shape[1], w, max(1, w - 2 * int(self.margin)))
+        crops = np.stack([img[y:y + h, x:x + w] for y in ys for x in xs])
+        cfg = self.model.config
+        return normalise(crops, cfg.mean, cfg.std).numpy()
 
     def describe(self) -> dict[str, Any]:
         """Name, weights hash (sha256 of the checkpoint file) and inference settings, for summaries."""

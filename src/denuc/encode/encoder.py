@@ -84,6 +84,11 @@ class Encoder(nn.Module):
         self.eval()
         return self
 
+    #: whether ``auto`` may run this encoder on the ``onnx-int8`` runtime (:mod:`denuc.runtime.int8`):
+    #: CNNs built for 8-bit inference (EfficientNet-Lite) yes; ViTs, whose attention and
+    #: normalisation layers quantize poorly, no (they can still be asked for it explicitly).
+    calibrates: bool = False
+
     def normalize(self, rgb01: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` RGB in [0, 1] -> normalised with the spec's mean/std."""
         mean = torch.tensor(self.spec.mean, device=rgb01.device, dtype=rgb01.dtype).view(1, 3, 1, 1)
@@ -175,6 +180,8 @@ class EfficientNetLiteEncoder(Encoder):
         spec = spec.with_taps(taps if taps is not None else spec.taps or LITE0_DEFAULT_TAPS)
         super().__init__(spec, body, weights)
         self._last_block = max(LITE0_TAPS[t][0] for t in spec.taps)
+
+    calibrates = True
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         m = self.body

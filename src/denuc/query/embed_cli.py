@@ -26,8 +26,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="encoder weights: file, folder or hf-hub:org/name (default: the encoder's own)")
     p.add_argument("--head", default=None, help="head checkpoint (default: the shipped BRCA-M2C head)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    p.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnx"),
-                   help="what runs the encoder: torch, onnx or auto (default: %(default)s)")
+    p.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnx", "onnx-int8"),
+                   help="what runs the encoder: torch (the reference), onnx (float32), onnx-int8 (8-bit) or auto "
+                        "(onnx-int8 for a CNN encoder on the CPU, onnx for others, torch on a GPU) (default: %(default)s)")
     p.add_argument("--offline", action="store_true", help="never touch the network (default: off)")
 
 

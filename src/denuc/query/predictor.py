@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from denuc.core.mpp import check_mpp
 from denuc.data.stain import STAIN_NORMALIZERS, STAIN_NORMALIZERS_TENSOR
 from denuc.encode.encoder import Encoder
-from denuc.errors import InputError
+from denuc.errors import InputError, ModelError
 from denuc.merge.tiling import window_origins
 from denuc.query.sample import ALIGN_MODES, map_grid, sample_map, sample_maps
 
@@ -99,9 +99,12 @@ class PointFeaturizer:
             each batch is encoded, sampled and dropped, so memory does not grow with the image
             (later queries re-encode what was dropped). Features are the same either way.
         runtime: what runs the encoder's forward pass (:mod:`denuc.runtime`): ``torch`` (the
-            reference, default), ``onnx`` (ONNX Runtime on the CPU) or ``auto`` (``onnx`` on
-            the CPU when installed); fp32 only, so a ``bf16`` precision always runs on PyTorch.
-            ONNX features equal PyTorch's within float32 rounding (about 1e-5).
+            reference, default), ``onnx`` (ONNX Runtime on the CPU), ``onnx-int8`` (the same
+            quantized to 8 bits, calibrated on :meth:`calibration_inputs`) or ``auto`` (on the CPU
+            when installed: ``onnx-int8`` for encoders that :attr:`~denuc.encode.Encoder.calibrates`,
+            else ``onnx``); a ``bf16`` precision always runs on PyTorch. ``onnx`` features equal
+            PyTorch's within float32 rounding (about 1e-5); ``onnx-int8`` ones within quantization
+            error (see ``docs/runtime.md``).
 
     Attributes:
         n_encoded: windows encoded since construction (counts encoder work).
@@ -135,8 +138,11 @@ class PointFeaturizer:
         self.runtime = runtime
         #: the encoder's forward pass (:mod:`denuc.runtime`; PyTorch under bf16 autocast)
         self.runner = make_runner(encoder, runtime if self.autocast_dtype is None else "torch",
-                                  name=f"encoder-{encoder.name}", device=self.device)
-        default_batch = 64 if self.device.type == "cuda" else 16 if self.runner.runtime == "onnx" else 4
+                                  name=f"encoder-{encoder.name}", device=self.device,
+                                  calibration=self.calibration_inputs, auto_int8=encoder.calibrates)
+        from denuc.runtime.base import ONNX_RUNTIMES
+
+        default_batch = 64 if self.device.type == "cuda" else 16 if self.runner.runtime in ONNX_RUNTIMES else 4
         self.batch_size = int(batch_size if batch_size is not None else default_batch)
         from denuc.detect.tta import TTA_PASSES
 
@@ -156,6 +162,29 @@ class PointFeaturizer:
         self._maps: dict[tuple[int, int], torch.Tensor] = {}
         self._batches: list[torch.Tensor] = []  # (B, C, h, w) maps as encoded, batch by batch
         self._where: dict[tuple[int, int], tuple[int, int]] = {}  # window key -> (batch, row)
+
+    def calibration_inputs(self, shape: tuple[int, ...]) -> np.ndarray:
+        """``(N, *shape)`` float32 encoder inputs that calibrate the ``onnx-int8`` runtime: every
+        window of the bundled sample image (:func:`denuc.runtime.int8.sample_rgb`) at this
+        featurizer's mpp, window and stride, prepared as :meth:`features_at` prepares them
+        (without stain normalisation or feature TTA).
+
+        Args:
+            shape: ``(3, S, S)``, the encoder's input.
+        """
+        from denuc.runtime.int8 import sample_rgb
+
+        rgb, mpp = sample_rgb()
+        probe = PointFeaturizer.__new__(PointFeaturizer)
+        probe.__dict__.update(self.__dict__)
+        probe.stain_norm, probe.feature_tta, probe._passes = "none", 1, []
+        probe.set_image(rgb, mpp)
+        crops = torch.stack([probe.crop((i, j)) for j in range(len(probe._ys)) for i in range(len(probe._xs))])
+        with torch.inference_mode():
+            x = self.prepare(crops).float().cpu().numpy()
+        if tuple(x.shape[1:]) != tuple(shape):
+            raise ModelError(f"encoder inputs are {tuple(x.shape[1:])}, the runtime asked for {tuple(shape)}")
+        return x
 
     # ------------------------------------------------------------------ image
     def geometry(self) -> dict[str, object]:

@@ -16,6 +16,7 @@ environment variable ``DENUC_RUNTIME=torch`` (or ``onnx``) decides ``auto`` inst
 
 from denuc.runtime.base import (
     AUTO_MAX_PARAMS,
+    ONNX_RUNTIMES,
     RUNTIME_CHOICES,
     RUNTIME_ENV,
     RUNTIMES,
@@ -27,5 +28,5 @@ from denuc.runtime.base import (
     single_thread_glue,
 )
 
-__all__ = ["AUTO_MAX_PARAMS", "RUNTIMES", "RUNTIME_CHOICES", "RUNTIME_ENV", "ModuleRunner", "TorchRunner", "make_runner",
+__all__ = ["AUTO_MAX_PARAMS", "ONNX_RUNTIMES", "RUNTIMES", "RUNTIME_CHOICES", "RUNTIME_ENV", "ModuleRunner", "TorchRunner", "make_runner",
            "onnx_available", "resolve_runtime", "single_thread_glue"]

@@ -24,7 +24,9 @@ from denuc.registry import Registry
 from denuc.runtime.reference import ModuleRunner, TorchRunner, _as_tuple  # noqa: F401  (re-exported)
 
 #: values accepted by ``--runtime`` / ``runtime=``.
-RUNTIME_CHOICES = ("auto", "torch", "onnx")
+RUNTIME_CHOICES = ("auto", "torch", "onnx", "onnx-int8")
+#: runtimes that run on ONNX Runtime's CPU provider.
+ONNX_RUNTIMES = ("onnx", "onnx-int8")
 #: environment variable that decides what ``auto`` means (``torch`` or ``onnx``) when set.
 RUNTIME_ENV = "DENUC_RUNTIME"
 
@@ -32,21 +34,34 @@ RUNTIME_ENV = "DENUC_RUNTIME"
 #: buffers): the exported file holds a copy of the weights, and large models (ViT encoders)
 #: gain little on a CPU.
 AUTO_MAX_PARAMS = 50_000_000
+#: ``auto`` picks ``onnx-int8`` on the CPU for the modules whose callers allow it: the CNN
+#: encoders (:attr:`denuc.encode.Encoder.calibrates`), whose int8 features changed mean class F1
+#: by -0.004 (BRCA-M2C val) and +0.006 (CoNSeP val) with detection untouched. Not the detector:
+#: int8 cost it 0.002 det F1 on BRCA-M2C val and 0.008 on CoNSeP val
+#: (``benchmarks/reported/runtime_accuracy.json``); ``--runtime onnx-int8`` quantizes it too.
+AUTO_INT8 = True
 
 
 RunnerBuilder = Callable[..., ModuleRunner]
-#: runtime name -> ``builder(module, method=..., name=...) -> runner``.
+#: runtime name -> ``builder(module, method=..., name=..., calibration=...) -> runner``.
 RUNTIMES: Registry[RunnerBuilder] = Registry("runtime")
-RUNTIMES.register("torch", lambda module, method="forward", name="model": TorchRunner(module, method))
+RUNTIMES.register("torch", lambda module, method="forward", name="model", **_: TorchRunner(module, method))
 
 
-def _build_onnx(module: nn.Module, method: str = "forward", name: str = "model") -> ModuleRunner:
+def _build_onnx(module: nn.Module, method: str = "forward", name: str = "model", **_: Any) -> ModuleRunner:
     from denuc.runtime.onnx import OnnxRunner
 
     return OnnxRunner(module, method=method, name=name)
 
 
+def _build_onnx_int8(module: nn.Module, method: str = "forward", name: str = "model", **kw: Any) -> ModuleRunner:
+    from denuc.runtime.int8 import build
+
+    return build(module, method=method, name=name, **kw)
+
+
 RUNTIMES.register("onnx", _build_onnx)
+RUNTIMES.register("onnx-int8", _build_onnx_int8)
 
 
 @functools.cache
@@ -74,14 +89,17 @@ def _n_values(module: nn.Module) -> int:
     return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers())
 
 
-def resolve_runtime(runtime: str | None, device: Any = "cpu", module: nn.Module | None = None) -> str:
-    """The runtime that will run ``module`` on ``device``: ``torch`` or ``onnx``.
+def resolve_runtime(runtime: str | None, device: Any = "cpu", module: nn.Module | None = None,
+                    auto_int8: bool = False) -> str:
+    """The runtime that will run ``module`` on ``device``: ``torch``, ``onnx`` or ``onnx-int8``.
 
     ``auto`` (or None) is the environment variable :data:`RUNTIME_ENV` when it is set (``torch``
-    forces the reference everywhere), else ``onnx`` on the CPU when :func:`onnx_available` and the
-    module has at most :data:`AUTO_MAX_PARAMS` values, else ``torch``. ``onnx`` asked for
-    explicitly (or by the variable) raises :class:`ModelError` when it cannot run (not installed,
-    or a GPU device).
+    forces the reference everywhere), else, on the CPU when :func:`onnx_available` and the module
+    has at most :data:`AUTO_MAX_PARAMS` values, ``onnx-int8`` when the caller allows it
+    (``auto_int8``: the module's results stay within the accuracy measured for it, see
+    :data:`AUTO_INT8`) and ``onnx`` otherwise, else ``torch``.
+    ``onnx`` or ``onnx-int8`` asked for explicitly (or by the variable) raise :class:`ModelError`
+    when they cannot run (not installed, or a GPU device).
     """
     name = "auto" if runtime is None else str(runtime)
     if name not in RUNTIME_CHOICES:
@@ -93,13 +111,15 @@ def resolve_runtime(runtime: str | None, device: Any = "cpu", module: nn.Module 
     cpu = torch.device(device).type == "cpu"
     if name == "auto":
         small = module is None or _n_values(module) <= AUTO_MAX_PARAMS
-        return "onnx" if cpu and small and onnx_available() else "torch"
-    if name == "onnx":
+        if not (cpu and small and onnx_available()):
+            return "torch"
+        return "onnx-int8" if auto_int8 and AUTO_INT8 else "onnx"
+    if name in ONNX_RUNTIMES:
         if not cpu:
-            raise ModelError(f"runtime 'onnx' runs on the CPU only (ONNX Runtime's CPU provider); the model is on "
+            raise ModelError(f"runtime {name!r} runs on the CPU only (ONNX Runtime's CPU provider); the model is on "
                              f"{device}: use --runtime torch (or auto)")
         if not onnx_available():
-            raise ModelError("runtime 'onnx' needs the onnxruntime and onnx packages: pip install 'denuc[onnx]' "
+            raise ModelError(f"runtime {name!r} needs the onnxruntime and onnx packages: pip install 'denuc[onnx]' "
                              "(or use --runtime torch)")
     return name
 
@@ -153,7 +173,7 @@ def single_thread_glue(runners: list[Any]) -> int | None:
         the thread count given to ONNX Runtime, or None when nothing was changed (some runner
         is PyTorch, which needs the threads itself).
     """
-    if not runners or any(getattr(r, "runtime", None) != "onnx" for r in runners):
+    if not runners or any(getattr(r, "runtime", None) not in ONNX_RUNTIMES for r in runners):
         return None
     from denuc.runtime.onnx import set_threads
 
@@ -164,7 +184,8 @@ def single_thread_glue(runners: list[Any]) -> int | None:
 
 
 def make_runner(module: nn.Module, runtime: str | None = "auto", *, method: str = "forward", name: str = "model",
-                device: Any = None) -> ModuleRunner:
+                device: Any = None, calibration: Callable[[tuple[int, ...]], Any] | None = None,
+                auto_int8: bool = False) -> ModuleRunner:
     """A runner of ``module.<method>`` with the runtime :func:`resolve_runtime` picks.
 
     Args:
@@ -174,12 +195,15 @@ def make_runner(module: nn.Module, runtime: str | None = "auto", *, method: str 
         method: the method to run (``forward``, the detector's ``raw``).
         name: shown in messages and in cached file names.
         device: where the module lives (default: its first parameter's device).
+        calibration: ``calibration(shape) -> (N, *shape)`` float32 inputs prepared as the real
+            ones, which ``onnx-int8`` needs (:class:`ModelError` there without them).
+        auto_int8: whether ``auto`` may pick ``onnx-int8`` (needs ``calibration``).
     """
     if device is None:
         p = next(module.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
-    chosen = resolve_runtime(runtime, device, module)
-    runner = RUNTIMES.get(chosen)(module, method=method, name=name)
-    if chosen == "onnx" and (runtime is None or runtime == "auto"):
+    chosen = resolve_runtime(runtime, device, module, auto_int8=auto_int8 and calibration is not None)
+    runner = RUNTIMES.get(chosen)(module, method=method, name=name, calibration=calibration)
+    if chosen in ONNX_RUNTIMES and (runtime is None or runtime == "auto"):
         return _FallbackRunner(runner, module, method, name)
     return runner
