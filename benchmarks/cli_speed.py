@@ -148,13 +148,18 @@ def same_points(a: Path, b: Path) -> dict[str, Any]:
     p, q = Nuclei.read_csv(a), Nuclei.read_csv(b)
     if len(p) != len(q):  # which points the two share (same place within 1e-3 px, same class)
         key = {(round(float(x), 3), round(float(y), 3)): c for (x, y), c in zip(p.xy, p.classes, strict=True)}
-        shared = sum(key.get((round(float(x), 3), round(float(y), 3))) == c for (x, y), c in zip(q.xy, q.classes, strict=True))
-        return {"same": False, "points": [len(p), len(q)], "shared_with_same_class": int(shared),
+        hits = [key.get((round(float(x), 3), round(float(y), 3)), None) for x, y in q.xy]
+        shared = sum(h is not None for h in hits)
+        same_cls = sum(h is not None and h == c for h, c in zip(hits, q.classes, strict=True))
+        return {"same": False, "points": [len(p), len(q)], "shared": int(shared), "shared_with_same_class": int(same_cls),
+                "same_class_share_of_shared": round(same_cls / max(shared, 1), 4),
                 "only_first": len(p) - int(shared), "only_second": len(q) - int(shared)}
     ip, iq = np.lexsort((p.xy[:, 1], p.xy[:, 0])), np.lexsort((q.xy[:, 1], q.xy[:, 0]))
     dxy = float(np.abs(p.xy[ip] - q.xy[iq]).max()) if len(p) else 0.0
-    same_cls = bool(np.array_equal(np.asarray(p.class_names)[p.class_ids[ip]], np.asarray(q.class_names)[q.class_ids[iq]]))
-    return {"same": bool(dxy <= 1e-3 and same_cls), "points": len(p), "max_xy_diff_px": dxy, "same_classes": same_cls}
+    agree = np.asarray(p.class_names)[p.class_ids[ip]] == np.asarray(q.class_names)[q.class_ids[iq]]
+    same_cls = bool(agree.all())
+    return {"same": bool(dxy <= 1e-3 and same_cls), "points": len(p), "max_xy_diff_px": dxy, "same_classes": same_cls,
+            "same_class_share": round(float(agree.mean()) if len(p) else 1.0, 4)}
 
 
 def main() -> int:
