@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import io
 import re
-import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from torch import nn
 
 from denuc.core.files import atomic_target
 from denuc.errors import ModelError
-from denuc.runtime.onnx import OnnxRunner, _session, _touch, cache_dir, export_lock, prune_cache
+from denuc.runtime.onnx import OnnxRunner, _session, cache_dir, cached_file
 
 #: bumped when the quantization recipe changes (part of every int8 cache key).
 FORMAT = "denuc-int8/1"
@@ -166,18 +165,13 @@ class OnnxInt8Runner(OnnxRunner):
         h = hashlib.sha256(f"{FORMAT}|{PERCENTILE}|{fp32.name}|{calibration_key(batch)}".encode()).hexdigest()
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name)
         path = cache_dir() / f"{stem}-int8-{'x'.join(map(str, shape))}-{h[:24]}.onnx"
-        if path.is_file():
-            _touch(path)
-            return path
-        with export_lock(path):
-            if path.is_file():
-                _touch(path)
-                return path
-            print(f"denuc: quantizing the {self.name} for {'x'.join(map(str, shape))} inputs to int8 "
-                  f"(once per model and input size; cached in {path.parent})", file=sys.stderr, flush=True)
+        msg = (f"denuc: quantizing the {self.name} for {'x'.join(map(str, shape))} inputs to int8 "
+               f"(once per model and input size; cached in {path.parent})")
+
+        def make() -> None:
             self.errors[shape] = quantize_file(fp32, path, batch)
-        prune_cache(path.parent, keep=path)
-        return path
+
+        return cached_file(path, make, msg)
 
 
 def build(module: nn.Module, method: str = "forward", name: str = "model", calibration: Calibration | None = None,

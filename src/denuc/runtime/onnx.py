@@ -328,6 +328,24 @@ def prune_cache(folder: Path, keep: Path | None = None) -> list[Path]:
     return gone
 
 
+def cached_file(path: Path, make: Callable[[], Any], message: str) -> Path:
+    """``path`` when it is in the cache (marked as used), else made by ``make()`` (which must
+    write ``path`` atomically) under the file's lock, after printing ``message`` on stderr; a
+    file another process or thread made while this one waited for the lock is taken as it is.
+    The cache is pruned after a new file."""
+    if path.is_file():
+        _touch(path)
+        return path
+    with export_lock(path):
+        if path.is_file():  # another process or thread made it while we waited
+            _touch(path)
+            return path
+        print(message, file=sys.stderr, flush=True)
+        make()
+    prune_cache(path.parent, keep=path)
+    return path
+
+
 def _session(path: str, threads: int) -> Any:
     import onnxruntime as ort
 
@@ -371,18 +389,9 @@ class OnnxRunner:
         key = module_key(self.module, self.method, shape)
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name)
         path = cache_dir() / f"{stem}-{'x'.join(map(str, shape))}-{key[:24]}.onnx"
-        if path.is_file():
-            _touch(path)
-            return path
-        with export_lock(path):
-            if path.is_file():  # another process or thread exported it while we waited
-                _touch(path)
-                return path
-            print(f"denuc: exporting the {self.name} for {'x'.join(map(str, shape))} inputs to ONNX Runtime "
-                  f"(once per model and input size; cached in {path.parent})", file=sys.stderr, flush=True)
-            export_onnx(self.module, self.method, shape, path)
-        prune_cache(path.parent, keep=path)
-        return path
+        return cached_file(path, lambda: export_onnx(self.module, self.method, shape, path),
+                           f"denuc: exporting the {self.name} for {'x'.join(map(str, shape))} inputs to ONNX Runtime "
+                           f"(once per model and input size; cached in {path.parent})")
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.module.training or x.shape[0] == 0:
