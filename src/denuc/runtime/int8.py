@@ -158,10 +158,10 @@ class OnnxInt8Runner(OnnxRunner):
 
     def file_for(self, shape: tuple[int, ...]) -> Path:
         """The cached int8 file of input shape ``shape``, quantized (and its float32 export made) if missing."""
-        fp32 = super().file_for(shape)
         batch = np.ascontiguousarray(_spread(np.asarray(self.calibration(shape), np.float32), CALIBRATION_MAX))
         if batch.ndim != 4 or tuple(batch.shape[1:]) != tuple(shape) or not len(batch):
             raise ModelError(f"{self.name}: calibration inputs have shape {batch.shape}, need (N, {', '.join(map(str, shape))})")
+        fp32 = super().file_for(shape)
         h = hashlib.sha256(f"{FORMAT}|{PERCENTILE}|{fp32.name}|{calibration_key(batch)}".encode()).hexdigest()
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name)
         path = cache_dir() / f"{stem}-int8-{'x'.join(map(str, shape))}-{h[:24]}.onnx"
