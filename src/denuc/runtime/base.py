@@ -27,7 +27,7 @@ from denuc.runtime.reference import ModuleRunner, TorchRunner, _as_tuple  # noqa
 RUNTIME_CHOICES = ("auto", "torch", "onnx", "onnx-int8")
 #: runtimes that run on ONNX Runtime's CPU provider.
 ONNX_RUNTIMES = ("onnx", "onnx-int8")
-#: environment variable that decides what ``auto`` means (``torch`` or ``onnx``) when set.
+#: environment variable that decides what ``auto`` means (``torch``, ``onnx`` or ``onnx-int8``) when set.
 RUNTIME_ENV = "DENUC_RUNTIME"
 
 #: ``auto`` uses ONNX Runtime only for models with at most this many parameters (weights and

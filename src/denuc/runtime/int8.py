@@ -2,8 +2,8 @@
 
 The module is exported to ONNX as by :mod:`denuc.runtime.onnx` (float32, cached), then
 quantized statically with ONNX Runtime's tools: weights to int8 per output channel, activations
-to uint8 with one scale per tensor, calibrated (:data:`PERCENTILE` of the values) on a fixed batch of inputs that the
-caller provides (``calibration(shape) -> (N, *shape) float32``: for the shipped models, the
+to uint8 with one scale per tensor, calibrated (:data:`PERCENTILE` of the values) on a fixed
+batch of inputs that the caller provides (``calibration(shape) -> (N, *shape) float32``: for the shipped models, the
 windows of the bundled sample image prepared exactly as the model's real inputs, see
 :func:`sample_rgb`). Quantize-dequantize pairs around every convolution and matrix product
 let ONNX Runtime run them as integer kernels (VNNI where the CPU has it).
@@ -13,8 +13,8 @@ calibration batch's bytes and :data:`FORMAT`, written atomically under a file lo
 quantization is checked against the float32 graph on the calibration batch: each output's
 relative RMS difference must be at most :data:`CHECK_RRMS`, else :class:`ModelError` (the file
 is not cached). Results differ from float32 by quantization error, not by rounding: the
-pipeline's points and classes are compared with PyTorch's in ``tests/test_runtime_int8.py``
-and on real data by ``benchmarks/int8_accuracy.py``.
+pipeline's points and classes are compared with PyTorch's in ``tests/test_runtime.py`` and on
+real data by ``benchmarks/runtime_accuracy.py``.
 """
 
 from __future__ import annotations
