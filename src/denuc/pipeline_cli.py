@@ -121,8 +121,8 @@ def add_common_options(p: argparse.ArgumentParser, command: str = "predict") -> 
     p.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnx", "onnx-int8"),
                    help="what runs the networks: torch (PyTorch, the reference); onnx (ONNX Runtime on the CPU, "
                         "pip install 'denuc[onnx]'; same results within float32 rounding); onnx-int8 (ONNX Runtime "
-                        "with both networks quantized to 8 bits: about 1.5x faster than onnx on the CPU, at a small "
-                        "accuracy cost, see docs/runtime.md); auto (on the CPU with ONNX Runtime installed: the "
+                        "with both networks quantized to 8 bits: faster than onnx on the CPU, at a small accuracy "
+                        "cost, see docs/runtime.md); auto (on the CPU with ONNX Runtime installed: the "
                         "detector on onnx and a CNN encoder on onnx-int8, else torch; env DENUC_RUNTIME overrides) "
                         "(default: %(default)s)")
 
