@@ -21,12 +21,14 @@ scores the finished model on tiles it never saw:
 Recipes (``--recipes``): ``default`` (``finetune``'s defaults: detector 10 epochs at lr 3e-4,
 best epoch on val, shipped head recipe) and ``hand-detector`` (the hand recipe's detector
 schedule, 12 epochs at lr 5e-4 from the shipped detector at 0.25 µm/px, through the same
-command, so epoch and threshold are chosen on the fold's val split as well).
+command, so epoch and threshold are chosen on the fold's val split as well) and ``paper-head``
+(the defaults with ``--head-preset paper``, the head recipe that fitted colon best in the head
+search at the shipped detector's points).
 
 Finished runs are kept (``runs/finetune_folds/<fold>/<recipe>``, with their scores in
 ``score.json``), so rerunning the command resumes where it stopped.
 
-    python benchmarks/finetune_folds.py [--folds 3] [--recipes default hand-detector] [--threads 2] [--report]
+    python benchmarks/finetune_folds.py [--folds 3] [--recipes default hand-detector paper-head] [--threads 2] [--report]
 
 Prints a table, writes ``benchmarks/results/<name>.json`` (default ``finetune_folds``);
 ``--report`` also copies it to ``benchmarks/reported/``.
@@ -58,6 +60,7 @@ CLI = "import sys; from denuc.cli import main; sys.exit(main(sys.argv[1:]))"
 RECIPES: dict[str, list[str]] = {
     "default": [],
     "hand-detector": ["--epochs", "12", "--lr", "5e-4"],
+    "paper-head": ["--head-preset", "paper"],
 }
 
 
