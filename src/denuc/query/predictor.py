@@ -175,9 +175,9 @@ class PointFeaturizer:
         from denuc.runtime.int8 import sample_rgb
 
         rgb, mpp = sample_rgb()
-        probe = PointFeaturizer.__new__(PointFeaturizer)
-        probe.__dict__.update(self.__dict__)
-        probe.stain_norm, probe.feature_tta, probe._passes = "none", 1, []
+        # the same geometry, no stain normalisation or TTA; its own (PyTorch) runner is never called
+        probe = PointFeaturizer(self.encoder, mpp=self.mpp, window=self.window, stride=self.stride, align=self.align,
+                                device=self.device, precision="fp32", runtime="torch")
         probe.set_image(rgb, mpp)
         crops = torch.stack([probe.crop((i, j)) for j in range(len(probe._ys)) for i in range(len(probe._xs))])
         with torch.inference_mode():
