@@ -5,10 +5,17 @@ The shipped detector was trained on BRCA-M2C in five hand-tuned stages; ``finetu
 from it and runs one stage with its defaults (no setting chosen for BRCA-M2C). Both detectors
 are scored on the 10 val images at their own val-chosen thresholds (denuc protocol, 3 µm).
 With ``--test`` the fine-tuned, the kept (the better on val) and the shipped detector are
-scored once on the 30 test images.
+scored once on the 30 test images, and so are the finished model and the shipped model with the
+same classes (detection F1 and mean class F1, as ``denuc predict`` gives them).
+
+``--from RUN`` starts from a copy of a finished run (its model folder): when only head options
+differ (``--head-preset``), ``finetune --overwrite`` keeps its detector stages and trains the
+head again, so a new head recipe is compared on the very same detector; ``wall_s`` then times
+the head and report stages only.
 
     python benchmarks/finetune_brca.py [--epochs 10] [--test] [--report]
     python benchmarks/finetune_brca.py --data $DENUC_DATA/consep --name finetune_consep_3ep --epochs 3
+    python benchmarks/finetune_brca.py --from runs/finetune_brca_idle --out runs/finetune_brca_auto --test
 
 ``--data`` runs it on another dataset (CoNSeP: train -> val; it has no test split here).
 
@@ -23,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -44,6 +52,17 @@ def test_f1(det_path: Path, threshold: float, ds, device: str | None) -> dict:  
     return {"threshold": threshold, **rep.detection.to_dict()}
 
 
+def test_pipeline(model: str, ds, device: str | None) -> dict:  # type: ignore[no-untyped-def]
+    """A model folder or shipped model name run on the test split: detection and class F1."""
+    from denuc.pipeline import DeNuC
+
+    m = DeNuC.load(model=model, device=device)
+    pred = {s: m(ds.read_image(s), ds.mpp_of(s), name=s) for s in ds.stems("test")}
+    rep = evaluate(ds, pred, protocol="denuc", radius_um=3.0, split="test")
+    return {"model": Path(model).name, "det_f1": rep.detection.f1, "mean_class_f1": rep.mean_f1,
+            "class_f1": {c: v.f1 for c, v in rep.classes.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="dataset folder (default: $DENUC_DATA/brca-m2c)")
@@ -52,6 +71,10 @@ def main() -> None:
     ap.add_argument("--crops-per-epoch", type=float, default=None, help="(default: finetune's own)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--head-preset", default=None, help="finetune's --head-preset (default: finetune's own)")
+    ap.add_argument("--from", dest="from_run", type=Path, default=None,
+                    help="start from a copy of this finished run (keeps its detector stages when only head "
+                         "options differ) (default: a new run)")
     ap.add_argument("--test", action="store_true", help="also score test once")
     ap.add_argument("--name", default="finetune_brca")
     ap.add_argument("--report", action="store_true", help="also copy the JSON to benchmarks/reported/")
@@ -65,6 +88,14 @@ def main() -> None:
         argv += ["--crops-per-epoch", str(args.crops_per_epoch)]
     if args.device:
         argv += ["--device", args.device]
+    if args.head_preset:
+        argv += ["--head-preset", args.head_preset]
+    if args.from_run is not None and not args.out.exists():
+        if not (args.from_run / "model.yaml").is_file():
+            raise SystemExit(f"--from {args.from_run}: not a finished finetune run")
+        shutil.copytree(args.from_run, args.out.with_name(args.out.name + ".part"), symlinks=True)
+        args.out.with_name(args.out.name + ".part").rename(args.out)
+        argv.append("--overwrite")  # only head options differ: the detector stages are kept
     t0 = time.perf_counter()
     rc = denuc_main(argv)
     wall = time.perf_counter() - t0
@@ -83,6 +114,8 @@ def main() -> None:
         "val": {"fine_tuned": tuned, "shipped": shipped, "delta_f1": tuned["f1"] - shipped["f1"],
                 "kept": det["chosen"]},
         "val_pipeline": rep.get("pipeline"),
+        "head": {k: v for k, v in rep.get("head", {}).items() if k in ("preset", "recipe", "candidates")},
+        "from_run": str(args.from_run) if args.from_run else None,
         "val_pipeline_shipped_model": rep.get("shipped"),
         "target": "val detection F1 of the fine-tuned detector within 0.01 of the shipped detector's",
         "target_met": tuned["f1"] >= shipped["f1"] - 0.01,
@@ -93,6 +126,8 @@ def main() -> None:
             "fine_tuned": test_f1(args.out / "train" / "detector" / "best.safetensors", tuned["threshold"], ds,
                                   args.device),
             "shipped": test_f1(default_detector_path(), shipped["threshold"], ds, args.device),
+            "model": test_pipeline(str(args.out), ds, args.device),
+            "shipped_model": test_pipeline(rep["shipped"]["model"], ds, args.device),
         }
     print(f"val detection F1: fine-tuned {tuned['f1']:.4f} @ {tuned['threshold']}, shipped {shipped['f1']:.4f} @ "
           f"{shipped['threshold']} (delta {tuned['f1'] - shipped['f1']:+.4f}); kept: {det['chosen']}; "
@@ -100,6 +135,9 @@ def main() -> None:
     if args.test:
         t = result["test"]
         print(f"test detection F1: fine-tuned {t['fine_tuned']['f1']:.4f}, shipped {t['shipped']['f1']:.4f}")
+        for k in ("model", "shipped_model"):
+            print(f"test, {k} ({t[k]['model']}): detection F1 {t[k]['det_f1']:.4f}, mean class F1 "
+                  f"{t[k]['mean_class_f1']:.4f}")
     write_result(args.name, result, args.report)
 
 

@@ -18,17 +18,33 @@ scores the finished model on tiles it never saw:
 - For reference the shipped ``consep`` model is run on the same held-out tiles (its detector
   never saw colon; its head was trained on all 27 tiles, so its class F1 here is optimistic).
 
-Recipes (``--recipes``): ``default`` (``finetune``'s defaults: detector 10 epochs at lr 3e-4,
-best epoch on val, shipped head recipe) and ``hand-detector`` (the hand recipe's detector
-schedule, 12 epochs at lr 5e-4 from the shipped detector at 0.25 µm/px, through the same
-command, so epoch and threshold are chosen on the fold's val split as well) and ``paper-head``
-(the defaults with ``--head-preset paper``, the head recipe that fitted colon best in the head
-search at the shipped detector's points).
+Recipes (``--recipes``):
+
+- ``default``: ``finetune``'s defaults (detector 10 epochs at lr 3e-4, best epoch on val; head
+  recipe ``auto``: the shipped and the paper recipe both trained, the better on the fold's val
+  split kept);
+- ``shipped-head``: the defaults with ``--head-preset shipped`` (the shipped head's recipe
+  alone: ``finetune``'s default before ``auto``);
+- ``paper-head``: the defaults with ``--head-preset paper`` (the paper's linear probe alone,
+  the previous release's ``train-head`` default);
+- ``hand-detector``: the hand recipe's detector schedule (12 epochs at lr 5e-4 from the shipped
+  detector at 0.25 µm/px, through the same command, so epoch and threshold are chosen on the
+  fold's val split as well) with the shipped head recipe;
+- ``hand``: the whole hand recipe: that detector schedule with the previous release's default
+  head (``--head-preset paper``).
+
+A recipe that differs from another only in head options (``REUSE``) starts from a copy of that
+recipe's finished run: ``denuc finetune --overwrite`` then keeps its detector stages (same
+settings) and trains only the head, which saves the 3-5 min detector per fold and gives both
+recipes the very same detector. Its ``finetune_wall_s`` then times the head and report stages
+only (``detector_from`` in its row says so).
 
 Finished runs are kept (``runs/finetune_folds/<fold>/<recipe>``, with their scores in
-``score.json``), so rerunning the command resumes where it stopped.
+``score.json``), so rerunning the command resumes where it stopped; ``--rescore`` scores the
+finished runs again with today's ``denuc predict`` (so rows made at different times are scored
+by the same code).
 
-    python benchmarks/finetune_folds.py [--folds 3] [--recipes default hand-detector paper-head] [--threads 2] [--report]
+    python benchmarks/finetune_folds.py [--folds 3] [--recipes ...] [--threads 2] [--report]
 
 Prints a table, writes ``benchmarks/results/<name>.json`` (default ``finetune_folds``);
 ``--report`` also copies it to ``benchmarks/reported/``.
@@ -39,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -58,10 +75,20 @@ REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "runs" / "finetune_folds"
 CLI = "import sys; from denuc.cli import main; sys.exit(main(sys.argv[1:]))"
 RECIPES: dict[str, list[str]] = {
-    "default": [],
-    "hand-detector": ["--epochs", "12", "--lr", "5e-4"],
+    "shipped-head": ["--head-preset", "shipped"],
+    "hand-detector": ["--epochs", "12", "--lr", "5e-4", "--head-preset", "shipped"],
     "paper-head": ["--head-preset", "paper"],
+    "default": [],
+    "hand": ["--epochs", "12", "--lr", "5e-4", "--head-preset", "paper"],
 }
+#: recipe -> the recipe whose finished run (same detector settings) it starts from
+REUSE = {"paper-head": "shipped-head", "default": "shipped-head", "hand": "hand-detector"}
+
+
+def head_preset(recipe: str) -> str:
+    """The ``--head-preset`` of a recipe (``auto`` when it does not give one)."""
+    opts = RECIPES[recipe]
+    return opts[opts.index("--head-preset") + 1] if "--head-preset" in opts else "auto"
 
 
 def fold_dataset(src: Path, ds: Any, train: list[str], val: list[str], dest: Path) -> Path:
@@ -110,6 +137,9 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES),
                     help="recipes to run (default: %(default)s)")
     ap.add_argument("--only-folds", nargs="*", default=None, help="run only these folds (default: all)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="score finished runs and the shipped model again with today's `denuc predict` (the runs "
+                         "are kept) (default: reuse their scores)")
     ap.add_argument("--threads", type=int, default=2, help="threads of each process (default: %(default)s)")
     ap.add_argument("--name", default="finetune_folds", help="result name (default: %(default)s)")
     ap.add_argument("--report", action="store_true", help="also copy the JSON to benchmarks/reported/")
@@ -126,7 +156,7 @@ def main() -> None:
         fdir = WORK / src.name / f"k{args.folds}" / fold
         data = fold_dataset(src, ds, [s for s in train if s not in held], [s for s in val if s not in held], fdir / "data")
         shipped_file = fdir / "shipped-consep.json"
-        if not shipped_file.is_file():
+        if not shipped_file.is_file() or args.rescore:
             shipped_file.write_text(json.dumps(score(ds, held, "consep", fdir / "pred-shipped", args.threads)))
         rows.append({"fold": fold, "held_out": held, "recipe": "shipped consep model (head saw these tiles)",
                      **json.loads(shipped_file.read_text())})
@@ -134,13 +164,28 @@ def main() -> None:
             rdir = fdir / name
             done = rdir / "score.json"
             if not done.is_file():
+                src_run = fdir / REUSE.get(name, name) / "model"
+                reuse = name in REUSE and (src_run / "model.yaml").is_file()
+                if reuse and not (rdir / "model").exists():
+                    shutil.copytree(src_run, rdir / "model.part", symlinks=True)
+                    (rdir / "model.part").rename(rdir / "model")
+                # --overwrite only while the copy still holds the source recipe's head (a rerun after an
+                # interruption later on must not start the run again)
+                st_file = rdir / "model" / "train" / "finetune.json"
+                copied = reuse and json.loads(st_file.read_text())["settings"]["head_preset"] != head_preset(name)
                 t = run(["finetune", str(data), "--out", str(rdir / "model"), "--threads", str(args.threads),
-                         "--no-progress", *RECIPES[name]], args.threads)
+                         "--no-progress", *RECIPES[name], *(["--overwrite"] if copied else [])], args.threads)
                 sc = score(ds, held, str(rdir / "model"), rdir / "pred", args.threads)
                 sc["finetune_wall_s"] = round(t, 1)
+                if reuse:
+                    sc["detector_from"] = REUSE[name]
                 state = json.loads((rdir / "model" / "train" / "finetune.json").read_text())
                 sc["finetune_state"] = state
                 done.write_text(json.dumps(sc))
+            elif args.rescore:
+                old = json.loads(done.read_text())
+                keep = {k: v for k, v in old.items() if k in ("finetune_wall_s", "finetune_state", "detector_from")}
+                done.write_text(json.dumps({**score(ds, held, str(rdir / "model"), rdir / "pred", args.threads), **keep}))
             sc = json.loads(done.read_text())
             rows.append({"fold": fold, "held_out": held, "recipe": name, "options": RECIPES[name], **sc})
             print(f"{fold} {name:14} det F1 {sc['det_f1']:.4f}  mean class F1 {sc['mean_class_f1']:.4f}  "

@@ -92,6 +92,14 @@ def test_finetune_writes_a_loadable_model_folder_that_finds_the_planted_nuclei(
     model = DeNuC.load(detector=m.detector, head=m.head, encoder="tiny-uni", weights="random", device="cpu")
     res = model(ds.read_image(stem), ds.mpp, name=stem)
     assert len(res) >= 0.7 * len(ds.points(stem)) and set(res.class_names) == {"dark", "light"}
+    # the default head recipe (auto): both candidates trained and scored on val, the better one kept
+    cands = rep["head"]["candidates"]
+    assert set(cands) == {"shipped", "paper"} and rep["head"]["preset"] == "auto"
+    best = max(cands, key=lambda k: (cands[k], k == "shipped"))
+    assert rep["head"]["recipe"] == best and yaml.safe_load((out / "model.yaml").read_text())["head_recipe"] == best
+    kept = out / "train" / "head" / f"{best}.safetensors"
+    assert kept.read_bytes() == m.head.read_bytes()
+    assert rep["head"]["val_scores"]["select"] == pytest.approx(cands[best]) and "(kept)" in md
     # running the finished command again does nothing
     rc, log, _ = _run(data, data["ds"], out, capsys)
     assert rc == 0 and log.count("finished before, skipped") == 4
@@ -147,7 +155,47 @@ def test_an_interrupted_finetune_resumes_where_it_stopped(data: dict[str, Path],
     assert is_model_dir(out)
     # a rerun with other settings is refused, naming the change; --overwrite starts again
     rc, _, err = _run(data, data["ds"], out, capsys, "--head-epochs", "6")
-    assert rc == 2 and "head_epochs: 5 -> 6" in err and "--overwrite" in err
+    assert rc == 2 and "head_epochs: 5 -> 6" in err and "keeps the finished detector stages" in err
+    # with only head settings changed, --overwrite keeps the detector stages and trains the head again
+    det_bytes = (out / "detector.safetensors").read_bytes()
+    rc, log, err = _run(data, data["ds"], out, capsys, "--head-epochs", "6", "--head-preset", "shipped", "--overwrite")
+    assert rc == 0, err
+    assert "keeping the finished detector stages" in log and "[1/4] detector: finished before, skipped" in log
+    assert (out / "detector.safetensors").read_bytes() == det_bytes and not (out / "train" / "head").exists()
+    _, hm, _ = load_head(out / "head.safetensors")
+    assert hm.train["epochs"] == 6 and is_model_dir(out)
+    assert yaml.safe_load((out / "model.yaml").read_text())["head_recipe"] == "shipped"
+
+
+def test_overwrite_keeps_the_detector_stages_only_when_head_settings_alone_changed(tmp_path: Path) -> None:
+    old = ft.FinetuneSettings(datasets=[str(tmp_path / "ds")], out=str(tmp_path / "o"))
+    out = Path(old.out)
+    files = ["detector.safetensors", "head.safetensors", "model.yaml", "train/detector/best.safetensors",
+             "train/head/paper.safetensors", "report/report.md"]
+
+    def make() -> None:
+        for f in files:
+            (out / f).parent.mkdir(parents=True, exist_ok=True)
+            (out / f).write_text(f)
+        state = {"format": ft.STATE_FORMAT, "settings": ft.run_settings(old),
+                 "done": {k: {} for k in ("detector", "select", "head", "report")}}
+        (out / "train" / "finetune.json").write_text(json.dumps(state))
+
+    make()
+    log: list[str] = []
+    head_changed = ft.FinetuneSettings(**{**vars(old), "head_preset": "paper", "overwrite": True})
+    st = ft.prepare_out(head_changed, log.append)
+    assert set(st["done"]) == {"detector", "select"} and st["settings"]["head_preset"] == "paper"
+    assert sorted(f for f in files if (out / f).exists()) == ["detector.safetensors", "train/detector/best.safetensors"]
+    make()
+    det_changed = ft.FinetuneSettings(**{**vars(old), "head_preset": "paper", "lr": 1e-4, "overwrite": True})
+    st = ft.prepare_out(det_changed, log.append)
+    assert st["done"] == {} and not any((out / f).exists() for f in files)
+    make()
+    with pytest.raises(ft.InputError, match="it deletes the run's files"):
+        ft.prepare_out(ft.FinetuneSettings(**{**vars(old), "epochs": 3}), log.append)
+    same = ft.FinetuneSettings(**{**vars(old), "overwrite": True})  # nothing changed: --overwrite starts again
+    assert ft.prepare_out(same, log.append)["done"] == {} and not (out / "detector.safetensors").exists()
 
 
 # ------------------------------------------------------------------ bad input

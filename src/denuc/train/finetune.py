@@ -13,11 +13,13 @@ through ``train-detector``'s ``--resume``):
    thresholds 0.1-0.7 (step 0.025); keep the better (a fine-tuning that does not beat its
    start on val is not shipped; the log and report say which) with its threshold, as
    ``OUT/detector.safetensors``.
-3. **head**: train the classification head with the shipped head's recipe
-   (:data:`~denuc.train.head.HEAD_PRESETS` ``shipped``; encoder = the shipped head's unless
-   given) on the ground-truth points and labels of train, scoring val at the points the
-   selected detector finds; fit its temperature on val (calibrated probabilities):
-   ``OUT/head.safetensors``.
+3. **head**: train the classification head (encoder = the shipped head's unless given) on
+   the ground-truth points and labels of train, scoring val at the points the selected
+   detector finds; fit its temperature on val (calibrated probabilities):
+   ``OUT/head.safetensors``. The default recipe, ``auto``, trains each of
+   :data:`~denuc.train.head_presets.AUTO_CANDIDATES` (the shipped head's recipe and the
+   paper's, ``OUT/train/head/<recipe>.safetensors``) and keeps the one with the higher mean
+   class F1 at the detected val points; a named preset trains that one only.
 4. **report**: run the finished model (detector + encoder + head) on the val images, and the
    shipped model with the same classes (else the default one, detection only) on the same
    images for comparison (:func:`compare_shipped`); write ``OUT/report/`` (``report.json``,
@@ -44,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from denuc.core.files import atomic_write_text, removed_if_failed
+from denuc.core.files import atomic_target, atomic_write_text, removed_if_failed
 from denuc.core.result import Nuclei
 from denuc.data.base import PointDataset
 from denuc.errors import InputError, ModelError
@@ -83,7 +85,7 @@ class FinetuneSettings:
     stain_strength: float = _DET.stain_strength
     encoder: str | None = None
     weights: str | None = None
-    head_preset: str = "shipped"
+    head_preset: str = "auto"
     head_epochs: int | None = None
     head_select: str | None = None
     class_balance: str = "none"
@@ -101,6 +103,12 @@ class FinetuneSettings:
     overwrite: bool = False
     stop_after: int = 0
 
+
+#: Settings of the head stage only: when only these change, ``overwrite`` keeps the finished
+#: detector stages and redoes the head and the report.
+HEAD_STAGE = ("encoder", "weights", "head_preset", "head_epochs", "head_select", "class_balance")
+#: Files and folders of the head and report stages (what such an ``overwrite`` deletes).
+HEAD_ENTRIES = ("model.yaml", "head.safetensors", "report", "train/head")
 
 #: Settings that do not change the result: they may differ when a run is resumed.
 RUN_INDEPENDENT = ("out", "device", "threads", "workers", "cache_dir", "offline", "progress", "overwrite",
@@ -159,13 +167,24 @@ def detector_config(s: FinetuneSettings, out: Path) -> TrainConfig:
         threads=s.threads, workers=s.workers, resume=True, stop_after=s.stop_after, progress=s.progress)
 
 
-def head_settings(s: FinetuneSettings) -> tuple[Any, dict[str, Any]]:
-    """``(HeadTrainConfig, stain/augmentation arguments of train_head)`` of the head stage."""
+def head_recipes(s: FinetuneSettings) -> tuple[str, ...]:
+    """The head recipes the head stage trains: the candidates of ``auto``, else the named one."""
+    from denuc.train.head_presets import AUTO, AUTO_CANDIDATES, FINETUNE_HEAD_CHOICES
+
+    if s.head_preset not in FINETUNE_HEAD_CHOICES:
+        raise InputError(f"unknown head preset {s.head_preset!r}; known: {list(FINETUNE_HEAD_CHOICES)}")
+    return AUTO_CANDIDATES if s.head_preset == AUTO else (s.head_preset,)
+
+
+def head_settings(s: FinetuneSettings, preset: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """``(HeadTrainConfig, stain/augmentation arguments of train_head)`` of head recipe
+    ``preset`` (default: ``s.head_preset``, which must then name one recipe)."""
     from denuc.train.head import HEAD_PRESETS, HeadTrainConfig
 
-    if s.head_preset not in HEAD_PRESETS:
-        raise InputError(f"unknown head preset {s.head_preset!r}; known: {sorted(HEAD_PRESETS)}")
-    r = dict(HEAD_PRESETS[s.head_preset])
+    preset = preset or s.head_preset
+    if preset not in HEAD_PRESETS:
+        raise InputError(f"unknown head preset {preset!r}; known: {sorted(HEAD_PRESETS)}")
+    r = dict(HEAD_PRESETS[preset])
     cfg = HeadTrainConfig(epochs=s.head_epochs if s.head_epochs is not None else r["epochs"], lr=r["lr"],  # type: ignore[arg-type]
                           weight_decay=r["weight_decay"], select=s.head_select or r["select"],  # type: ignore[arg-type]
                           class_balance=s.class_balance, seed=s.seed).check()
@@ -199,7 +218,8 @@ def check_settings(s: FinetuneSettings) -> TrainConfig:
         raise InputError(f"--class-balance must be none, weighted or sampled; got {s.class_balance!r}")
     if s.head_epochs is not None:
         check_int(s.head_epochs, 1, "head epochs (--head-epochs)")
-    head_settings(s)
+    for preset in head_recipes(s):
+        head_settings(s, preset)
     try:
         get_spec(head_encoder(s))
     except Exception as e:  # noqa: BLE001 - the registry raises DenucError; timm: names raise others
@@ -307,8 +327,10 @@ def prepare_out(s: FinetuneSettings, log: Callable[[str], None]) -> dict[str, An
     """The run state to continue (``{"format", "settings", "done": {}}`` for a new run).
 
     An ``out`` holding a finetune run continues it when its settings are the same (else
-    :class:`InputError` listing the changes, unless ``overwrite``, which deletes the run's
-    files); an ``out`` holding anything else is refused. Creates nothing.
+    :class:`InputError` listing the changes, unless ``overwrite``). ``overwrite`` deletes the
+    run's files, except when only head-stage settings (:data:`HEAD_STAGE`) changed: then it
+    deletes the head's and the report's (:data:`HEAD_ENTRIES`) and keeps the detector stages.
+    An ``out`` holding anything else is refused. Creates nothing.
     """
     out = Path(s.out)
     new = {"format": STATE_FORMAT, "settings": run_settings(s), "done": {}}
@@ -318,13 +340,7 @@ def prepare_out(s: FinetuneSettings, log: Callable[[str], None]) -> dict[str, An
         return new
     state_file = out / "train" / "finetune.json"
     ours = [e for e in RUN_ENTRIES if (out / e).exists()]
-    if s.overwrite:
-        if ours:
-            log(f"--overwrite: deleting the previous run's {', '.join(ours)} in {out}")
-        for e in ours:
-            p = out / e
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        return new
+    st: Any = None
     if state_file.is_file():
         try:
             st = json.loads(state_file.read_text())
@@ -332,13 +348,37 @@ def prepare_out(s: FinetuneSettings, log: Callable[[str], None]) -> dict[str, An
         except (OSError, ValueError):
             ok = False
         if not ok:
-            raise InputError(f"{state_file}: not a readable finetune state; pass --overwrite to start again there, "
-                             "or give a new --out")
+            if not s.overwrite:
+                raise InputError(f"{state_file}: not a readable finetune state; pass --overwrite to start again "
+                                 "there, or give a new --out")
+            st = None
+    if st is not None:
         old = st.get("settings", {})
-        changes = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new["settings"].items() if old.get(k) != v]
-        if changes:
-            raise InputError(f"--out {out} holds a finetune run with other settings ({'; '.join(changes)}); rerun "
-                             "with the same settings to continue it, give a new --out, or pass --overwrite")
+        changed = [k for k, v in new["settings"].items() if old.get(k) != v]
+        changes = "; ".join(f"{k}: {old.get(k)!r} -> {new['settings'][k]!r}" for k in changed)
+        head_only = bool(changed) and set(changed) <= set(HEAD_STAGE)
+        if s.overwrite and head_only:
+            gone = [e for e in HEAD_ENTRIES if (out / e).exists()]
+            log(f"--overwrite with only head settings changed ({changes}): keeping the finished detector stages, "
+                f"deleting {', '.join(gone) or 'nothing'} and training the head again")
+            for e in gone:
+                p = out / e
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            return {**st, "settings": new["settings"],
+                    "done": {k: v for k, v in st["done"].items() if k in ("detector", "select")}}
+        if changed and not s.overwrite:
+            hint = (" (only head settings changed: --overwrite keeps the finished detector stages and trains the "
+                    "head again)") if head_only else " (it deletes the run's files)"
+            raise InputError(f"--out {out} holds a finetune run with other settings ({changes}); rerun with the "
+                             f"same settings to continue it, give a new --out, or pass --overwrite{hint}")
+    if s.overwrite:
+        if ours:
+            log(f"--overwrite: deleting the previous run's {', '.join(ours)} in {out}")
+        for e in ours:
+            p = out / e
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return new
+    if st is not None:
         done = ", ".join(st["done"]) or "none"
         log(f"continuing the finetune run in {out} (finished stages: {done})")
         return st
@@ -442,28 +482,55 @@ def stage_select(tcfg: TrainConfig, plan: DataPlan, out: Path, device: str | Non
 
 
 def stage_head(s: FinetuneSettings, plan: DataPlan, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """Train the head on the ground-truth points of train, scored at the selected detector's val points."""
+    """Train the head on the ground-truth points of train, scored at the selected detector's val
+    points; with several recipes (``auto``), each is trained to ``out/train/head/<recipe>.safetensors``
+    (a finished one is reused when the stage resumes) and the one with the higher val score
+    (mean class F1 at the detected val points; a tie keeps the first) becomes ``out/head.safetensors``."""
+    from denuc.classify.head import load_head, read_meta, save_head
+    from denuc.core.files import portable_meta
     from denuc.train.head_run import train_head
 
-    hcfg, aug = head_settings(s)
+    recipes = head_recipes(s)
     name = head_encoder(s)
-    log(f"[3/4] head: {name} features, {s.head_preset} recipe ({hcfg.epochs} epochs, {hcfg.select} epoch kept, "
-        f"stain norm {aug['stain_norm']}, {aug['stain_augment']} stain-jittered passes), class balance "
-        f"{hcfg.balance}; classes {list(plan.classes)}")
-    history: list[dict[str, float]] = []
+    tried: dict[str, dict[str, Any]] = {}
+    histories: dict[str, list[dict[str, float]]] = {}
     t0 = time.perf_counter()
-    meta = train_head(plan.combined(), name, out / "head.safetensors", weights=s.weights,
-                      detector=out / "detector.safetensors", config=hcfg, cache_dir=s.cache_dir, device=s.device,
-                      offline=True if s.offline else None, history=history, log=log, **aug)  # type: ignore[arg-type]
-    # the model folder is meant to be shared: no local paths in the head's metadata
-    from denuc.classify.head import load_head, save_head
-    from denuc.core.files import portable_meta
-
-    head, meta, enc_tensors = load_head(out / "head.safetensors")
-    meta.train = portable_meta(meta.train)  # type: ignore[assignment]
-    save_head(out / "head.safetensors", head, meta, enc_tensors)
-    return {"history": history, "val_scores": meta.val_scores, "temperature": meta.temperature,
-            "encoder": meta.encoder, "weights_source": meta.weights_source, "seconds": round(time.perf_counter() - t0, 1)}
+    for i, preset in enumerate(recipes):
+        hcfg, aug = head_settings(s, preset)
+        dest = out / "head.safetensors" if len(recipes) == 1 else out / "train" / "head" / f"{preset}.safetensors"
+        what = f"recipe {preset}" + (f" ({i + 1} of {len(recipes)}: {s.head_preset})" if len(recipes) > 1 else "")
+        log(f"[3/4] head: {name} features, {what}: {hcfg.epochs} epochs, {hcfg.select} epoch kept, stain norm "
+            f"{aug['stain_norm']}, {aug['stain_augment']} stain-jittered passes, class balance {hcfg.balance}; "
+            f"classes {list(plan.classes)}")
+        history: list[dict[str, float]] = []
+        t1 = time.perf_counter()
+        if dest.is_file() and len(recipes) > 1:
+            log(f"  {dest.name}: trained before, reused")
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            train_head(plan.combined(), name, dest, weights=s.weights, detector=out / "detector.safetensors",
+                       config=hcfg, cache_dir=s.cache_dir, device=s.device, offline=True if s.offline else None,
+                       history=history, log=log, **aug)  # type: ignore[arg-type]
+            # the model folder is meant to be shared: no local paths in the head's metadata
+            head, meta, enc_tensors = load_head(dest)
+            meta.train = portable_meta(meta.train)  # type: ignore[assignment]
+            save_head(dest, head, meta, enc_tensors)
+        meta = read_meta(dest)
+        histories[preset] = history
+        tried[preset] = {"val_scores": meta.val_scores, "temperature": meta.temperature,
+                         "seconds": round(time.perf_counter() - t1, 1)}
+    scores = {p: float(r["val_scores"].get("select", float("-inf"))) for p, r in tried.items()}
+    chosen = max(recipes, key=lambda p: (scores[p], -recipes.index(p)))
+    if len(recipes) > 1:
+        with atomic_target(out / "head.safetensors") as tmp:
+            shutil.copyfile(out / "train" / "head" / f"{chosen}.safetensors", tmp)
+        log("  val mean class F1 at detected points: " + ", ".join(f"{p} {v:.4f}" for p, v in scores.items())
+            + f" -> keeping the {chosen} recipe's head")
+    meta = read_meta(out / "head.safetensors")
+    return {"history": histories[chosen], "val_scores": meta.val_scores, "temperature": meta.temperature,
+            "encoder": meta.encoder, "weights_source": meta.weights_source, "recipe": chosen,
+            "candidates": tried if len(recipes) > 1 else {},
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def stage_report(s: FinetuneSettings, plan: DataPlan, out: Path, state: dict[str, Any],
@@ -501,8 +568,11 @@ def stage_report(s: FinetuneSettings, plan: DataPlan, out: Path, state: dict[str
     hm = read_meta(out / "head.safetensors")
     if val:
         rep["shipped"] = compare_shipped(plan.classes, gt, images, s.device, log)
+    hd = state["done"].get("head", {})
     rep["head"] = {"encoder": hm.encoder, "temperature": hm.temperature, "calibration": hm.calibration,
-                   "gt_points": hm.val_report, "val_scores": hm.val_scores}
+                   "gt_points": hm.val_report, "val_scores": hm.val_scores, "preset": s.head_preset,
+                   "recipe": hd.get("recipe", s.head_preset),
+                   "candidates": {p: v["val_scores"].get("select") for p, v in hd.get("candidates", {}).items()}}
     rep["detector"] = state["done"]["select"]
     rep["stages"] = {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in state["done"].items()}
     rep["settings"] = portable_meta({k: v for k, v in state["settings"].items() if k != "datasets"})
@@ -587,6 +657,7 @@ def write_model_yaml(s: FinetuneSettings, plan: DataPlan, out: Path, state: dict
         "head_mpp": float(hm.mpp),
         "thresholds": {"detection": float(sel["threshold"])},
         "temperature": float(hm.temperature),
+        "head_recipe": state["done"]["head"].get("recipe", s.head_preset),
         "detector_start": "shipped" if s.init == SHIPPED else Path(s.init).name,
         "detector_chosen": sel["chosen"],
         "datasets": [Path(p).name for p in s.datasets],

@@ -3,8 +3,9 @@ labelled points, in one command, and write a ready model folder.
 
 Stages: fine-tune the shipped detector at its working mpp with train-detector's recipe; keep
 it or the starting one, whichever is better on val, with the threshold chosen on val; train
-the head with the shipped head's recipe at the ground-truth points, scored at the detected
-val points; fit its temperature on val; run the finished model on val for the report. Val is
+the head at the ground-truth points with the shipped head's recipe and with the paper's, and
+keep the one with the higher mean class F1 at the detected val points (--head-preset auto);
+fit its temperature on val; run the finished model on val for the report. Val is
 each dataset's val split, or a held-back share of its train images. Rerun the same command
 after an interruption: finished stages are skipped, the detector resumes from its last epoch.
 
@@ -23,7 +24,7 @@ HELP = "fine-tune the detector and train the head on your labelled points -> a r
 def configure(p: argparse.ArgumentParser) -> None:
     from denuc.data.base import OUTSIDE_POLICIES
     from denuc.train.finetune import FinetuneSettings
-    from denuc.train.head_presets import CLASS_BALANCE, HEAD_PRESETS
+    from denuc.train.head_presets import AUTO_CANDIDATES, CLASS_BALANCE, FINETUNE_HEAD_CHOICES
 
     d = FinetuneSettings()
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -49,15 +50,17 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="probability of H&E stain jitter per crop (default: %(default)s)")
     g.add_argument("--stain-strength", type=float, default=d.stain_strength,
                    help="stain jitter strength (default: %(default)s)")
-    h = p.add_argument_group("head stage (defaults: the shipped head's recipe)")
+    h = p.add_argument_group("head stage (default: both head recipes, the better on val kept)")
     h.add_argument("--encoder", default=None,
                    help="encoder of the head (default: the shipped head's encoder)")
     h.add_argument("--weights", default=None,
                    help="encoder weights: local file/folder or hf-hub:org/name (default: the encoder's own)")
-    h.add_argument("--head-preset", choices=sorted(HEAD_PRESETS), default=d.head_preset,
-                   help="head recipe: shipped (chosen by cross-validation across tissue sites) or paper (the "
-                        "paper's linear probe) (default: %(default)s)")
-    h.add_argument("--head-epochs", type=int, default=None, help="head epochs (default: the preset's, 30 for shipped)")
+    h.add_argument("--head-preset", choices=FINETUNE_HEAD_CHOICES, default=d.head_preset,
+                   help=f"head recipe: auto (train {' and '.join(AUTO_CANDIDATES)}, keep the one with the higher "
+                        "mean class F1 at the detected val points), shipped (the shipped head's: 30 epochs, weight "
+                        "decay 0.1, Macenko stain normalisation, H&E stain jitter) or paper (the paper's linear "
+                        "probe: 100 epochs, best epoch on val, no stain handling) (default: %(default)s)")
+    h.add_argument("--head-epochs", type=int, default=None, help="head epochs (default: the preset's, 30 for shipped, 100 for paper)")
     h.add_argument("--head-select", choices=("val", "last"), default=None,
                    help="keep the head's best epoch on val or its last (default: the preset's, last for shipped)")
     h.add_argument("--class-balance", choices=CLASS_BALANCE, default=d.class_balance,
@@ -89,7 +92,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress,
                    help="progress bars during detector epochs (default: %(default)s)")
     r.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=d.overwrite,
-                   help="delete a finetune run already in --out and start again (default: %(default)s)")
+                   help="delete a finetune run already in --out and start again; when only head-stage options "
+                        "changed (--head-preset, --head-epochs, --head-select, --class-balance, --encoder, "
+                        "--weights), keep its finished detector stages and train the head again "
+                        "(default: %(default)s)")
     r.add_argument("--stop-after", type=int, default=d.stop_after,
                    help="stop after N detector epochs in this run (0 = to the end); rerun to continue "
                         "(default: %(default)s)")

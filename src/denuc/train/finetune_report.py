@@ -239,7 +239,16 @@ def markdown(rep: dict[str, Any], images: Sequence[str]) -> str:
             if not sh.get("classes_compared"):
                 lines += ["", f"The shipped model's classes ({', '.join(sh['classes'])}) are not this dataset's: "
                           "only detection is compared."]
-    gp = rep.get("head", {}).get("gt_points") or {}
+    hd = rep.get("head", {})
+    if hd.get("candidates"):
+        lines += ["", "## Head recipe (chosen on val)", "", "| recipe | val mean class F1 at detected points |",
+                  "|---|---|"]
+        for name, v in hd["candidates"].items():
+            lines.append(f"| {name}{' (kept)' if name == hd.get('recipe') else ''} | "
+                         + ("—" if v is None else f"{v:.4f}") + " |")
+    elif hd.get("recipe"):
+        lines += ["", f"Head recipe: {hd['recipe']}."]
+    gp = hd.get("gt_points") or {}
     if gp:
         names = gp["classes"]
         lines += ["", "## Head at the val ground-truth points", "",

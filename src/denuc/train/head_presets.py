@@ -17,3 +17,12 @@ HEAD_PRESETS: dict[str, dict[str, object]] = {
     "paper": {"epochs": 100, "lr": 1e-2, "weight_decay": 5e-4, "select": "val", "stain_norm": "none",
               "stain_augment": 0, "stain_space": "od", "stain_strength": 0.1},
 }
+
+#: ``finetune``'s default head choice: train each of :data:`AUTO_CANDIDATES` and keep the one
+#: with the higher mean class F1 at the detected val points (a tie keeps the first). Neither
+#: recipe wins on both datasets tried (``docs/finetune.md``): the shipped recipe on breast
+#: sites, the paper's on colon; the user's val split decides.
+AUTO = "auto"
+AUTO_CANDIDATES = ("shipped", "paper")
+#: What ``finetune --head-preset`` accepts.
+FINETUNE_HEAD_CHOICES = (AUTO, *HEAD_PRESETS)
