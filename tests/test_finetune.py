@@ -110,7 +110,7 @@ def test_dataset_without_val_holds_back_train_images_for_detector_and_head(
         data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     nv = make_points_dataset(tmp_path / "noval", n_images=12, with_val=False, seed=3)
     out = tmp_path / "m"
-    rc, log, err = _run(data, nv, out, capsys, "--epochs", "1", "--head-epochs", "5")
+    rc, log, err = _run(data, nv, out, capsys, "--epochs", "1", "--head-epochs", "5", "--head-preset", "shipped")
     assert rc == 0, err
     assert "no val split in" in log and "held back as val" in log
     rep = json.loads((out / "report" / "report.json").read_text())

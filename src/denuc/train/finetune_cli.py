@@ -11,7 +11,7 @@ after an interruption: finished stages are skipped, the detector resumes from it
 
 DIR gets model.yaml, detector.safetensors, head.safetensors (use them with
 `denuc predict --model DIR` or `DeNuC.load(DIR)`), report/ (report.md, report.json, plots)
-and train/ (the detector's training log and the run state).
+and train/ (the detector's training log, each head recipe's head and the run state).
 """
 
 from __future__ import annotations
