@@ -42,6 +42,7 @@ from denuc.data.base import open_dataset
 from denuc.data.paths import brca_m2c_dir
 from denuc.detect.api import Detector, default_detector_path
 from denuc.evaluate.api import evaluate
+from denuc.train.finetune import FinetuneSettings
 
 
 def test_f1(det_path: Path, threshold: float, ds, device: str | None) -> dict:  # type: ignore[no-untyped-def]
@@ -93,6 +94,10 @@ def main() -> None:
     if args.from_run is not None and not args.out.exists():
         if not (args.from_run / "model.yaml").is_file():
             raise SystemExit(f"--from {args.from_run}: not a finished finetune run")
+        src_preset = json.loads((args.from_run / "train" / "finetune.json").read_text())["settings"]["head_preset"]
+        if src_preset == (args.head_preset or FinetuneSettings().head_preset):
+            raise SystemExit(f"--from {args.from_run}: its head preset is already {src_preset!r}; give another "
+                             "--head-preset (--overwrite would start that run again)")
         shutil.copytree(args.from_run, args.out.with_name(args.out.name + ".part"), symlinks=True)
         args.out.with_name(args.out.name + ".part").rename(args.out)
         argv.append("--overwrite")  # only head options differ: the detector stages are kept

@@ -361,9 +361,7 @@ def prepare_out(s: FinetuneSettings, log: Callable[[str], None]) -> dict[str, An
             gone = [e for e in HEAD_ENTRIES if (out / e).exists()]
             log(f"--overwrite with only head settings changed ({changes}): keeping the finished detector stages, "
                 f"deleting {', '.join(gone) or 'nothing'} and training the head again")
-            for e in gone:
-                p = out / e
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            _delete(out, gone)
             return {**st, "settings": new["settings"],
                     "done": {k: v for k, v in st["done"].items() if k in ("detector", "select")}}
         if changed and not s.overwrite:
@@ -374,9 +372,7 @@ def prepare_out(s: FinetuneSettings, log: Callable[[str], None]) -> dict[str, An
     if s.overwrite:
         if ours:
             log(f"--overwrite: deleting the previous run's {', '.join(ours)} in {out}")
-        for e in ours:
-            p = out / e
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        _delete(out, ours)
         return new
     if st is not None:
         done = ", ".join(st["done"]) or "none"
@@ -388,6 +384,13 @@ def prepare_out(s: FinetuneSettings, log: Callable[[str], None]) -> dict[str, An
         raise InputError(f"--out {out} holds {what} ({', '.join(others[:5])}); give a new or empty folder, or pass "
                          "--overwrite" + (" to delete the run's files" if ours else ""))
     return new
+
+
+def _delete(out: Path, entries: Sequence[str]) -> None:
+    """Delete the files and folders ``entries`` (relative to ``out``)."""
+    for e in entries:
+        p = out / e
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _save_state(out: Path, state: dict[str, Any]) -> None:
