@@ -137,6 +137,32 @@ def test_temp_files_of_dead_processes_are_removed_on_rerun(images: Path, tmp_pat
     assert live.exists() and other.exists()
 
 
+def test_a_finished_inputs_journal_left_by_a_killed_process_goes_unless_its_owner_lives(
+        images: Path, tmp_path: Path, tiny_ckpt: Path) -> None:
+    # killed after its outputs were in place and before it removed its resume journal
+    from denuc.cohort.claims import try_claim
+
+    out = tmp_path / "o"
+    assert _detect(images, out, tiny_ckpt, "--mpp", "0.5") == 0
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.csv"}  # (rebuilt each run)
+    for stem in ("c0", "c1"):
+        (out / f".{stem}.partial").mkdir()
+        (out / f".{stem}.partial" / "plan.json").write_text("{}")
+    live = try_claim(out, "c1")  # c1's owner is alive (this process): its journal stays
+    assert live is not None
+    try:
+        assert _detect(images, out, tiny_ckpt, "--mpp", "0.5") == 0
+        assert not (out / ".c0.partial").exists()
+        assert (out / ".c1.partial" / "plan.json").is_file()
+    finally:
+        live.release()
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in written} == written  # nothing redone
+    from denuc.stream.job import drop_dead_journal
+
+    drop_dead_journal(out, "c1", stale_after=600)  # the owner is gone now
+    assert not (out / ".c1.partial").exists() and not (out / ".c1.claim").exists()
+
+
 def test_roi_folder_is_matched_by_stem_and_inputs_without_one_are_reported(images: Path, tmp_path: Path,
                                                                            tiny_ckpt: Path,
                                                                            capsys: pytest.CaptureFixture[str]) -> None:

@@ -442,15 +442,21 @@ def _run_threads(n_jobs: int, stream: Any, first: tuple[Path, Any],
 
 
 def _sweep_claims(out: Path, files: list[Path], is_done: Callable[[Path], bool], stale_after: float) -> None:
-    """Remove claims left on finished inputs by processes that died after writing them (a live
-    owner's claim stays)."""
+    """Remove claims and resume journals left on finished inputs by processes that died after
+    writing their outputs (a live owner's claim and journal stay)."""
     from denuc.cohort.claims import claim_path, try_claim
+    from denuc.stream.job import drop_dead_journal
 
     for f in files:
-        if claim_path(out, input_stem(f)).exists() and is_done(f):
-            c = try_claim(out, input_stem(f), stale_after=stale_after)
-            if c is not None:
-                c.release()
+        stem = input_stem(f)
+        journal = (out / f".{stem}.partial").exists()
+        if (journal or claim_path(out, stem).exists()) and is_done(f):
+            if journal:
+                drop_dead_journal(out, stem, stale_after)
+            else:
+                c = try_claim(out, stem, stale_after=stale_after)
+                if c is not None:
+                    c.release()
 
 
 def refresh_summary_table(out: str | os.PathLike[str]) -> Path | None:

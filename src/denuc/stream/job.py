@@ -24,6 +24,7 @@ import functools
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -380,6 +381,7 @@ def run_source(runner: TileStream, src: Any, *, mpp: float | None = None, name: 
             fp = input_fingerprint(source, opts, models)
             if claim is None:
                 if output_state(finals, fp, opts.overwrite) == "done":
+                    drop_dead_journal(out, stem, opts.stale_after)
                     return SourceResult(stem, "skipped", paths=finals)
                 from denuc.cohort.claims import try_claim
 
@@ -392,12 +394,29 @@ def run_source(runner: TileStream, src: Any, *, mpp: float | None = None, name: 
             raise
         try:
             if output_state(finals, fp, opts.overwrite) == "done":  # finished meanwhile
+                shutil.rmtree(out / f".{stem}.partial", ignore_errors=True)  # (ours to remove: we hold the claim)
                 return SourceResult(stem, "skipped", paths=finals)
             _remove_dead_temps(out, stem, kind)
             return _run_files(runner, source, out, kind, opts, timer, t_start, models, colors, claim, keep, fp,
                               finals)
         finally:
             claim.release()
+
+
+def drop_dead_journal(out: Path, stem: str, stale_after: float) -> None:
+    """Remove the resume journal (``out/.<stem>.partial``) of an input whose outputs are all in
+    place: a process killed after writing them and before removing its journal leaves one. Only
+    when the input's claim can be taken (a live owner's journal stays)."""
+    from denuc.cohort.claims import try_claim
+
+    if not (Path(out) / f".{stem}.partial").exists():
+        return
+    c = try_claim(Path(out), stem, stale_after=stale_after)
+    if c is not None:
+        try:
+            shutil.rmtree(Path(out) / f".{stem}.partial", ignore_errors=True)
+        finally:
+            c.release()
 
 
 def _remove_dead_temps(out: Path, stem: str, kind: str) -> None:
