@@ -140,6 +140,64 @@ def test_hungarian_prefers_more_pairs_over_shorter_ones() -> None:
     assert pairs("hungarian", pred, gt, 3.0) == {(0, 1), (1, 0)}
 
 
+def _best_by_enumeration(d: np.ndarray, r: float) -> tuple[int, float]:
+    """(most pairs with d <= r, least total distance among those) over every matching."""
+    best = (0, 0.0)
+
+    def walk(i: int, used: frozenset, n: int, total: float) -> None:
+        nonlocal best
+        if i == d.shape[0]:
+            if n > best[0] or (n == best[0] and total < best[1] - 1e-9):
+                best = (n, total)
+            return
+        walk(i + 1, used, n, total)
+        for j in range(d.shape[1]):
+            if j not in used and d[i, j] <= r:
+                walk(i + 1, used | {j}, n + 1, total + d[i, j])
+
+    walk(0, frozenset(), 0, 0.0)
+    return best
+
+
+small = st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=0, max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(small, small, st.sampled_from([1.0, 1.5, 2.0, 3.0]))
+def test_hungarian_is_the_optimum_found_by_enumeration(pred, gt, r) -> None:
+    p = np.array(pred, dtype=float).reshape(-1, 2)
+    g = np.array(gt, dtype=float).reshape(-1, 2)
+    a, b = match("hungarian", p, None, g, r)
+    d = np.hypot(*(p[:, None, :] - g[None, :, :]).transpose(2, 0, 1)) if len(p) and len(g) else np.zeros((len(p), 0))
+    n, total = _best_by_enumeration(d, r)
+    assert len(a) == n
+    assert float(d[a, b].sum()) == pytest.approx(total, abs=1e-9)
+
+
+def test_hungarian_ends_on_tied_grid_points() -> None:
+    # points on an integer grid (many equal distances): the sparse LAPJVsp solver never returned
+    code = """
+import numpy as np
+from denuc.evaluate.matching import match
+p = np.array(%r, dtype=float)
+g = np.array(%r, dtype=float)
+a, b = match("hungarian", p, None, g, 5.0)
+print(len(a))
+""" % ([[3, 7], [2, 2], [9, 7], [10, 11], [12, 7], [11, 6], [10, 2], [7, 11], [4, 5], [2, 5], [4, 6], [10, 8],
+         [9, 9], [9, 0], [3, 4], [5, 8]],
+        [[7, 5], [6, 11], [4, 7], [2, 6], [7, 11], [8, 0], [1, 9], [5, 11], [5, 4], [0, 6], [11, 6], [9, 1],
+         [1, 12], [3, 1], [10, 12], [8, 6]])
+    import subprocess
+    import sys
+
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the hungarian matcher did not return within 60 s")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout) == 15  # one GT has no prediction within 5 px: 15 pairs (a dense assignment says so too)
+
+
 def test_candidate_pairs_match_brute_force() -> None:
     rng = np.random.default_rng(1)
     p = rng.integers(0, 20, (60, 2)).astype(float)

@@ -77,7 +77,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from denuc.errors import InputError
@@ -263,43 +264,58 @@ def match_hungarian(pred_xy: np.ndarray, pred_scores: np.ndarray | None, gt_xy: 
                     radius_px: float) -> tuple[np.ndarray, np.ndarray]:
     """Optimal one-to-one matching: the most pairs with ``d <= r``, then the least total distance.
 
-    Pairs whose both ends have a single candidate are taken directly; the rest is solved
-    as one sparse assignment problem (:func:`scipy.sparse.csgraph.min_weight_full_bipartite_matching`,
-    LAPJVsp) on a graph that always has a perfect matching: every prediction may pair
-    with its own "unmatched" dummy and every GT with its own, at cost ``B/2`` each, and
-    the dummies of a candidate pair may pair with each other at no cost. A matching ``M``
-    then costs ``sum(d - B for pairs in M) + const``; with ``B > (min(P, G) + 1) * r``
-    one more pair always beats any saving in distance. Scores are ignored. Among equally
-    good matchings (same count and total distance) the one returned is the solver's,
-    not chosen by index; the count does not depend on it.
+    The candidate pairs (``d <= r``) split into connected components, which are independent.
+    A component of one prediction and one GT is that pair. Each larger one is a dense
+    rectangular assignment problem (:func:`scipy.optimize.linear_sum_assignment`) with cost
+    ``d - B`` for a candidate pair and 0 for any other; with ``B > (min(P, G) + 1) * r``
+    one more pair always beats any saving in distance, and assigned non-candidates are
+    dropped. Scores are ignored. Among equally good matchings (same count and total
+    distance) the one returned is the solver's, not chosen by index; the count does not
+    depend on it. (The sparse LAPJVsp solver used before loops forever on some inputs
+    with tied distances, e.g. points on an integer grid.)
     """
     p, _, g, r = _check(pred_xy, pred_scores, gt_xy, radius_px)
     pi, gi, d = candidate_pairs(p, g, r, inclusive=True)
     if len(pi) == 0:
         return _EMPTY, _EMPTY
-    deg_p = np.bincount(pi)
-    deg_g = np.bincount(gi)
-    solo = (deg_p[pi] == 1) & (deg_g[gi] == 1)
-    out_p, out_g = pi[solo], gi[solo]
-    pi, gi, d = pi[~solo], gi[~solo], d[~solo]
-    if len(pi) == 0:
-        return out_p, out_g
     up, lp = np.unique(pi, return_inverse=True)
     ug, lg = np.unique(gi, return_inverse=True)
-    n_p, n_g, n_e = len(up), len(ug), len(pi)
-    big = (min(n_p, n_g) + 1) * (r + 1.0)
-    # rows: predictions 0..n_p-1, then GT dummies; columns: GT 0..n_g-1, then prediction dummies.
-    # Every weight gets +1 so none is an (implicit) zero; a perfect matching has n_p + n_g
-    # edges, so the shift does not change the optimum.
-    rows = np.concatenate([lp, np.arange(n_p), n_p + np.arange(n_g), n_p + lg])
-    cols = np.concatenate([lg, n_g + np.arange(n_p), np.arange(n_g), n_g + lp])
-    w = np.concatenate([d + 1.0, np.full(n_p, big / 2 + 1.0), np.full(n_g, big / 2 + 1.0), np.ones(n_e)])
-    n = n_p + n_g
-    graph = csr_matrix((w, (rows, cols)), shape=(n, n))
-    row, col = min_weight_full_bipartite_matching(graph)
-    hit = (row < n_p) & (col < n_g)
-    return (np.concatenate([out_p, up[row[hit]]]).astype(np.int64),
-            np.concatenate([out_g, ug[col[hit]]]).astype(np.int64))
+    n_p, n_g = len(up), len(ug)
+    # nodes: predictions 0..n_p-1, then GT n_p..n_p+n_g-1
+    graph = csr_matrix((np.ones(len(lp)), (lp, n_p + lg)), shape=(n_p + n_g, n_p + n_g))
+    _, label = connected_components(graph, directed=False)
+    comp = label[lp]  # the component of each candidate pair
+    size_p = np.bincount(label[:n_p], minlength=label.max() + 1)
+    size_g = np.bincount(label[n_p:], minlength=label.max() + 1)
+    solo = (size_p[comp] == 1) & (size_g[comp] == 1)
+    out_p, out_g = [up[lp[solo]]], [ug[lg[solo]]]
+    # local index of each node within its component (its rank among the component's nodes)
+    local = np.empty(n_p + n_g, dtype=np.int64)
+    for lo, hi in ((0, n_p), (n_p, n_p + n_g)):
+        order = np.argsort(label[lo:hi], kind="stable")
+        starts = np.searchsorted(label[lo:hi][order], label[lo:hi][order])
+        local[lo + order] = np.arange(hi - lo) - starts
+    rest = np.flatnonzero(~solo)
+    rest = rest[np.argsort(comp[rest], kind="stable")]
+    bounds = np.flatnonzero(np.diff(comp[rest])) + 1
+    for edges in np.split(rest, bounds) if len(rest) else []:
+        c = comp[edges[0]]
+        k_p, k_g = int(size_p[c]), int(size_g[c])
+        a, b = local[lp[edges]], local[n_p + lg[edges]]
+        big = (min(k_p, k_g) + 1) * (r + 1.0)
+        cost = np.zeros((k_p, k_g))
+        cost[a, b] = d[edges] - big
+        rows, cols = linear_sum_assignment(cost)
+        edge = np.zeros((k_p, k_g), dtype=bool)
+        edge[a, b] = True
+        keep = edge[rows, cols]
+        to_p = np.empty(k_p, dtype=np.int64)
+        to_p[a] = lp[edges]
+        to_g = np.empty(k_g, dtype=np.int64)
+        to_g[b] = lg[edges]
+        out_p.append(up[to_p[rows[keep]]])
+        out_g.append(ug[to_g[cols[keep]]])
+    return np.concatenate(out_p).astype(np.int64), np.concatenate(out_g).astype(np.int64)
 
 
 _BUILTIN: tuple[tuple[str, Matcher, float, float, bool, str], ...] = (
