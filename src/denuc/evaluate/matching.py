@@ -42,7 +42,7 @@ mcspatnet   GT in input order takes the nearest unused prediction with       6 p
             ``d < r`` (strict; scipy ``KDTree.query(distance_upper_bound)``   (3 µm)
             in the MCSpatNet authors' script)
 hungarian   maximum number of one-to-one pairs with ``d <= r``; among those,  6 px @ 0.5
-            minimum total distance (sparse assignment, scipy LAPJVsp)         (3 µm)
+            minimum total distance (dense assignment per component)          (3 µm)
 ==========  ===============================================================  ==============
 
 PUMA's rule, checked against the organisers' code (``tueimage/PUMA-challenge-eval-track1``,
