@@ -20,6 +20,14 @@ from denuc.data.paths import brca_m2c_dir
 # ONNX Runtime path against it.
 os.environ.setdefault("DENUC_RUNTIME", "torch")
 
+# Property tests draw new examples on every run here; under CI (CI set) they draw a fixed
+# sequence, so a CI result can be reproduced and does not depend on luck.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
+
 
 @pytest.fixture(scope="session")
 def brca_dir() -> Path:
